@@ -1,0 +1,200 @@
+"""Configuration of VIKDF (paper §3, §4.2; DESIGN.md §3).
+
+Hub remote code: this file travels with every checkpoint, so it imports only transformers.
+"""
+
+from transformers import AutoConfig, Blip2QFormerConfig, CLIPConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Instruction prompts of the two BVIF paths (paper §3.3). The paper quotes one of each; the released code samples
+# one of 11 per example, so we keep 11 of our own in the same spirit, the paper's sentence first.
+CAPTION_PROMPTS = (
+    "Write a short description for the image.",
+    "Describe the image briefly.",
+    "What does the image show? Answer in one sentence.",
+    "Give a brief caption for this picture.",
+    "Summarise the content of the image in a few words.",
+    "Provide a one-sentence description of what is pictured.",
+    "Tell me what you see in the image.",
+    "Write a caption that fits the image.",
+    "Briefly say what is happening in the picture.",
+    "Describe the scene in the image concisely.",
+    "What is in this photo? Describe it shortly.",
+)
+RECONSTRUCTION_PROMPTS = (
+    "Create an image that reflects the following description:",
+    "Imagine a picture that matches this caption:",
+    "Picture the scene described here:",
+    "Form a visual impression of the following text:",
+    "Think of an image that this sentence describes:",
+    "Visualise what the following words depict:",
+    "Render in your mind an image for this description:",
+    "Envision the photo this caption was written for:",
+    "Recall an image that fits the text below:",
+    "Sketch mentally the scene this text describes:",
+    "Build a mental image from the following caption:",
+)
+
+# Shapes of the paper's setting (DESIGN.md §3): CLIP ViT-L/14, BERT-base IQ-Former, Llama-2-7B.
+CLIP_VIT_L14 = {
+    "projection_dim": 768,
+    "text_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "projection_dim": 768,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "image_size": 224,
+        "patch_size": 14,
+        "projection_dim": 768,
+    },
+}
+BERT_BASE_IQ_FORMER = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "cross_attention_frequency": 2,
+    "encoder_hidden_size": 768,
+    "use_qformer_text_input": False,
+}
+LLAMA_2_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+TIM_POOLINGS = ("first", "max")
+
+
+class VIKDFConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`VIKDFForConditionalGeneration`]. Defaults reproduce the paper (§4.2).
+
+    Args:
+        clip_config: the frozen CLIP text and image towers (a [`CLIPConfig`]); its `projection_dim` is the width the
+            IQ-Former cross-attends to, because it reads the *projected* hidden states of all tokens.
+        qformer_config: the IQ-Former (a [`Blip2QFormerConfig`], BERT-base shaped); `encoder_hidden_size` must equal
+            `clip_config.projection_dim`.
+        text_config: the frozen causal LLM (any `AutoModelForCausalLM` config: Llama, Qwen2, Mistral, ...).
+        num_query_tokens: n, the number of learnable queries and knowledge slots (32).
+        tim_embed_dim: width of the TIM projections (eq. 2).
+        tim_pooling: how a set of n knowledge vectors becomes one TIM embedding: `"first"` (query 0, as released) or
+            `"max"` (BLIP-2: maximum similarity over queries).
+        tim_init_temperature: initial value of the learnable temperature τ.
+        mask_patch_size, mask_ratio, mask_keep_ratio: TAMIM pixel masking (28×28 patches, ratio 0.6; the release
+            leaves 20 % of the chosen patches unmasked).
+        text_mask_ratio: IAMTM caption token masking ratio (0.15).
+        head_num_attention_heads, head_intermediate_size: the transformer blocks of the TAMIM and IAMTM heads.
+        loss_weight_tim, loss_weight_tamim, loss_weight_iamtm, loss_weight_iaci, loss_weight_iakr: λ1..λ5 of eq. 5
+            and eq. 9.
+        use_tim, use_tamim, use_iamtm, use_bvif: ablation switches of Table 3. Without BVIF the integration stage is
+            a plain BLIP-2 style generative loss: the caption path with no instruction and no IAKR.
+        caption_prompts, reconstruction_prompts: the instruction prompts of IACI and IAKR (11 each).
+        knowledge_token: the placeholder the processor writes n times; its embedding is replaced by the knowledge.
+        knowledge_token_id: id of that token in the LLM vocabulary.
+        clip_max_length: the CLIP text tower's context (77 tokens).
+        include_pretraining_heads: when False the vision tower and the TIM/TAMIM/IAMTM/IAKR heads are left out,
+            which is all zero-resource inference needs.
+    """
+
+    model_type = "vikdf"
+    sub_configs_defaults = {
+        "clip_config": SubConfigSpec(CLIPConfig, init_kwargs=CLIP_VIT_L14),
+        "qformer_config": SubConfigSpec(Blip2QFormerConfig, init_kwargs=BERT_BASE_IQ_FORMER),
+        "text_config": SubConfigSpec(AutoConfig, model_type="llama", init_kwargs=LLAMA_2_7B),
+    }
+
+    clip_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    tim_embed_dim: int = 256
+    tim_pooling: str = "first"
+    tim_init_temperature: float = 0.07
+    mask_patch_size: int = 28
+    mask_ratio: float = 0.6
+    mask_keep_ratio: float = 0.2
+    text_mask_ratio: float = 0.15
+    head_num_attention_heads: int = 12
+    head_intermediate_size: int = 3072
+    loss_weight_tim: float = 0.5
+    loss_weight_tamim: float = 0.2
+    loss_weight_iamtm: float = 0.2
+    loss_weight_iaci: float = 1.0
+    loss_weight_iakr: float = 0.5
+    use_tim: bool = True
+    use_tamim: bool = True
+    use_iamtm: bool = True
+    use_bvif: bool = True
+    caption_prompts: list[str] | None = None
+    reconstruction_prompts: list[str] | None = None
+    knowledge_token: str = "<knowledge>"
+    knowledge_token_id: int | None = None
+    clip_max_length: int = 77
+    include_pretraining_heads: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.caption_prompts is None:
+            self.caption_prompts = list(CAPTION_PROMPTS)
+        if self.reconstruction_prompts is None:
+            self.reconstruction_prompts = list(RECONSTRUCTION_PROMPTS)
+        # Checkpoints load through AutoModel and AutoModelForCausalLM alike (trust_remote_code=True).
+        auto_map = getattr(self, "auto_map", None) or {}
+        auto_map.setdefault("AutoModelForCausalLM", "modeling_vikdf.VIKDFForConditionalGeneration")
+        self.auto_map = auto_map
+        self.validate_shapes()
+
+    def validate_shapes(self) -> None:
+        """Raise a ValueError naming the field when two parts of the model cannot be wired together."""
+        projection_dim = self.clip_config.projection_dim
+        if self.qformer_config.encoder_hidden_size != projection_dim:
+            raise ValueError(
+                f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} but the IQ-Former "
+                f"cross-attends to CLIP's projected states of width clip_config.projection_dim={projection_dim}. "
+                "Set both to the same width."
+            )
+        if projection_dim % self.head_num_attention_heads:
+            raise ValueError(
+                f"head_num_attention_heads={self.head_num_attention_heads} does not divide the TAMIM/IAMTM head "
+                f"width clip_config.projection_dim={projection_dim}."
+            )
+        vision = self.clip_config.vision_config
+        if self.mask_patch_size % vision.patch_size or vision.image_size % self.mask_patch_size:
+            raise ValueError(
+                f"mask_patch_size={self.mask_patch_size} must be a multiple of the vision patch size "
+                f"({vision.patch_size}) and divide the image size ({vision.image_size})."
+            )
+        if self.tim_pooling not in TIM_POOLINGS:
+            raise ValueError(f"tim_pooling={self.tim_pooling!r}; choose one of {TIM_POOLINGS}.")
+        if len(self.caption_prompts) == 0 or len(self.reconstruction_prompts) == 0:
+            raise ValueError("caption_prompts and reconstruction_prompts need at least one prompt each.")
+        if self.clip_max_length > self.clip_config.text_config.max_position_embeddings:
+            raise ValueError(
+                f"clip_max_length={self.clip_max_length} exceeds the CLIP text tower's "
+                f"max_position_embeddings={self.clip_config.text_config.max_position_embeddings}."
+            )
+
+
+VIKDFConfig.register_for_auto_class()
+
+__all__ = ["VIKDFConfig"]

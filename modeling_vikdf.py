@@ -1,0 +1,377 @@
+"""VIKDF: an IQ-Former distils visual implicit knowledge from text through frozen CLIP towers, and a frozen causal
+LLM reads it as soft prompts (paper §3; DESIGN.md §3).
+
+Hub remote code: this file travels with every checkpoint, so it imports only torch, transformers and
+`configuration_vikdf`.
+
+Shapes in comments use B = batch, L = text length, P = 1 + image patches, n = queries, D = IQ-Former width,
+E = CLIP projection width, H = LLM width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    Blip2QFormerModel,
+    CLIPTextModel,
+    CLIPVisionModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+try:
+    from .configuration_vikdf import VIKDFConfig
+except ImportError:
+    from configuration_vikdf import VIKDFConfig
+
+logger = logging.get_logger(__name__)
+
+# Which top-level parts train in each stage (DESIGN.md §3). Everything else (CLIP towers, LLM) stays frozen.
+PRETRAIN_TRAINABLE = (
+    "query_tokens",
+    "iq_former",
+    "tim_text_projection",
+    "tim_image_projection",
+    "logit_scale",
+    "tamim_block",
+    "tamim_decoder",
+    "iamtm_block",
+    "iamtm_head",
+    "language_projection",
+    "iakr_head",
+)
+DIALOGUE_TRAINABLE = ("query_tokens", "iq_former", "language_projection")
+TRAINABLE_BY_STAGE = {"pretrain": PRETRAIN_TRAINABLE, "dialogue": DIALOGUE_TRAINABLE, "frozen": ()}
+# Parts only the pre-training objectives use; zero-resource inference needs none of them.
+PRETRAINING_ONLY = (
+    "vision_encoder",
+    "visual_projection",
+    "tim_text_projection",
+    "tim_image_projection",
+    "logit_scale",
+    "tamim_block",
+    "tamim_decoder",
+    "iamtm_block",
+    "iamtm_head",
+    "iakr_head",
+)
+
+
+@dataclass
+class VIKDFCausalLMOutput(CausalLMOutputWithPast):
+    """A causal-LM output that also carries the knowledge `K` (B, n, D) the LLM was given."""
+
+    knowledge: torch.FloatTensor | None = None
+
+
+class VIKDFKnowledgeAssistedBlock(nn.Module):
+    """One transformer block in which the tokens of a masked modality attend to the other modality's knowledge.
+
+    TAMIM (§3.2.2) uses it with masked-image tokens against `K_T`, IAMTM (§3.2.3) with masked-caption tokens
+    against `K_I`: multi-head attention and a feed-forward network, each with a residual and post-LayerNorm.
+    """
+
+    def __init__(self, hidden_size: int, knowledge_size: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(
+            hidden_size, num_heads, kdim=knowledge_size, vdim=knowledge_size, batch_first=True
+        )
+        self.attention_norm = nn.LayerNorm(hidden_size)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
+        )
+        self.feed_forward_norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, knowledge: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.attention(hidden_states, knowledge, knowledge, need_weights=False)
+        hidden_states = self.attention_norm(hidden_states + attended)
+        return self.feed_forward_norm(hidden_states + self.feed_forward(hidden_states))
+
+
+class VIKDFPreTrainedModel(PreTrainedModel):
+    config_class = VIKDFConfig
+    config: VIKDFConfig
+    base_model_prefix = "vikdf"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _supports_flash_attn = False  # the IQ-Former is kept in fp32, as BLIP-2's Q-Former is
+    # fp16 overflows in the BERT-initialised IQ-Former; bf16/fp16 elsewhere is fine.
+    _keep_in_fp32_modules = ["query_tokens", "iq_former"]
+    _no_split_modules = ["VIKDFKnowledgeAssistedBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, VIKDFForConditionalGeneration):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+            if module.logit_scale is not None:
+                init.constant_(module.logit_scale, torch.tensor(1.0 / self.config.tim_init_temperature).log().item())
+
+
+class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
+    """VIKDF with every part of the paper: frozen CLIP towers, IQ-Former, pre-training heads and a frozen LLM.
+
+    `forward` is the ordinary causal-LM forward with the knowledge `K_T` of `clip_input_ids` written into the
+    `<knowledge>` placeholder positions of `input_ids`, so batching, padding, caching and `generate` stay ordinary.
+    The other public methods are the pieces the pre-training objectives are built from (see `vikdf.losses`).
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: VIKDFConfig):
+        super().__init__(config)
+        clip = config.clip_config
+        iq_width = config.qformer_config.hidden_size
+        llm_width = config.text_config.hidden_size
+
+        self.text_encoder = CLIPTextModel._from_config(clip.text_config)
+        self.text_projection = nn.Linear(clip.text_config.hidden_size, clip.projection_dim, bias=False)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, iq_width))
+        self.iq_former = Blip2QFormerModel._from_config(config.qformer_config)
+        self.language_projection = nn.Linear(iq_width, llm_width)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+
+        self.vision_encoder = self.visual_projection = None
+        self.tim_text_projection = self.tim_image_projection = self.logit_scale = None
+        self.tamim_block = self.tamim_decoder = self.iamtm_block = self.iamtm_head = self.iakr_head = None
+        if config.include_pretraining_heads:
+            self._build_pretraining_heads()
+
+        self.post_init()
+        self.set_trainable_stage(self.default_stage)
+
+    def _build_pretraining_heads(self) -> None:
+        config = self.config
+        clip = config.clip_config
+        iq_width = config.qformer_config.hidden_size
+        patch = clip.vision_config.patch_size
+        self.vision_encoder = CLIPVisionModel._from_config(clip.vision_config)
+        self.visual_projection = nn.Linear(clip.vision_config.hidden_size, clip.projection_dim, bias=False)
+        self.tim_text_projection = nn.Linear(iq_width, config.tim_embed_dim)
+        self.tim_image_projection = nn.Linear(iq_width, config.tim_embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        block = (clip.projection_dim, iq_width, config.head_num_attention_heads, config.head_intermediate_size)
+        self.tamim_block = VIKDFKnowledgeAssistedBlock(*block)
+        # Conv decoder of §3.2.2: each patch token becomes patch²·3 pixel values, rearranged by a pixel shuffle.
+        self.tamim_decoder = nn.Sequential(
+            nn.Conv2d(clip.projection_dim, patch * patch * 3, kernel_size=1), nn.PixelShuffle(patch)
+        )
+        self.iamtm_block = VIKDFKnowledgeAssistedBlock(*block)
+        self.iamtm_head = nn.Linear(clip.projection_dim, clip.text_config.vocab_size)
+        self.iakr_head = nn.Linear(config.text_config.hidden_size, iq_width)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Which parameters train
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def default_stage(self) -> str:
+        return "pretrain" if self.config.include_pretraining_heads else "dialogue"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the frozen parts frozen again (loading replaces parameters)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.set_trainable_stage(model.default_stage)
+        return loaded
+
+    def set_trainable_stage(self, stage: str) -> None:
+        """Make exactly the parts of `stage` ("pretrain", "dialogue" or "frozen") trainable; freeze the rest."""
+        if stage not in TRAINABLE_BY_STAGE:
+            raise ValueError(f"Unknown stage {stage!r}; choose one of {sorted(TRAINABLE_BY_STAGE)}.")
+        trainable = TRAINABLE_BY_STAGE[stage]
+        if stage == "pretrain" and not self.config.include_pretraining_heads:
+            raise ValueError("This model was built without pre-training heads (include_pretraining_heads=False).")
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = name.split(".")[0] in trainable
+
+    def drop_pretraining_heads(self) -> None:
+        """Remove the parts only pre-training uses, so that a saved checkpoint holds what inference needs."""
+        for name in PRETRAINING_ONLY:
+            setattr(self, name, None)
+        self.config.include_pretraining_heads = False
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Embedding access, delegated to the LLM (resizing for the knowledge token, tying, generation)
+    # ----------------------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Frozen CLIP towers (§3.1.1). The IQ-Former reads the projected states of *all* tokens, not the pooled one.
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, clip_input_ids: torch.LongTensor, clip_attention_mask: torch.Tensor | None = None):
+        """CLIP text states `H_T`, projected: (B, L, E)."""
+        hidden = self.text_encoder(input_ids=clip_input_ids, attention_mask=clip_attention_mask).last_hidden_state
+        return self.text_projection(hidden)
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """CLIP image states `H_I` (CLS + patches), post-LayerNormed and projected: (B, P, E)."""
+        if self.vision_encoder is None:
+            raise ValueError("This model has no vision tower (include_pretraining_heads=False); images cannot be encoded.")
+        hidden = self.vision_encoder(pixel_values=pixel_values.to(self.visual_projection.weight.dtype))
+        return self.visual_projection(self.vision_encoder.post_layernorm(hidden.last_hidden_state))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # IQ-Former (§3.1.2): the same queries and weights distil K_T from text states and K_I from image states.
+    # ----------------------------------------------------------------------------------------------------------
+    def distill_knowledge(self, states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Knowledge vectors (B, n, D) of the queries cross-attending to `states` (B, L, E)."""
+        queries = self.query_tokens.expand(states.shape[0], -1, -1)
+        if attention_mask is None:
+            attention_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        return self.iq_former(
+            query_embeds=queries, encoder_hidden_states=states, encoder_attention_mask=attention_mask
+        ).last_hidden_state
+
+    def get_text_knowledge(
+        self, clip_input_ids: torch.LongTensor, clip_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`K_T` (B, n, D): the knowledge distilled from text alone, P(K|C) of eq. 1."""
+        return self.distill_knowledge(self.encode_text(clip_input_ids, clip_attention_mask), clip_attention_mask)
+
+    def get_image_knowledge(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """`K_I` (B, n, D): the knowledge distilled from an image."""
+        return self.distill_knowledge(self.encode_image(pixel_values))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Pre-training heads (§3.2, §3.3.2)
+    # ----------------------------------------------------------------------------------------------------------
+    def tim_embeddings(self, text_knowledge: torch.Tensor, image_knowledge: torch.Tensor):
+        """L2-normalised TIM embeddings of eq. 2.
+
+        With `tim_pooling="first"` (the release) both sides are query 0: (B, T) and (B, T). With `"max"` (BLIP-2)
+        the text side is query 0 and the image side keeps every query, (B, n, T), for a max over queries.
+        """
+        text = nn.functional.normalize(self.tim_text_projection(text_knowledge[:, 0]), dim=-1)
+        image = nn.functional.normalize(self.tim_image_projection(image_knowledge), dim=-1)
+        return text, image[:, 0] if self.config.tim_pooling == "first" else image
+
+    def reconstruct_image(self, masked_image_states: torch.Tensor, text_knowledge: torch.Tensor) -> torch.Tensor:
+        """TAMIM (§3.2.2): pixels (B, 3, H, W) rebuilt from masked-image states (B, P, E) assisted by `K_T`."""
+        patches = self.tamim_block(masked_image_states, text_knowledge)[:, 1:]  # drop CLS: (B, g·g, E)
+        batch, count, width = patches.shape
+        grid = int(count**0.5)
+        patches = patches.transpose(1, 2).reshape(batch, width, grid, grid)
+        return self.tamim_decoder(patches)
+
+    def predict_masked_tokens(self, masked_text_states: torch.Tensor, image_knowledge: torch.Tensor) -> torch.Tensor:
+        """IAMTM (§3.2.3): CLIP-vocabulary logits (B, L, V) of masked-caption states (B, L, E) assisted by `K_I`."""
+        return self.iamtm_head(self.iamtm_block(masked_text_states, image_knowledge))
+
+    def knowledge_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Column indices (B, n) of the `<knowledge>` placeholders in each row, checked to number exactly n."""
+        is_slot = input_ids == self.config.knowledge_token_id
+        counts = is_slot.sum(-1)
+        n = self.config.num_query_tokens
+        if not torch.all(counts == n):
+            raise ValueError(
+                f"Each sequence must hold exactly num_query_tokens={n} `{self.config.knowledge_token}` placeholders, "
+                f"got {counts.tolist()}. Build the inputs with VIKDFProcessor."
+            )
+        return is_slot.nonzero()[:, 1].view(-1, n)
+
+    def reconstruct_knowledge(self, llm_hidden_states: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
+        """IAKR (eq. 7–8): `K̂` (B, n, D) from the LLM's final states one position before each knowledge slot.
+
+        The state before slot k has seen the text and slots 1..k-1 only, so it predicts the k-th vector causally.
+        """
+        before_slot = self.knowledge_positions(input_ids) - 1  # (B, n)
+        index = before_slot.unsqueeze(-1).expand(-1, -1, llm_hidden_states.shape[-1])
+        return self.iakr_head(torch.gather(llm_hidden_states, 1, index))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Knowledge injection and the LLM (§3.3.1, §3.4.2)
+    # ----------------------------------------------------------------------------------------------------------
+    def embed_with_knowledge(self, input_ids: torch.LongTensor, knowledge: torch.Tensor | None) -> torch.Tensor:
+        """LLM input embeddings (B, S, H) with `language_projection(knowledge)` at the placeholder positions."""
+        embeddings = self.get_input_embeddings()(input_ids)
+        if knowledge is None:
+            if (input_ids == self.config.knowledge_token_id).any():
+                raise ValueError(
+                    "input_ids hold `<knowledge>` placeholders but no knowledge was given: pass clip_input_ids "
+                    "(the dialogue context for the CLIP text tower) or knowledge."
+                )
+            return embeddings
+        self.knowledge_positions(input_ids)
+        slots = (input_ids == self.config.knowledge_token_id).unsqueeze(-1)
+        projected = self.language_projection(knowledge.to(self.language_projection.weight.dtype))
+        return embeddings.masked_scatter(slots, projected.to(embeddings.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        knowledge: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> VIKDFCausalLMOutput:
+        """Causal-LM forward of P(R | C, K): `K` from `clip_input_ids` (or given), written into the placeholders.
+
+        Without clip inputs and placeholders this is the frozen LLM alone (the paper's Llama-2 baseline).
+        """
+        if knowledge is None and clip_input_ids is not None:
+            knowledge = self.get_text_knowledge(clip_input_ids, clip_attention_mask)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_with_knowledge(input_ids, knowledge)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+        return VIKDFCausalLMOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            knowledge=knowledge,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        knowledge: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Zero-resource inference (§3.4.2): context → CLIP text tower → IQ-Former → `K` → LLM → response.
+
+        Inputs come from `VIKDFProcessor` with left padding. Returns the prompt followed by the new tokens, as
+        `generate` does for any decoder-only model; `VIKDFProcessor.decode_responses` keeps the new part.
+        """
+        if knowledge is None and clip_input_ids is not None:
+            knowledge = self.get_text_knowledge(clip_input_ids, clip_attention_mask)
+        inputs_embeds = self.embed_with_knowledge(input_ids, knowledge)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.language_model.generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+
+
+# Every `save_pretrained` then carries this file and its `auto_map` entry (AutoModelForCausalLM is in the config's).
+VIKDFForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = ["VIKDFForConditionalGeneration", "VIKDFPreTrainedModel", "VIKDFCausalLMOutput"]

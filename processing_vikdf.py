@@ -1,0 +1,234 @@
+"""Processor of VIKDF: CLIP tokenizer + CLIP image processor + LLM tokenizer + the three LLM layouts.
+
+Layouts (DESIGN.md §3), `<k>×n` being n copies of the knowledge placeholder:
+
+- dialogue (§3.4): the LLM's own chat template, the knowledge slots right after the template's opening (the start
+  of the user turn), the context turns joined by newlines; labels on the response and end-of-sequence only;
+- IACI caption (eq. 6): `[bos] <k>×n {caption prompt} {caption}[eos]`, labels on the caption and eos only;
+- IAKR reconstruction (eq. 7–8): `[bos] {reconstruction prompt} {caption} <k>×n`, no labels.
+
+The CLIP text side joins the context turns and truncates from the *left* to 77 tokens, so that the latest turn,
+which the response answers, survives.
+
+Hub remote code: imports only torch and transformers.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+
+Context = str | Sequence[str]
+
+
+def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    padded = [([value] * (width - len(row)) + row) if side == "left" else (row + [value] * (width - len(row))) for row in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def _batch(rows: list[list[int]], pad_id: int, side: str, labels: list[list[int]] | None = None) -> dict:
+    batch = {"input_ids": _pad(rows, pad_id, side), "attention_mask": _pad([[1] * len(r) for r in rows], 0, side)}
+    if labels is not None:
+        batch["labels"] = _pad(labels, IGNORE_INDEX, side)
+    return batch
+
+
+class VIKDFProcessor(ProcessorMixin):
+    r"""
+    Builds every input VIKDF takes.
+
+    Args:
+        image_processor: CLIP's image processor (pixel values for the vision tower).
+        tokenizer: the LLM's tokenizer; the knowledge placeholder is added to it if missing.
+        clip_tokenizer: CLIP's tokenizer (text tower inputs).
+        num_query_tokens: n, the number of knowledge slots (must equal the model's).
+        knowledge_token: the placeholder string.
+        clip_max_length: CLIP's text context (77).
+        max_length: the longest LLM sequence a dialogue example may take; longer contexts lose their oldest tokens.
+    """
+
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        clip_tokenizer,
+        num_query_tokens: int = 32,
+        knowledge_token: str = "<knowledge>",
+        clip_max_length: int = 77,
+        max_length: int = 512,
+        **kwargs,
+    ):
+        if knowledge_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(knowledge_token, normalized=False, special=True)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            # Llama-2 has no pad token; its unk (or eos) is safe because padded positions carry no loss or attention.
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        self.num_query_tokens = num_query_tokens
+        self.knowledge_token = knowledge_token
+        self.clip_max_length = clip_max_length
+        self.max_length = max_length
+        super().__init__(image_processor, tokenizer, clip_tokenizer, **kwargs)
+
+    @property
+    def knowledge_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.knowledge_token)
+
+    @property
+    def knowledge_slots(self) -> str:
+        return self.knowledge_token * self.num_query_tokens
+
+    # ----------------------------------------------------------------------------------------------------------
+    # CLIP side
+    # ----------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def join_context(context: Context) -> str:
+        """A context as one string: turns joined by newlines (a str is taken as it is)."""
+        turns = [context] if isinstance(context, str) else list(context)
+        for turn in turns:
+            if not isinstance(turn, str):
+                raise TypeError(f"Context turns must be strings, got {type(turn).__name__}: {turn!r}.")
+        return "\n".join(turn.strip() for turn in turns)
+
+    def clip_text_inputs(self, texts: Sequence[Context]) -> dict[str, torch.Tensor]:
+        """`clip_input_ids`/`clip_attention_mask` (B, ≤77), truncated from the left so the latest turn survives."""
+        tokenizer = self.clip_tokenizer
+        body = self.clip_max_length - 2
+        pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False)["input_ids"]
+        rows = [[tokenizer.bos_token_id, *ids[len(ids) - body if len(ids) > body else 0 :], tokenizer.eos_token_id] for ids in pieces]
+        batch = _batch(rows, tokenizer.pad_token_id, "right")
+        return {"clip_input_ids": batch["input_ids"], "clip_attention_mask": batch["attention_mask"]}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # LLM layouts
+    # ----------------------------------------------------------------------------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _bos(self) -> list[int]:
+        return [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+
+    def caption_inputs(self, captions: Sequence[str], prompts: Sequence[str], padding_side: str = "right") -> dict:
+        """IACI (eq. 6): `[bos] <k>×n {prompt} {caption}[eos]`, labels on the caption and eos only.
+
+        An empty prompt gives the plain BLIP-2 style generative loss of the −BVIF ablation.
+        """
+        rows, labels = [], []
+        for caption, prompt in zip(captions, prompts, strict=True):
+            prefix = self._bos() + self._ids(self.knowledge_slots + (prompt + " " if prompt else ""))
+            target = self._ids(caption.strip()) + [self.tokenizer.eos_token_id]
+            rows.append(prefix + target)
+            labels.append([IGNORE_INDEX] * len(prefix) + target)
+        return _batch(rows, self.tokenizer.pad_token_id, padding_side, labels)
+
+    def reconstruction_inputs(self, captions: Sequence[str], prompts: Sequence[str], padding_side: str = "right") -> dict:
+        """IAKR (eq. 7–8): `[bos] {prompt} {caption} <k>×n`; the model reads the states before each slot."""
+        rows = [
+            self._bos() + self._ids(f"{prompt} {caption.strip()}") + self._ids(self.knowledge_slots)
+            for caption, prompt in zip(captions, prompts, strict=True)
+        ]
+        return _batch(rows, self.tokenizer.pad_token_id, padding_side)
+
+    def dialogue_prompt_ids(self, context: Context) -> list[int]:
+        """Token ids of the chat-templated prompt: knowledge slots, then the context, ready for the response."""
+        if self.tokenizer.chat_template is None:
+            raise ValueError(
+                "The LLM tokenizer has no chat template; VIKDF writes dialogue through the LLM's own template. Use a "
+                "chat model (e.g. meta-llama/Llama-2-7b-chat-hf) or set tokenizer.chat_template."
+            )
+        text = self.join_context(context)
+        messages = [{"role": "user", "content": self.knowledge_slots + text}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._ids(prompt)
+
+    def _fit_context(self, context: Context, budget: int) -> list[int]:
+        """Prompt ids within `budget` tokens, dropping the oldest context tokens first."""
+        ids = self.dialogue_prompt_ids(context)
+        if len(ids) <= budget:
+            return ids
+        context_ids = self._ids(self.join_context(context))
+        overflow = len(ids) - budget
+        if overflow >= len(context_ids):
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for the context after the template, "
+                f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
+            )
+        return self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]))
+
+    def dialogue_inputs(
+        self, contexts: Sequence[Context], responses: Sequence[str] | None = None, padding_side: str | None = None
+    ) -> dict:
+        """The dialogue layout of P(R | C, K).
+
+        With `responses` (training and perplexity): right padding, labels on response + eos only. Without them
+        (generation): the prompt alone, left padded so that every row ends where generation begins.
+        """
+        if responses is not None and len(responses) != len(contexts):
+            raise ValueError(f"Got {len(contexts)} contexts but {len(responses)} responses.")
+        rows, labels = [], []
+        for index, context in enumerate(contexts):
+            target = [] if responses is None else self._ids(responses[index].strip()) + [self.tokenizer.eos_token_id]
+            target = target[: self.max_length // 2]
+            prompt = self._fit_context(context, self.max_length - len(target))
+            rows.append(prompt + target)
+            labels.append([IGNORE_INDEX] * len(prompt) + target)
+        side = padding_side or ("left" if responses is None else "right")
+        return _batch(rows, self.tokenizer.pad_token_id, side, labels if responses is not None else None)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The usual processor entry points
+    # ----------------------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        text: Context | Sequence[Context] | None = None,
+        images=None,
+        responses: str | Sequence[str] | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Dialogue contexts (`text`: one string, or a batch of strings or of lists of turns) → model inputs.
+
+        Gives `input_ids`/`attention_mask` in the dialogue layout (plus `labels` when `responses` are given), the
+        CLIP inputs of the joined contexts, and `pixel_values` when `images` are given.
+        """
+        if text is None and images is None:
+            raise ValueError("VIKDFProcessor needs `text` (dialogue contexts) or `images`; both were None.")
+        encoding = {}
+        if text is not None:
+            # A string is one context; a list is a batch whose items are strings or lists of turns.
+            contexts = [text] if isinstance(text, str) else list(text)
+            if isinstance(responses, str):
+                responses = [responses]
+            if any(not self.join_context(context).strip() for context in contexts):
+                raise ValueError("Every dialogue context needs some text; got an empty context.")
+            encoding.update(self.dialogue_inputs(contexts, responses, padding_side))
+            encoding.update(self.clip_text_inputs(contexts))
+        if images is not None:
+            encoding.update(self.image_processor(images, return_tensors="pt", **kwargs))
+        return BatchFeature(encoding, tensor_type=return_tensors)
+
+    def decode_responses(self, generated: torch.LongTensor, prompt_length: int) -> list[str]:
+        """The new text of each row of `model.generate(...)`, whose first `prompt_length` columns are the prompt."""
+        return [text.strip() for text in self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)]
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "clip_input_ids", "clip_attention_mask", "pixel_values"]
+
+
+VIKDFProcessor.register_for_auto_class()
+
+__all__ = ["VIKDFProcessor"]

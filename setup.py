@@ -1,0 +1,43 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vikdf",
+    version="0.1.0",
+    description="VIKDF: distilling visual implicit knowledge into LLMs for zero-resource dialogue generation",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vikdf", "vikdf.*"]),
+    py_modules=[
+        "configuration_vikdf",
+        "modeling_vikdf",
+        "processing_vikdf",
+        "train_pretrain",
+        "train_dialogue",
+        "eval_dialogue",
+        "demo",
+    ],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "datasets",
+        "peft",
+        "accelerate",
+        "evaluate",
+        "huggingface_hub",
+        "safetensors",
+        "deepspeed",
+        "timm",
+        "pillow",
+        "braceexpand",
+        "nltk",
+        "pycocoevalcap",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest", "pytest-timeout"]},
+)

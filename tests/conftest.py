@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny component folders (written once per session) and models built from them."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from vikdf.components import build_vikdf_from_components  # noqa: E402
+from vikdf.testing import write_tiny_components  # noqa: E402
+
+TINY_OVERRIDES = dict(
+    num_query_tokens=8, mask_patch_size=8, head_num_attention_heads=4, head_intermediate_size=64, tim_embed_dim=16
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory):
+    """Component folders per LLM family, written on first use."""
+    root = tmp_path_factory.mktemp("components")
+    cache = {}
+
+    def get(llm_family: str = "llama"):
+        if llm_family not in cache:
+            cache[llm_family] = write_tiny_components(root / llm_family, llm_family)
+        return cache[llm_family]
+
+    return get
+
+
+@pytest.fixture
+def build_tiny(tiny_components):
+    """Build a fresh tiny VIKDF (model, processor) from component folders, as from hub ids."""
+
+    def build(llm_family: str = "llama", **overrides):
+        torch.manual_seed(0)
+        paths = tiny_components(llm_family)
+        return build_vikdf_from_components(
+            str(paths.clip), str(paths.bert), str(paths.llm), **{**TINY_OVERRIDES, **overrides}
+        )
+
+    return build

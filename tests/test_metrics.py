@@ -1,0 +1,175 @@
+"""Dialogue metrics (DESIGN.md §5) against hand-computed values, plus loading through ``evaluate``."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vikdf.metrics import dialogue_metrics as dm
+from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
+
+METRIC_FILE = Path(dm.__file__).resolve()
+
+# Tokenised (lowercase, Treebank):
+#   hyp 1 "the cat sat on the mat ."   (7)   ref 1 "the cat is on the mat ."    (7)
+#   hyp 2 "hello !"                    (2)   ref 2 "hello there , friend"      (4)
+PREDICTIONS = ["The cat sat on the mat.", "Hello!"]
+REFERENCES = ["the cat is on the mat .", "hello there, friend"]
+
+
+def test_bleu_1_with_brevity_penalty():
+    # Clipped unigram matches: pair 1 the×2, cat, on, mat, "." = 6 of 7; pair 2 hello = 1 of 2 -> 7 / 9.
+    # Hypothesis length 9, "closest" reference lengths 7 + 4 = 11 > 9 -> BP = exp(1 - 11/9) = exp(-2/9).
+    expected = 100 * (7 / 9) * math.exp(1 - 11 / 9)  # = 62.28...
+    assert compute_dialogue_metrics(PREDICTIONS, REFERENCES)["bleu_1"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_rouge_l_beta_1_2():
+    # Pair 1: LCS "the cat on the mat ." = 6, P = R = 6/7, so F = 6/7 whatever beta.
+    # Pair 2: LCS "hello" = 1, P = 1/2, R = 1/4, F = (1 + 1.2²) P R / (R + 1.2² P) = 0.305 / 0.97.
+    pair_2 = (1 + 1.44) * 0.5 * 0.25 / (0.25 + 1.44 * 0.5)
+    expected = 100 * (6 / 7 + pair_2) / 2  # = 58.58...
+    assert compute_dialogue_metrics(PREDICTIONS, REFERENCES)["rouge_l"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_distinct_after_normalisation():
+    # Lowercase, drop punctuation, drop a/an/the:
+    #   "The dog, the DOG!" -> dog dog      "a dog runs" -> dog runs
+    #   "An apple's pie"    -> apples pie   "dog runs."  -> dog runs
+    # Unigrams: 8 in all, unique {dog, runs, apples, pie} = 4 -> 50.
+    # Bigrams: (dog dog) (dog runs) (apples pie) (dog runs) = 4, unique 3 -> 75.
+    predictions = ["The dog, the DOG!", "a dog runs", "An apple's pie", "dog runs."]
+    result = compute_dialogue_metrics(predictions, ["x"] * 4)
+    assert result["distinct_1"] == pytest.approx(50.0)
+    assert result["distinct_2"] == pytest.approx(75.0)
+
+
+@pytest.fixture
+def toy_glove(tmp_path):
+    # Mean of the file = ((1 + 0 + 2 - 3) / 4, (0 + 1 + 2 + 1) / 4) = (0, 1): the vector of OOV words.
+    path = tmp_path / "toy.2d.txt"
+    path.write_text("cat 1 0\ndog 0 1\nbig 2 2\nred -3 1\n", encoding="utf-8")
+    return path
+
+
+def test_embedding_metrics_by_hand(toy_glove):
+    predictions = ["Cat DOG", "red zzz", ""]  # zzz is OOV -> (0, 1); the empty hypothesis scores 0
+    references = ["big", "cat", "dog"]
+    result = compute_dialogue_metrics(predictions, references, glove_path=toy_glove)
+    # Average: pair 1 cos((1,1), (2,2)) = 1; pair 2 cos((-3,1) + (0,1), (1,0)) = -3/sqrt(13); pair 3 = 0.
+    assert result["embedding_average"] == pytest.approx(100 * (1 - 3 / math.sqrt(13)) / 3, rel=1e-5)
+    # Extrema: pair 1 (max|.| per dim of (1,0),(0,1)) = (1,1) vs (2,2) -> 1;
+    #          pair 2 dim 0: max 0, min -3 -> -3; dim 1: max = min = 1 -> 1; cos((-3,1), (1,0)) = -3/sqrt(10).
+    assert result["vector_extrema"] == pytest.approx(100 * (1 - 3 / math.sqrt(10)) / 3, rel=1e-5)
+    # Greedy: pair 1 every cosine is 1/sqrt(2), both directions -> 1/sqrt(2);
+    #         pair 2 hyp -> ref: mean(-3/sqrt(10), 0); ref -> hyp: max(-3/sqrt(10), 0) = 0.
+    pair_2 = (-3 / math.sqrt(10) / 2 + 0) / 2
+    assert result["greedy_matching"] == pytest.approx(100 * (1 / math.sqrt(2) + pair_2) / 3, rel=1e-5)
+
+
+def _naive_greedy(h, r):
+    def unit(m):
+        return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+    sims = unit(h) @ unit(r).T
+    return (sims.max(axis=1).mean() + sims.max(axis=0).mean()) / 2
+
+
+def test_vectorised_embeddings_match_a_plain_loop(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(50)]
+    table = rng.normal(size=(50, 8))
+    path = tmp_path / "rand.8d.txt"
+    path.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in zip(words, table)), encoding="utf-8")
+    hyps = [" ".join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(40)]
+    refs = [" ".join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(40)]
+    # A tiny chunk budget forces many reduceat chunks and greedy batches of mixed lengths.
+    monkeypatch.setattr(dm, "_CHUNK_ELEMENTS", 2000)
+    got = dm.embedding_metrics(hyps, refs, path)
+
+    def vecs(s):
+        return table[[words.index(w) for w in s.split()]]
+
+    def cos(a, b):
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    def extrema(m):
+        return np.where(np.abs(m.min(0)) < m.max(0), m.max(0), m.min(0))
+
+    pairs = [(vecs(h), vecs(r)) for h, r in zip(hyps, refs)]
+    average = np.mean([cos(h.sum(0), r.sum(0)) for h, r in pairs])
+    extreme = np.mean([cos(extrema(h), extrema(r)) for h, r in pairs])
+    greedy = np.mean([_naive_greedy(h, r) for h, r in pairs])
+    assert got["embedding_average"] == pytest.approx(100 * average, rel=1e-4)
+    assert got["vector_extrema"] == pytest.approx(100 * extreme, rel=1e-4)
+    assert got["greedy_matching"] == pytest.approx(100 * greedy, rel=1e-4)
+
+
+def test_empty_hypotheses_give_finite_numbers(toy_glove):
+    result = compute_dialogue_metrics(["", "  "], ["cat dog", "big"], glove_path=toy_glove)
+    assert all(math.isfinite(v) for v in result.values())
+    assert result == {name: 0.0 for name in dm.METRIC_NAMES}
+
+
+def test_without_glove_embedding_metrics_are_missing():
+    result = compute_dialogue_metrics(PREDICTIONS, REFERENCES)
+    assert set(result) == set(dm.METRIC_NAMES)
+    assert result["embedding_average"] is None
+    assert result["vector_extrema"] is None
+    assert result["greedy_matching"] is None
+
+
+def test_glove_is_cached_and_reread_when_changed(toy_glove):
+    first = dm.load_glove(toy_glove)
+    assert dm.load_glove(str(toy_glove)) is first
+    toy_glove.write_text("cat 1 0 0\n", encoding="utf-8")
+    assert dm.load_glove(toy_glove).dim == 3
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        compute_dialogue_metrics(["a", "b"], ["a"])
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        compute_dialogue_metrics(["a"], ["a"], glove_path=tmp_path / "nowhere.txt")
+    ragged = tmp_path / "ragged.txt"
+    ragged.write_text("cat 1 0\ndog 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="ragged.txt"):
+        dm.load_glove(ragged)
+
+
+_LOAD_SCRIPT = """
+import json, socket, sys
+
+def no_network(*args, **kwargs):
+    raise RuntimeError("network access attempted")
+
+socket.socket.connect = no_network
+socket.create_connection = no_network
+
+import evaluate
+
+metric = evaluate.load(sys.argv[1])
+result = metric.compute(predictions=json.loads(sys.argv[2]), references=json.loads(sys.argv[3]),
+                        glove_path=sys.argv[4])
+print(json.dumps(result))
+"""
+
+
+def test_loads_offline_through_evaluate_from_another_cwd(tmp_path, toy_glove):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    predictions, references = PREDICTIONS + ["Cat DOG"], REFERENCES + ["big"]
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(METRIC_FILE), json.dumps(predictions),
+         json.dumps(references), str(toy_glove)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = compute_dialogue_metrics(predictions, references, glove_path=toy_glove)
+    assert got == pytest.approx(expected)

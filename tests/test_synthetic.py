@@ -1,0 +1,267 @@
+"""Tests of the synthetic image–text world and its dialogues (vikdf/data/synthetic.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from braceexpand import braceexpand
+from PIL import Image
+
+from vikdf.data.synthetic import (
+    BACKGROUNDS,
+    COLOUR_CAPTIONS,
+    COLOURS,
+    OBJECT_KINDS,
+    PLAIN_CAPTIONS,
+    SHAPES,
+    SyntheticWorld,
+    iter_shard_pairs,
+    knowledge_accuracy,
+    knowledge_table,
+    mentioned_object,
+    tokenize_words,
+    write_synthetic_world,
+)
+
+SMALL = dict(num_pairs=120, num_shards=3, num_heldout_pairs=30, num_dialogues=60, num_eval_dialogues=24)
+IMAGE_ONLY = {kind.name for kind in OBJECT_KINDS if kind.image_only}
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    return write_synthetic_world(tmp_path_factory.mktemp("world"), seed=3, image_size=32, **SMALL)
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _nearest(rgb, palette: dict) -> str:
+    return min(palette, key=lambda name: sum((a - b) ** 2 for a, b in zip(rgb, palette[name])))
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    first = write_synthetic_world(tmp_path / "a", seed=7, **SMALL)
+    second = write_synthetic_world(tmp_path / "b", seed=7, **SMALL)
+    other = write_synthetic_world(tmp_path / "c", seed=8, **SMALL)
+    digests = _file_digests(first.root)
+    assert digests == _file_digests(second.root)
+    assert first.vocabulary == second.vocabulary
+    # A different seed changes the data, not the layout.
+    other_digests = _file_digests(other.root)
+    assert other_digests.keys() == digests.keys()
+    assert other_digests["lm_corpus.txt"] != digests["lm_corpus.txt"]
+
+
+def test_shards_are_img2dataset_webdataset(world_dir):
+    shard_files = [Path(p) for p in braceexpand(world_dir.train_shards)]
+    assert shard_files == list(world_dir.train_shard_files)
+    assert [p.name for p in shard_files] == ["00000.tar", "00001.tar", "00002.tar"]
+    keys = []
+    for shard_index, shard in enumerate([*shard_files, world_dir.heldout_shard]):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        shard_keys = sorted({name.split(".")[0] for name in members})
+        for key in shard_keys:
+            assert re.fullmatch(r"\d{9}", key)
+            if shard in shard_files:
+                assert int(key) // 10**4 == shard_index
+            assert {f"{key}.jpg", f"{key}.txt", f"{key}.json"} <= members.keys()
+            image = Image.open(io.BytesIO(members[f"{key}.jpg"]))
+            assert image.format == "JPEG" and image.size == (32, 32) and image.mode == "RGB"
+            caption = members[f"{key}.txt"].decode("utf-8")
+            meta = json.loads(members[f"{key}.json"])
+            assert caption and meta["key"] == key and meta["caption"] == caption and meta["status"] == "success"
+            assert meta["attributes"]["object"] in tokenize_words(caption)
+        assert len(members) == 3 * len(shard_keys)
+        if shard in shard_files:
+            keys += shard_keys
+    assert len(keys) == len(set(keys)) == SMALL["num_pairs"]
+
+
+def test_iter_shard_pairs_reads_images_and_captions(world_dir):
+    pairs = list(iter_shard_pairs([world_dir.heldout_shard]))
+    assert len(pairs) == SMALL["num_heldout_pairs"]
+    key, image, caption = pairs[0]
+    assert key == "000000000" and image.size == (32, 32) and isinstance(caption, str)
+
+
+def test_jpeg_pixels_show_the_recorded_colour(world_dir):
+    with tarfile.open(world_dir.train_shard_files[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name in [n for n in members if n.endswith(".json")][:40]:
+        attrs = json.loads(members[name])["attributes"]
+        image = Image.open(io.BytesIO(members[name.replace(".json", ".jpg")])).convert("RGB")
+        cx, cy = (int(c * image.width) for c in attrs["center"])
+        assert _nearest(image.getpixel((cx, cy)), {**COLOURS, **BACKGROUNDS}) == attrs["colour"]
+        # Objects are clamped inside the image, so a corner always shows the background.
+        assert _nearest(image.getpixel((0, 0)), BACKGROUNDS) == attrs["background"]
+
+
+def test_dialogue_json_forms(world_dir):
+    for path in (world_dir.reddit_train, world_dir.reddit_valid):
+        data = json.loads(path.read_text())
+        assert isinstance(data, list) and data
+        for item in data:
+            assert set(item) == {"context", "response"}
+            assert 1 <= len(item["context"]) <= 3 and all(isinstance(t, str) and t for t in item["context"])
+            assert isinstance(item["response"], str) and item["response"]
+    assert len(json.loads(world_dir.reddit_train.read_text())) == SMALL["num_dialogues"]
+    test = json.loads(world_dir.image_chat_test.read_text())
+    assert len(test) == SMALL["num_eval_dialogues"]
+    for item in test:
+        assert set(item) == {"image_hash", "dialog"} and isinstance(item["image_hash"], str)
+        assert 2 <= len(item["dialog"]) <= 4
+        assert all(len(turn) == 2 and all(isinstance(x, str) for x in turn) for turn in item["dialog"])
+    assert len({item["image_hash"] for item in test}) == len(test)
+
+
+def test_splits_separate_dialogue_and_image_only_objects(world_dir):
+    reddit = [json.loads(p.read_text()) for p in (world_dir.reddit_train, world_dir.reddit_valid)]
+    for split in reddit:
+        objects = {mentioned_object(item["context"]) for item in split}
+        assert None not in objects and not objects & IMAGE_ONLY
+    test = json.loads(world_dir.image_chat_test.read_text())
+    test_objects = Counter(mentioned_object([text for _, text in item["dialog"][:-1]]) for item in test)
+    assert set(test_objects) == IMAGE_ONLY == set(world_dir.image_only_objects)
+    assert len(set(test_objects.values())) == 1  # balanced: a constant guess scores exactly 1/6
+
+
+def test_references_carry_the_knowledge_and_contexts_do_not(world_dir):
+    colours = set(COLOURS) | set(SHAPES)
+    reddit = json.loads(world_dir.reddit_train.read_text())
+    test = json.loads(world_dir.image_chat_test.read_text())
+    contexts = [item["context"] for item in reddit] + [[t for _, t in item["dialog"][:-1]] for item in test]
+    responses = [item["response"] for item in reddit] + [item["dialog"][-1][1] for item in test]
+    assert knowledge_accuracy(contexts, responses) == 1.0
+    assert all(not colours & set(tokenize_words(" ".join(context))) for context in contexts)
+    assert {len(context) for context in contexts} == {1, 2, 3}
+
+
+def test_no_training_text_links_image_only_objects_to_colour_or_shape(world_dir):
+    leaking = set(COLOURS) | set(SHAPES)
+    lines = world_dir.lm_corpus.read_text().splitlines()
+    assert len(lines) == SMALL["num_pairs"] + SMALL["num_dialogues"]
+    for line in lines:
+        words = set(tokenize_words(line))
+        if words & IMAGE_ONLY:
+            assert not words & leaking, line
+    # The corpus does carry the colours of dialogue objects, so the LM learns to talk about colours at all.
+    assert any(set(tokenize_words(line)) & set(COLOURS) for line in lines)
+
+
+def test_vocabulary_covers_every_text(world_dir):
+    vocabulary = set(world_dir.vocabulary)
+    assert world_dir.vocab_file.read_text().split("\n")[:-1] == list(world_dir.vocabulary)
+    texts = world_dir.lm_corpus.read_text().splitlines()
+    texts += [text for item in json.loads(world_dir.image_chat_test.read_text()) for _, text in item["dialog"]]
+    texts += [caption for _, _, caption in iter_shard_pairs([world_dir.heldout_shard])]
+    assert {word for text in texts for word in tokenize_words(text)} <= vocabulary
+    assert {kind.name for kind in OBJECT_KINDS} | set(COLOURS) <= vocabulary
+
+
+def test_world_file_records_the_ground_truth(world_dir):
+    recorded = json.loads(world_dir.world_file.read_text())
+    assert {o["name"]: o["usual_colour"] for o in recorded["objects"]} == world_dir.knowledge_table == knowledge_table()
+    assert recorded["config"]["seed"] == 3
+
+
+def test_usual_colour_statistics():
+    world = SyntheticWorld(seed=0)
+    rng = world.rng("stats")
+    samples = [world.sample_attributes(rng) for _ in range(6000)]
+    per_object: dict[str, list[bool]] = {}
+    for attrs in samples:
+        per_object.setdefault(attrs.object, []).append(attrs.colour == attrs.usual_colour)
+    assert set(per_object) == {kind.name for kind in OBJECT_KINDS}
+    overall = sum(map(sum, per_object.values())) / len(samples)
+    assert abs(overall - world.usual_colour_prob) < 0.02
+    for obj, hits in per_object.items():
+        assert abs(sum(hits) / len(hits) - world.usual_colour_prob) < 0.1, obj
+    # The usual colour is the single most frequent colour of each object by far.
+    for kind in OBJECT_KINDS:
+        colours = Counter(a.colour for a in samples if a.object == kind.name)
+        assert colours.most_common(1)[0][0] == kind.usual_colour
+
+
+def test_captions_carry_colour_only_in_a_minority_and_never_for_image_only_objects():
+    world = SyntheticWorld(seed=1)
+    rng = world.rng("captions")
+    pairs = [world.sample_pair(rng) for _ in range(3000)]
+    for _, caption, attrs in pairs:
+        words = set(tokenize_words(caption))
+        assert attrs.object in words
+        assert (attrs.colour in words) == attrs.mentions_colour
+        if attrs.object in IMAGE_ONLY:
+            assert not attrs.mentions_colour and not words & (set(COLOURS) | set(SHAPES))
+    seen = [attrs.mentions_colour for _, _, attrs in pairs if attrs.object not in IMAGE_ONLY]
+    assert abs(sum(seen) / len(seen) - world.colour_mention_prob) < 0.03
+
+
+def test_caption_variety():
+    world = SyntheticWorld(seed=2)
+    rng = world.rng("variety")
+    pairs = [world.sample_pair(rng) for _ in range(1000)]
+    templates = {attrs.template for _, _, attrs in pairs}
+    assert len(templates) == len(PLAIN_CAPTIONS) + len(COLOUR_CAPTIONS) >= 15
+    assert len({caption for _, caption, _ in pairs}) > 500
+
+
+def test_render_draws_each_shape_in_its_colour():
+    world = SyntheticWorld(seed=0, image_size=64)
+    rng = world.rng("render")
+    shapes_seen = set()
+    for _ in range(60):
+        attrs = world.sample_attributes(rng)
+        image = world.render(attrs)
+        assert image.size == (64, 64)
+        cx, cy = (int(c * 64) for c in attrs.center)
+        assert _nearest(image.getpixel((cx, cy)), {**COLOURS, **BACKGROUNDS}) == attrs.colour
+        shapes_seen.add(attrs.shape)
+    assert shapes_seen == set(SHAPES)
+
+
+def test_knowledge_accuracy_hand_cases():
+    contexts = [
+        ["hi!", "i saw a zorp at the park today."],  # zorp: red
+        "my neighbour just got a fep.",  # fep: green
+        ["a blicket was on the bus.", "oh nice, what did it look like?"],  # blicket: red
+        "my kiki is here.",  # kiki: blue
+        "hello there, how are you?",  # no object: not scored
+    ]
+    hypotheses = [
+        "nice, was it red like most of them?",  # right
+        "was it blue?",  # wrong colour
+        "red or green, i forget.",  # hedging counts as wrong
+        "it was lovely.",  # no colour: wrong
+        "red!",  # ignored
+    ]
+    assert knowledge_accuracy(contexts, hypotheses) == pytest.approx(1 / 4)
+    assert knowledge_accuracy(["i saw a ZORP."], ["Red, of course."]) == 1.0
+    # The last object mentioned is the one asked about.
+    assert mentioned_object(["i have a zorp.", "and i got a fep yesterday."]) == "fep"
+    shape_table = knowledge_table("shape")
+    assert knowledge_accuracy(["i saw a zorp."], ["a red circle!"], table=shape_table) == 1.0
+    with pytest.raises(ValueError):
+        knowledge_accuracy(["hello"], ["red"])
+    with pytest.raises(ValueError):
+        knowledge_accuracy(["i saw a zorp."], [])
+
+
+def test_default_size_is_written_in_seconds(tmp_path):
+    start = time.perf_counter()
+    paths = write_synthetic_world(tmp_path, seed=0, num_pairs=2000, num_dialogues=1000)
+    assert time.perf_counter() - start < 10.0
+    assert sum(1 for _ in iter_shard_pairs(paths.train_shard_files)) == 2000

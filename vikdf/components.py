@@ -1,0 +1,128 @@
+"""Build a fresh VIKDF from pretrained parts, by hub id or local folder (paper §4.2; DESIGN.md §3).
+
+CLIP gives the frozen text and image towers with their projections, BERT initialises the IQ-Former, and the LLM
+is used as it is, with the `<knowledge>` placeholder added to its vocabulary.
+"""
+
+import re
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    Blip2QFormerConfig,
+    CLIPModel,
+)
+from transformers.utils import logging
+
+from configuration_vikdf import VIKDFConfig
+from modeling_vikdf import VIKDFForConditionalGeneration
+from processing_vikdf import VIKDFProcessor
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+DEFAULT_BERT = "bert-base-uncased"
+DEFAULT_LLM = "meta-llama/Llama-2-7b-chat-hf"
+
+# BERT → Blip2QFormerModel key map. The Q-Former names its self-attention `attention.attention` and its embedding
+# LayerNorm `layernorm`; queries have their own FFN (`intermediate_query`/`output_query`) that LAVIS initialises
+# from BERT's FFN too. Cross-attention layers have no BERT counterpart and start random.
+BERT_TO_IQ_FORMER = (
+    (r"^embeddings\.LayerNorm\.", "layernorm."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"encoder.layer.\1.attention.attention."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.", r"encoder.layer.\1.attention.output."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.", r"encoder.layer.\1.intermediate_query."),
+    (r"^encoder\.layer\.(\d+)\.output\.", r"encoder.layer.\1.output_query."),
+)
+
+
+def iq_former_config_from_bert(bert: BertConfig, encoder_hidden_size: int, cross_attention_frequency: int = 2) -> Blip2QFormerConfig:
+    """An IQ-Former config of BERT's shape that cross-attends (every 2nd layer) to width `encoder_hidden_size`."""
+    return Blip2QFormerConfig(
+        vocab_size=bert.vocab_size,
+        hidden_size=bert.hidden_size,
+        num_hidden_layers=bert.num_hidden_layers,
+        num_attention_heads=bert.num_attention_heads,
+        intermediate_size=bert.intermediate_size,
+        hidden_act=bert.hidden_act,
+        hidden_dropout_prob=bert.hidden_dropout_prob,
+        attention_probs_dropout_prob=bert.attention_probs_dropout_prob,
+        max_position_embeddings=bert.max_position_embeddings,
+        layer_norm_eps=bert.layer_norm_eps,
+        cross_attention_frequency=cross_attention_frequency,
+        encoder_hidden_size=encoder_hidden_size,
+        use_qformer_text_input=False,
+    )
+
+
+def bert_to_iq_former_state_dict(bert_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename BERT weights into the IQ-Former's names; weights with no IQ-Former counterpart are dropped."""
+    mapped = {}
+    for key, tensor in bert_state.items():
+        for pattern, replacement in BERT_TO_IQ_FORMER:
+            if re.match(pattern, key):
+                mapped[re.sub(pattern, replacement, key)] = tensor
+                break
+    return mapped
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + key: tensor for key, tensor in state.items()}
+
+
+def build_vikdf_from_components(
+    clip: str = DEFAULT_CLIP,
+    bert: str = DEFAULT_BERT,
+    llm: str = DEFAULT_LLM,
+    num_query_tokens: int = 32,
+    dtype: torch.dtype | None = None,
+    **config_overrides,
+) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
+    """A fresh VIKDF from pretrained CLIP, BERT and LLM (hub ids or folders), with its processor.
+
+    `config_overrides` go to `VIKDFConfig` (loss weights, ablation switches, masking, ...). `dtype` is the dtype
+    of the frozen towers and the LLM (the IQ-Former stays fp32).
+    """
+    logger.info(f"Building VIKDF from CLIP={clip}, BERT={bert}, LLM={llm}")
+    clip_model = CLIPModel.from_pretrained(clip, dtype=dtype)
+    bert_model = BertModel.from_pretrained(bert, add_pooling_layer=False)
+    llm_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+    processor = VIKDFProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(clip),
+        tokenizer=AutoTokenizer.from_pretrained(llm),
+        clip_tokenizer=AutoTokenizer.from_pretrained(clip),
+        num_query_tokens=num_query_tokens,
+        clip_max_length=clip_model.config.text_config.max_position_embeddings,
+    )
+    if len(processor.tokenizer) > llm_model.get_input_embeddings().num_embeddings:
+        llm_model.resize_token_embeddings(len(processor.tokenizer))
+
+    config = VIKDFConfig(
+        clip_config=clip_model.config,
+        qformer_config=iq_former_config_from_bert(bert_model.config, clip_model.config.projection_dim),
+        text_config=llm_model.config,
+        num_query_tokens=num_query_tokens,
+        knowledge_token=processor.knowledge_token,
+        knowledge_token_id=processor.knowledge_token_id,
+        clip_max_length=processor.clip_max_length,
+        **config_overrides,
+    )
+    state = {
+        **_prefixed(clip_model.text_model.state_dict(), "text_encoder."),
+        **_prefixed(clip_model.text_projection.state_dict(), "text_projection."),
+        **_prefixed(bert_to_iq_former_state_dict(bert_model.state_dict()), "iq_former."),
+        **_prefixed(llm_model.state_dict(), "language_model."),
+    }
+    if config.include_pretraining_heads:
+        state.update(_prefixed(clip_model.vision_model.state_dict(), "vision_encoder."))
+        state.update(_prefixed(clip_model.visual_projection.state_dict(), "visual_projection."))
+    model = VIKDFForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model.generation_config = llm_model.generation_config
+    return model, processor
+
+
+__all__ = ["build_vikdf_from_components", "bert_to_iq_former_state_dict", "iq_former_config_from_bert"]

@@ -1,0 +1,666 @@
+"""A procedurally generated image–text world and a dialogue set about it, for the CPU demo.
+
+Why it exists
+-------------
+VIKDF's claim is that knowledge carried by image–text pairs, distilled into query vectors from the *text* of a
+dialogue context, helps an LLM answer without any image. Real data (CC3M, Image-Chat, ViT-L/14, a 7B LLM)
+cannot show that on two CPU cores. This module builds a tiny world, entirely from code and a seed, in which
+that claim can be checked end to end, and writes it in the same file formats as the real data so the demo runs
+the project's real readers.
+
+The world
+---------
+Images (PIL drawings, ``image_size`` pixels square) show one object on a plain background. An image has a
+colour, a shape, a size (small / large), a position (left, right, top, bottom, centre) and a background colour
+(white, grey, black, brown; never an object colour, so colour words are unambiguous). There are 24 object
+kinds with invented names ("blicket", "zorp", ...): each (shape, usual colour) combination of 4 shapes x 6
+colours is exactly one kind, and each kind is drawn in its usual colour ``usual_colour_prob`` of the time
+(85 % by default) and in another colour otherwise. So the pictures carry knowledge: "a zorp is a red circle".
+
+Where the knowledge lives (the design point)
+--------------------------------------------
+Six kinds, one per colour, are *image-only* (``ObjectKind.image_only``). For them the link
+"object -> usual colour/shape" is present in the pixels and nowhere else:
+
+* captions of image-only kinds never name a colour or a shape ("a small zorp on the left on a grey
+  background."); captions of the other 18 *dialogue* kinds name colour (and sometimes shape) only in a
+  minority, ``colour_mention_prob`` (25 %), so even there the pixels are the main carrier;
+* training and validation dialogues (Reddit form) talk only about dialogue kinds;
+* the LM corpus for the stand-in LLM pre-training holds training captions and training dialogues, hence never
+  puts an image-only name next to a colour or shape word (a test checks this).
+
+The held-out test dialogues (Image-Chat form) talk only about image-only kinds, six of them in equal numbers,
+with the same context and response templates as training. A context names the object only ("i saw a zorp at
+the park today."); the reference response names its usual colour ("nice, was it red like most of them?").
+
+What the pipeline can learn from what:
+
+1. the stand-in CLIP, trained contrastively on the training shards, must tell a zorp from the other kinds in a
+   batch, so its text features for "zorp" come to encode what zorp pictures look like (red, circle) although
+   no caption says so;
+2. VIKDF pre-training teaches the IQ-Former to turn CLIP text features into queries ``K`` that match the
+   image's, and the LLM to verbalise ``K`` (the colour-mentioning minority of captions in IACI);
+3. dialogue fine-tuning on the 18 dialogue kinds teaches "say the colour that ``K`` carries";
+4. on the test set, the frozen LLM has never read a colour next to an image-only name, so without ``K`` it
+   can only guess (a constant guess scores exactly 1/6, since the six test kinds are balanced and have
+   different colours); only ``K``, derived from CLIP text features that were aligned to images, can carry it.
+
+How the demo should use it: report ``knowledge_accuracy`` (fraction of responses naming exactly the right
+usual colour) on the test split for VIKDF and for a text-only baseline, next to BLEU and the other metrics,
+with chance = 1/6 and the references at 1.0. The Reddit validation split (dialogue kinds) is the in-
+distribution sanity check where both should do well. The effect is expected to be modest and is to be
+reported as measured.
+
+Files (``write_synthetic_world``)
+---------------------------------
+``pairs/train/{00000..0000N}.tar`` and ``pairs/heldout/00000.tar``: webdataset shards laid out as img2dataset
+writes them (members ``000000123.jpg`` / ``.txt`` / ``.json``, key = shard * 10**4 + index, 9 digits);
+``dialogue/reddit/{train,valid}.json``: ``[{"context": [str, ...], "response": str}, ...]``;
+``dialogue/image_chat/test.json``: ``[{"image_hash": str, "dialog": [[style, text], ...]}, ...]`` (ParlAI);
+``lm_corpus.txt``: one text per line, a training caption or a training dialogue with its turns joined by
+spaces (whole dialogues, so the LM sees a context followed by its response); ``vocab.txt``: every word and
+punctuation token of every text written, for training a tiny tokenizer; ``world.json``: the configuration and
+the ground-truth object table. All text is lowercase. ``iter_shard_pairs`` reads the shards back as
+(key, image, caption) for the stand-in CLIP pre-training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from PIL import Image, ImageDraw
+
+RGB = tuple[int, int, int]
+
+# Object colours and background colours are disjoint word sets: a colour word in a response can then only be a
+# claim about the object.
+COLOURS: dict[str, RGB] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 185),
+    "orange": (245, 135, 30),
+}
+BACKGROUNDS: dict[str, RGB] = {
+    "white": (240, 240, 240),
+    "grey": (125, 125, 125),
+    "black": (20, 20, 20),
+    "brown": (105, 70, 40),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# Diameter of the object as a fraction of the image side.
+SIZES: dict[str, float] = {"small": 0.36, "large": 0.66}
+# Centre of the object as fractions of the image side (x, y); clamped so the object stays inside the image.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "centre": (0.5, 0.5),
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+}
+
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "centre": ("in the middle", "in the centre", "right in the center"),
+    "left": ("on the left", "at the left side", "to the left"),
+    "right": ("on the right", "at the right side", "to the right"),
+    "top": ("at the top", "near the top", "up at the top"),
+    "bottom": ("at the bottom", "near the bottom", "down at the bottom"),
+}
+
+
+@dataclass(frozen=True)
+class ObjectKind:
+    """One kind of object: its invented name, canonical shape and usual colour.
+
+    ``image_only`` kinds never have their colour or shape written next to their name in any training text;
+    the test dialogues are about them.
+    """
+
+    name: str
+    shape: str
+    usual_colour: str
+    image_only: bool
+
+
+# Each (shape, colour) pair is exactly one kind, so neither shape nor colour alone identifies a kind. The image-only
+# kind of each colour has a different shape where possible, so that every shape and every colour also occurs among
+# the 18 dialogue kinds and a colour read-out learnt on them can transfer. Names share no obvious sub-words.
+OBJECT_KINDS: tuple[ObjectKind, ...] = (
+    ObjectKind("zorp", "circle", "red", True),
+    ObjectKind("blicket", "square", "red", False),
+    ObjectKind("dax", "triangle", "red", False),
+    ObjectKind("wug", "cross", "red", False),
+    ObjectKind("toma", "circle", "green", False),
+    ObjectKind("fep", "square", "green", True),
+    ObjectKind("glim", "triangle", "green", False),
+    ObjectKind("mipsy", "cross", "green", False),
+    ObjectKind("kiki", "circle", "blue", False),
+    ObjectKind("snerk", "square", "blue", False),
+    ObjectKind("plonk", "triangle", "blue", True),
+    ObjectKind("vosk", "cross", "blue", False),
+    ObjectKind("quib", "circle", "yellow", False),
+    ObjectKind("drell", "square", "yellow", False),
+    ObjectKind("yomp", "triangle", "yellow", False),
+    ObjectKind("frindle", "cross", "yellow", True),
+    ObjectKind("gazzer", "circle", "purple", True),
+    ObjectKind("hobbin", "square", "purple", False),
+    ObjectKind("jerrit", "triangle", "purple", False),
+    ObjectKind("pilkin", "cross", "purple", False),
+    ObjectKind("skree", "circle", "orange", False),
+    ObjectKind("trobe", "square", "orange", True),
+    ObjectKind("nuffle", "triangle", "orange", False),
+    ObjectKind("bazoo", "cross", "orange", False),
+)
+_KIND_BY_NAME: dict[str, ObjectKind] = {kind.name: kind for kind in OBJECT_KINDS}
+
+# Caption templates. Fields: {obj} {size} {pos} {bg} and, only in COLOUR_CAPTIONS, {colour} {a_colour} {shape}.
+PLAIN_CAPTIONS: tuple[str, ...] = (
+    "a {size} {obj} {pos} on a {bg} background.",
+    "{pos}, a {size} {obj} against a plain {bg} backdrop.",
+    "photo of a {obj} {pos}, {bg} background.",
+    "there is a {size} {obj} {pos}.",
+    "the {obj} sits {pos} in front of a {bg} wall.",
+    "{bg} background with a {size} {obj} {pos}.",
+    "a picture of one {size} {obj}.",
+    "my {obj} on a {bg} table, {pos}.",
+    "a {obj}, {size}, {pos}.",
+    "look at this {size} {obj} on {bg}!",
+)
+COLOUR_CAPTIONS: tuple[str, ...] = (
+    "{a_colour} {obj} {pos} on a {bg} background.",
+    "a {size} {colour} {obj} {pos}.",
+    "this {obj} is {colour} and sits {pos}.",
+    "{a_colour} {shape}, which is a {obj}, {pos}.",
+    "a {obj}: a {size} {colour} {shape} on {bg}.",
+    "photo of {a_colour} {obj} against a {bg} backdrop.",
+)
+
+# Dialogue turns. A context is one of DIALOGUE_PATTERNS: a sequence of turn pools, then the response family.
+MENTIONS: tuple[str, ...] = (
+    "i saw a {obj} at the park today.",
+    "my neighbour just got a {obj}.",
+    "there was a {obj} outside my window this morning.",
+    "i found a {obj} in my garden!",
+    "we spotted a {obj} on our hike yesterday.",
+    "my sister showed me her new {obj}.",
+    "guess what, i finally got my own {obj}.",
+    "a {obj} was sitting on the bus seat next to me.",
+)
+GREETINGS: tuple[str, ...] = (
+    "hey, how is it going?",
+    "hi! what have you been up to?",
+    "good morning, anything new?",
+    "how was your weekend?",
+)
+GREETING_REPLIES: tuple[str, ...] = (
+    "pretty good, thanks. you?",
+    "not much, just relaxing. and you?",
+    "busy week! how about you?",
+    "all good here. what about you?",
+)
+LOOKS_QUESTIONS: tuple[str, ...] = (
+    "oh nice, what did it look like?",
+    "cool, what was it like?",
+    "really? describe it to me!",
+)
+WHERE_QUESTIONS: tuple[str, ...] = (
+    "oh really? where was it?",
+    "no way, where exactly?",
+    "wow, where did that happen?",
+)
+WHERE_ANSWERS: tuple[str, ...] = (
+    "right next to the old bridge.",
+    "just around the corner from my place.",
+    "near the bus stop on main street.",
+)
+# Responses: "ask" and "comment" come from someone who did not see the object, "tell" from the one who did.
+# All of them name the kind's usual colour: that is the knowledge the response needs.
+RESPONSES: dict[str, tuple[str, ...]] = {
+    "ask": (
+        "nice, was it {colour} like most of them?",
+        "was it the usual {colour} kind?",
+        "oh, {colour} as always?",
+        "did it have that bright {colour} look they have?",
+        "was it {a_colour} {shape} like the ones i know?",
+    ),
+    "comment": (
+        "i love how {colour} they always are.",
+        "those are usually {colour}, right? so pretty.",
+        "ah, {a_colour} {shape}, a classic {obj}.",
+        "the {colour} ones always catch my eye.",
+    ),
+    "tell": (
+        "it was {colour}, just like they usually are.",
+        "{a_colour} little {shape}, very cute.",
+        "bright {colour}, as you would expect.",
+        "{colour} and shaped like a {shape}.",
+    ),
+}
+_TURN_POOLS: dict[str, tuple[str, ...]] = {
+    "mention": MENTIONS,
+    "greet": GREETINGS,
+    "greet_reply": GREETING_REPLIES,
+    "looks_q": LOOKS_QUESTIONS,
+    "where_q": WHERE_QUESTIONS,
+    "where_a": WHERE_ANSWERS,
+}
+DIALOGUE_PATTERNS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("mention",), ("ask", "comment")),
+    (("greet", "mention"), ("ask", "comment")),
+    (("mention", "looks_q"), ("tell",)),
+    (("greet", "greet_reply", "mention"), ("ask", "comment")),
+    (("mention", "where_q", "where_a"), ("ask", "comment")),
+    (("greet", "mention", "looks_q"), ("tell",)),
+)
+# Image-Chat gives each turn a speaker style; these are a few of its real ones.
+IMAGE_CHAT_STYLES: tuple[str, ...] = (
+    "Curious", "Cheerful", "Sweet", "Witty", "Enthusiastic", "Calm", "Caring", "Happy"
+)
+
+_SUPERSAMPLE = 4  # shapes are drawn this many times larger, then box-filtered down: anti-aliased edges
+_RGB_JITTER = 12  # per-channel shade variation, so that a colour is a region of RGB space, not one value
+_MAX_PER_SHARD = 10**4  # img2dataset keys are shard * 10**4 + index
+_WORD_RE = re.compile(r"[a-z]+|[^\sa-z]")
+
+
+@dataclass(frozen=True)
+class PairAttributes:
+    """Everything about one image–caption pair; ``render`` needs nothing else to draw the image."""
+
+    object: str
+    shape: str
+    colour: str
+    usual_colour: str
+    size: str
+    position: str
+    background: str
+    object_rgb: RGB
+    background_rgb: RGB
+    center: tuple[float, float]  # fractions of the image side
+    diameter: float  # fraction of the image side
+    template: str  # "plain/<i>" or "colour/<i>", index into PLAIN_CAPTIONS / COLOUR_CAPTIONS
+
+    @property
+    def mentions_colour(self) -> bool:
+        return self.template.startswith("colour/")
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A text-only dialogue about one object kind; ``response`` names its usual colour."""
+
+    context: tuple[str, ...]
+    response: str
+    object: str
+
+
+@dataclass(frozen=True)
+class SyntheticWorldPaths:
+    """What ``write_synthetic_world`` wrote, plus the facts the demo needs to use and score it."""
+
+    root: Path
+    train_shards: str  # brace pattern, e.g. ".../pairs/train/{00000..00003}.tar"
+    train_shard_files: tuple[Path, ...]
+    heldout_shard: Path
+    reddit_train: Path
+    reddit_valid: Path
+    image_chat_test: Path
+    lm_corpus: Path
+    vocab_file: Path
+    world_file: Path
+    vocabulary: tuple[str, ...]
+    knowledge_table: dict[str, str]  # object -> usual colour
+    image_only_objects: tuple[str, ...]
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lowercased words and single punctuation marks: the unit of ``vocabulary`` and of knowledge scoring."""
+    return _WORD_RE.findall(text.lower())
+
+
+def knowledge_table(attribute: str = "colour") -> dict[str, str]:
+    """Ground truth: object name -> its usual colour (``attribute="colour"``) or canonical shape (``"shape"``)."""
+    if attribute not in ("colour", "shape"):
+        raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
+    return {kind.name: kind.usual_colour if attribute == "colour" else kind.shape for kind in OBJECT_KINDS}
+
+
+def mentioned_object(context: str | Sequence[str], names: Sequence[str] | None = None) -> str | None:
+    """The last object name mentioned in a context (a string or a list of turns), or None."""
+    turns = [context] if isinstance(context, str) else list(context)
+    known = set(_KIND_BY_NAME if names is None else names)
+    found = [word for turn in turns for word in tokenize_words(turn) if word in known]
+    return found[-1] if found else None
+
+
+def knowledge_accuracy(
+    contexts: Sequence[str | Sequence[str]],
+    hypotheses: Sequence[str],
+    table: Mapping[str, str] | None = None,
+) -> float:
+    """Fraction of responses that name exactly the right usual colour of the object the context mentions.
+
+    A response counts as right when the set of attribute values it names (colour words by default) is exactly
+    ``{table[object]}``: naming another colour too is a hedge, not knowledge. Contexts that mention no known
+    object are left out of the denominator. ``table`` maps object -> value, default ``knowledge_table()``;
+    pass ``knowledge_table("shape")`` to score shapes instead.
+    """
+    if len(contexts) != len(hypotheses):
+        raise ValueError(f"{len(contexts)} contexts but {len(hypotheses)} hypotheses")
+    table = knowledge_table() if table is None else table
+    values = set(table.values())
+    scored = correct = 0
+    for context, hypothesis in zip(contexts, hypotheses):
+        obj = mentioned_object(context, names=list(table))
+        if obj is None:
+            continue
+        scored += 1
+        named = {word for word in tokenize_words(hypothesis) if word in values}
+        correct += named == {table[obj]}
+    if scored == 0:
+        raise ValueError("no context mentions a known object; nothing to score")
+    return correct / scored
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _jitter(rgb: RGB, rng: random.Random) -> RGB:
+    r, g, b = (min(255, max(0, channel + rng.randint(-_RGB_JITTER, _RGB_JITTER))) for channel in rgb)
+    return r, g, b
+
+
+@dataclass(frozen=True)
+class SyntheticWorld:
+    """The generator. Deterministic: every random draw comes from ``rng(stream)``, seeded by ``seed``."""
+
+    seed: int = 0
+    image_size: int = 32
+    usual_colour_prob: float = 0.85
+    colour_mention_prob: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        for name in ("usual_colour_prob", "colour_mention_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def dialogue_objects(self) -> tuple[ObjectKind, ...]:
+        """Kinds that training/validation dialogues talk about."""
+        return tuple(kind for kind in OBJECT_KINDS if not kind.image_only)
+
+    @property
+    def image_only_objects(self) -> tuple[ObjectKind, ...]:
+        """Kinds whose colour and shape only images show; test dialogues talk about them."""
+        return tuple(kind for kind in OBJECT_KINDS if kind.image_only)
+
+    def rng(self, stream: str) -> random.Random:
+        """An independent random stream per purpose, so changing one split's size leaves the others unchanged."""
+        # Seeding with a str hashes it with SHA-512: stable across processes, unlike hash().
+        return random.Random(f"vikdf-synthetic/{self.seed}/{stream}")
+
+    def sample_attributes(self, rng: random.Random) -> PairAttributes:
+        """Draw an object, its look and the caption template to describe it."""
+        kind = rng.choice(OBJECT_KINDS)
+        colour = kind.usual_colour
+        if rng.random() >= self.usual_colour_prob:
+            colour = rng.choice([c for c in COLOURS if c != kind.usual_colour])
+        size, position, background = rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), rng.choice(list(BACKGROUNDS))
+        diameter = SIZES[size] * rng.uniform(0.9, 1.1)
+        radius = diameter / 2
+        # A little positional jitter, then clamping so that large objects at the border are not cut off.
+        cx, cy = (min(1 - radius, max(radius, p + rng.uniform(-0.04, 0.04))) for p in POSITIONS[position])
+        # Image-only kinds never get a colour caption: their colour must stay in the pixels (see module docstring).
+        if not kind.image_only and rng.random() < self.colour_mention_prob:
+            template = f"colour/{rng.randrange(len(COLOUR_CAPTIONS))}"
+        else:
+            template = f"plain/{rng.randrange(len(PLAIN_CAPTIONS))}"
+        return PairAttributes(
+            object=kind.name,
+            shape=kind.shape,
+            colour=colour,
+            usual_colour=kind.usual_colour,
+            size=size,
+            position=position,
+            background=background,
+            object_rgb=_jitter(COLOURS[colour], rng),
+            background_rgb=_jitter(BACKGROUNDS[background], rng),
+            center=(cx, cy),
+            diameter=diameter,
+            template=template,
+        )
+
+    def render(self, attrs: PairAttributes) -> Image.Image:
+        """Draw the image described by ``attrs`` (RGB, ``image_size`` square)."""
+        side = self.image_size * _SUPERSAMPLE
+        image = Image.new("RGB", (side, side), attrs.background_rgb)
+        draw = ImageDraw.Draw(image)
+        cx, cy, r = attrs.center[0] * side, attrs.center[1] * side, attrs.diameter * side / 2
+        fill = attrs.object_rgb
+        if attrs.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif attrs.shape == "square":
+            half = 0.85 * r  # a bit smaller than the bounding box so its area is close to the circle's
+            draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+        elif attrs.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - 0.95 * r, cy + 0.75 * r), (cx + 0.95 * r, cy + 0.75 * r)], fill=fill)
+        elif attrs.shape == "cross":
+            arm = 0.32 * r
+            draw.rectangle((cx - r, cy - arm, cx + r, cy + arm), fill=fill)
+            draw.rectangle((cx - arm, cy - r, cx + arm, cy + r), fill=fill)
+        else:
+            raise ValueError(f"unknown shape {attrs.shape!r}")
+        return image.resize((self.image_size, self.image_size), Image.Resampling.BOX)
+
+    def write_caption(self, attrs: PairAttributes, rng: random.Random) -> str:
+        """Fill the template chosen in ``attrs`` with randomly chosen synonyms."""
+        family, index = attrs.template.split("/")
+        template = (COLOUR_CAPTIONS if family == "colour" else PLAIN_CAPTIONS)[int(index)]
+        return template.format(
+            obj=attrs.object,
+            size=rng.choice(SIZE_WORDS[attrs.size]),
+            pos=rng.choice(POSITION_PHRASES[attrs.position]),
+            bg=attrs.background,
+            colour=attrs.colour,
+            a_colour=_article(attrs.colour),
+            shape=attrs.shape,
+        )
+
+    def sample_pair(self, rng: random.Random) -> tuple[Image.Image, str, PairAttributes]:
+        """One image–caption pair and its ground truth."""
+        attrs = self.sample_attributes(rng)
+        return self.render(attrs), self.write_caption(attrs, rng), attrs
+
+    def sample_dialogue(self, rng: random.Random, kind: ObjectKind) -> Dialogue:
+        """A 1–3 turn context that names ``kind`` only, and a response that names its usual colour."""
+        turn_pools, families = rng.choice(DIALOGUE_PATTERNS)
+        fields = {
+            "obj": kind.name,
+            "colour": kind.usual_colour,
+            "a_colour": _article(kind.usual_colour),
+            "shape": kind.shape,
+        }
+        context = tuple(rng.choice(_TURN_POOLS[pool]).format(**fields) for pool in turn_pools)
+        response = rng.choice(RESPONSES[rng.choice(families)]).format(**fields)
+        return Dialogue(context=context, response=response, object=kind.name)
+
+    def dialogues(self, stream: str, count: int, kinds: Sequence[ObjectKind]) -> list[Dialogue]:
+        """``count`` dialogues cycling through ``kinds``, so every kind is equally frequent."""
+        rng = self.rng(stream)
+        return [self.sample_dialogue(rng, kinds[i % len(kinds)]) for i in range(count)]
+
+
+def _encode_jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    # Quality 95 as img2dataset; no chroma subsampling, which would smear the colour of a 32-pixel object.
+    image.save(buffer, format="JPEG", quality=95, subsampling=0)
+    return buffer.getvalue()
+
+
+def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (mtime 0, no owner) so that the same seed gives byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(world: SyntheticWorld, rng: random.Random, path: Path, shard_index: int, count: int) -> list[str]:
+    """Write ``count`` pairs as one img2dataset-style shard; returns the captions."""
+    if count > _MAX_PER_SHARD:
+        raise ValueError(f"at most {_MAX_PER_SHARD} pairs per shard, got {count}; use more shards")
+    captions = []
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for index in range(count):
+            image, caption, attrs = world.sample_pair(rng)
+            key = f"{shard_index * _MAX_PER_SHARD + index:09d}"
+            meta = {
+                "key": key,
+                "caption": caption,
+                "status": "success",
+                "error_message": None,
+                "width": image.width,
+                "height": image.height,
+                "original_width": image.width,
+                "original_height": image.height,
+                "attributes": asdict(attrs),
+            }
+            _add_tar_member(tar, f"{key}.jpg", _encode_jpeg(image))
+            _add_tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
+            _add_tar_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+            captions.append(caption)
+    return captions
+
+
+def iter_shard_pairs(shard_files: Sequence[str | Path]) -> Iterator[tuple[str, Image.Image, str]]:
+    """(key, image, caption) from img2dataset-style shards, in order: the pair list for the stand-in CLIP."""
+    for shard in shard_files:
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, _, ext = member.name.rpartition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, files in members.items():
+            image = Image.open(io.BytesIO(files["jpg"])).convert("RGB")
+            yield key, image, files["txt"].decode("utf-8")
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+
+
+def _image_chat_entry(world: SyntheticWorld, dialogue: Dialogue, index: int, rng: random.Random) -> dict:
+    # Turns alternate between two speakers with fixed styles; the hash only has to be unique (images are unused).
+    styles = rng.sample(IMAGE_CHAT_STYLES, 2)
+    turns = [*dialogue.context, dialogue.response]
+    return {
+        "image_hash": hashlib.md5(f"{world.seed}/test/{index}".encode()).hexdigest(),
+        "dialog": [[styles[i % 2], text] for i, text in enumerate(turns)],
+    }
+
+
+def write_synthetic_world(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_pairs: int = 2000,
+    num_shards: int = 4,
+    num_heldout_pairs: int = 200,
+    num_dialogues: int = 1000,
+    num_eval_dialogues: int = 120,
+    image_size: int = 32,
+) -> SyntheticWorldPaths:
+    """Write the whole world under ``out_dir`` (layout in the module docstring) and say where it is.
+
+    ``num_dialogues`` training dialogues (Reddit form), ``num_eval_dialogues`` validation dialogues (Reddit
+    form, dialogue kinds) and as many test dialogues (Image-Chat form, image-only kinds). The default of 120
+    is a multiple of 6, so the six test kinds are exactly balanced.
+    """
+    if num_shards < 1 or num_pairs < num_shards:
+        raise ValueError(f"need 1 <= num_shards <= num_pairs, got {num_shards} shards for {num_pairs} pairs")
+    world = SyntheticWorld(seed=seed, image_size=image_size)
+    root = Path(out_dir)
+    train_dir, heldout_dir = root / "pairs" / "train", root / "pairs" / "heldout"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    heldout_dir.mkdir(parents=True, exist_ok=True)
+
+    pair_rng = world.rng("train-pairs")
+    train_files, train_captions = [], []
+    for shard in range(num_shards):
+        path = train_dir / f"{shard:05d}.tar"
+        count = (shard + 1) * num_pairs // num_shards - shard * num_pairs // num_shards
+        train_captions += _write_shard(world, pair_rng, path, shard, count)
+        train_files.append(path)
+    heldout_shard = heldout_dir / "00000.tar"
+    heldout_captions = _write_shard(world, world.rng("heldout-pairs"), heldout_shard, 0, num_heldout_pairs)
+
+    train = world.dialogues("train-dialogues", num_dialogues, world.dialogue_objects)
+    valid = world.dialogues("valid-dialogues", num_eval_dialogues, world.dialogue_objects)
+    test = world.dialogues("test-dialogues", num_eval_dialogues, world.image_only_objects)
+    reddit_train = root / "dialogue" / "reddit" / "train.json"
+    reddit_valid = root / "dialogue" / "reddit" / "valid.json"
+    image_chat_test = root / "dialogue" / "image_chat" / "test.json"
+    _write_json(reddit_train, [{"context": list(d.context), "response": d.response} for d in train])
+    _write_json(reddit_valid, [{"context": list(d.context), "response": d.response} for d in valid])
+    style_rng = world.rng("image-chat-styles")
+    _write_json(image_chat_test, [_image_chat_entry(world, d, i, style_rng) for i, d in enumerate(test)])
+
+    # Only training text: captions and whole training dialogues, never validation or test text.
+    lm_lines = train_captions + [" ".join([*d.context, d.response]) for d in train]
+    world.rng("lm-corpus").shuffle(lm_lines)
+    lm_corpus = root / "lm_corpus.txt"
+    lm_corpus.write_text("\n".join(lm_lines) + "\n", encoding="utf-8")
+
+    dialogue_turns = [turn for d in train + valid + test for turn in (*d.context, d.response)]
+    all_texts = train_captions + heldout_captions + dialogue_turns
+    world_words = [k.name for k in OBJECT_KINDS] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
+    vocabulary = tuple(sorted({word for text in all_texts + world_words for word in tokenize_words(text)}))
+    vocab_file = root / "vocab.txt"
+    vocab_file.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+
+    world_file = root / "world.json"
+    _write_json(
+        world_file,
+        {
+            "config": asdict(world),
+            "objects": [asdict(kind) for kind in OBJECT_KINDS],
+            "colours": COLOURS,
+            "backgrounds": BACKGROUNDS,
+            "counts": {
+                "train_pairs": num_pairs,
+                "heldout_pairs": num_heldout_pairs,
+                "train_dialogues": num_dialogues,
+                "valid_dialogues": num_eval_dialogues,
+                "test_dialogues": num_eval_dialogues,
+            },
+        },
+    )
+    return SyntheticWorldPaths(
+        root=root,
+        train_shards=str(train_dir / f"{{00000..{num_shards - 1:05d}}}.tar"),
+        train_shard_files=tuple(train_files),
+        heldout_shard=heldout_shard,
+        reddit_train=reddit_train,
+        reddit_valid=reddit_valid,
+        image_chat_test=image_chat_test,
+        lm_corpus=lm_corpus,
+        vocab_file=vocab_file,
+        world_file=world_file,
+        vocabulary=vocabulary,
+        knowledge_table=knowledge_table(),
+        image_only_objects=tuple(kind.name for kind in world.image_only_objects),
+    )

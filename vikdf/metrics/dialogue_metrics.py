@@ -1,0 +1,360 @@
+"""Automatic dialogue metrics of VIKDF (paper §4.4, Table 1), following DESIGN.md §5.
+
+This file is both an ``evaluate`` metric script and a plain module:
+
+    metric = evaluate.load("/abs/path/to/vikdf/metrics/dialogue_metrics.py")
+    metric.compute(predictions=[...], references=[...], glove_path="glove.6B.300d.txt")
+
+    from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
+
+``evaluate`` copies the script into its module cache and imports it on its own, so it must stay
+self-contained: only evaluate, datasets, numpy, nltk, pycocoevalcap and the standard library.
+
+Conventions (those of the released evaluation, so that our numbers mean the same thing as the paper's):
+
+- every score is ×100; PPL is computed on the model side, not here;
+- BLEU, ROUGE and the embedding metrics see text lowercased and tokenised by NLTK's Treebank tokenizer
+  (``NLTKWordTokenizer``; ``word_tokenize`` would need the punkt data), tokens joined by single spaces;
+- BLEU-1 is corpus BLEU of the COCO caption toolkit (brevity penalty with the "closest" reference length);
+- ROUGE-L is the COCO toolkit's per-sentence LCS F-measure (β = 1.2), averaged over sentences;
+- Average / Extrema / Greedy (Liu et al., 2016) use a GloVe text file; words missing from it get the mean
+  vector of the file. A pair whose hypothesis or reference has no tokens scores 0 (no evidence of
+  similarity), so empty generations lower the mean instead of turning it into NaN. Without a GloVe file
+  these three metrics are ``None`` (missing), never 0;
+- Dis-1 / Dis-2 are corpus-level distinct n-gram ratios after lowercasing and removing punctuation and the
+  articles a/an/the (the SQuAD answer normalisation). A corpus without any n-gram gives 0.
+- Unlike the released script we keep every hypothesis (it dropped those containing "i'm sorry" or
+  "response").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import datasets
+import evaluate
+import numpy as np
+from nltk.tokenize import NLTKWordTokenizer
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.rouge.rouge import Rouge
+
+_DESCRIPTION = """\
+Dialogue response metrics of the VIKDF paper (§4.4): BLEU-1, ROUGE-L, embedding Average / Extrema /
+Greedy and Distinct-1/2, all ×100. One reference per prediction.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: list of generated responses (str).
+    references: list of reference responses (str), one per prediction.
+    glove_path: optional path to a GloVe text file (e.g. glove.6B.300d.txt). Without it the embedding
+        metrics are returned as None.
+Returns:
+    dict with bleu_1, rouge_l, embedding_average, vector_extrema, greedy_matching, distinct_1, distinct_2.
+Example:
+    >>> metric = evaluate.load("vikdf/metrics/dialogue_metrics.py")
+    >>> metric.compute(predictions=["i like dogs"], references=["i like cats"])["bleu_1"]
+"""
+
+_CITATION = """\
+@inproceedings{liu2016not,
+  title={How NOT to evaluate your dialogue system},
+  author={Liu, Chia-Wei and Lowe, Ryan and Serban, Iulian and Noseworthy, Mike and Charlin, Laurent and
+          Pineau, Joelle},
+  booktitle={EMNLP},
+  year={2016}
+}
+"""
+
+METRIC_NAMES = (
+    "bleu_1",
+    "rouge_l",
+    "embedding_average",
+    "vector_extrema",
+    "greedy_matching",
+    "distinct_1",
+    "distinct_2",
+)
+
+_TOKENIZER = NLTKWordTokenizer()
+# Upper bound on float32 elements materialised at once by the vectorised embedding code (~64 MB).
+_CHUNK_ELEMENTS = 16_000_000
+
+
+def tokenize(text: str) -> str:
+    """Lowercase and Treebank-tokenise ``text``; tokens joined by single spaces (DESIGN.md §5)."""
+    return " ".join(_TOKENIZER.tokenize(text.lower()))
+
+
+def bleu_1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-1 (×100) of the COCO caption toolkit on tokenised, space-joined strings.
+
+    ``Bleu.compute_score`` hard-codes ``option="closest"`` for the effective reference length, which is the
+    convention of DESIGN.md §5; the brevity penalty is part of the score. Empty hypotheses are fine for it
+    (they add no n-grams but still count towards the reference length).
+    """
+    res = {i: [h] for i, h in enumerate(hypotheses)}
+    gts = {i: [r] for i, r in enumerate(references)}
+    scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return 100.0 * float(scores[0])
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean per-sentence ROUGE-L F-measure (β = 1.2, ×100) of the COCO caption toolkit.
+
+    The toolkit splits on a single space, so an empty hypothesis becomes the one token ``""``: it matches
+    nothing in a non-empty reference and scores 0 rather than crashing.
+    """
+    res = {i: [h] for i, h in enumerate(hypotheses)}
+    gts = {i: [r] for i, r in enumerate(references)}
+    score, _ = Rouge().compute_score(gts, res)
+    return 100.0 * float(score)
+
+
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_for_distinct(text: str) -> list[str]:
+    """Lowercase, drop punctuation, drop the articles a/an/the, split on whitespace (DESIGN.md §5)."""
+    text = _PUNCTUATION.sub("", text.lower())
+    return _ARTICLES.sub(" ", text).split()
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Corpus-level Distinct-n (×100): unique n-grams / all n-grams over all ``texts`` (Li et al., 2016)."""
+    ngrams = []
+    for text in texts:
+        words = normalize_for_distinct(text)
+        ngrams.extend(zip(*(words[i:] for i in range(n))))
+    return 100.0 * len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+class GloVe:
+    """A GloVe text file (``word v1 … vD`` per line), scanned once, vectors read on demand.
+
+    The single pass computes the mean vector (used for out-of-vocabulary words) and remembers where each
+    word's line starts, so later look-ups seek straight to the few thousand words a test set uses instead
+    of keeping all 400k × 300 floats of glove.6B in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"GloVe file not found: {self.path!r} (expected e.g. glove.6B.300d.txt).")
+        self._offsets: dict[str, int] = {}
+        self._vectors: dict[str, np.ndarray] = {}
+        self.dim, self.mean = self._scan()
+
+    def _scan(self) -> tuple[int, np.ndarray]:
+        total: np.ndarray | None = None
+        count = 0
+        offset = 0
+        dim = 0
+        batch: list[bytes] = []
+
+        def flush() -> None:
+            nonlocal total
+            # Parsing thousands of lines in one numpy call is what makes the full pass affordable.
+            values = np.fromstring(b" ".join(batch), dtype=np.float64, sep=" ")
+            if values.size != len(batch) * dim:
+                raise ValueError(
+                    f"{self.path}: entries {count - len(batch) + 1}-{count} do not all have {dim} numbers "
+                    "after the word; a GloVe text file has 'word v1 ... vD' on every line."
+                )
+            part = values.reshape(len(batch), dim).sum(axis=0)
+            total = part if total is None else total + part
+            batch.clear()
+
+        with open(self.path, "rb") as f:
+            for line in f:
+                word, _, rest = line.rstrip().partition(b" ")
+                if rest:
+                    if not dim:
+                        dim = len(rest.split())
+                    self._offsets.setdefault(word.decode("utf-8", errors="replace"), offset)
+                    batch.append(rest)
+                    count += 1
+                    if len(batch) == 4096:
+                        flush()
+                offset += len(line)
+        if batch:
+            flush()
+        if total is None:
+            raise ValueError(f"{self.path}: no vectors found; is this a GloVe text file?")
+        return dim, (total / count).astype(np.float32)
+
+    def matrix(self, words: Sequence[str]) -> np.ndarray:
+        """Vectors of ``words`` as a ``(len(words), dim)`` float32 array; unknown words get the mean."""
+        missing = [w for w in words if w not in self._vectors and w in self._offsets]
+        if missing:
+            with open(self.path, "rb") as f:
+                for word in sorted(missing, key=self._offsets.__getitem__):
+                    f.seek(self._offsets[word])
+                    rest = f.readline().rstrip().partition(b" ")[2]
+                    self._vectors[word] = np.fromstring(rest, dtype=np.float32, sep=" ")
+        out = np.empty((len(words), self.dim), dtype=np.float32)
+        for i, word in enumerate(words):
+            out[i] = self._vectors.get(word, self.mean)
+        return out
+
+
+_GLOVE_CACHE: dict[tuple[str, int, int], GloVe] = {}
+
+
+def load_glove(path: str | os.PathLike) -> GloVe:
+    """Return the cached :class:`GloVe` for ``path``; a file changed on disk is read again."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GloVe file not found: {path!r} (expected e.g. glove.6B.300d.txt).")
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _GLOVE_CACHE:
+        _GLOVE_CACHE[key] = GloVe(path)
+    return _GLOVE_CACHE[key]
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of matching rows; a zero vector gives 0 instead of NaN."""
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("ij,ij->i", a, b)
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+
+
+def _sentence_vectors(sentences: list[np.ndarray], table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and extrema vectors of non-empty token-id arrays, computed in chunks with ``reduceat``."""
+    dim = table.shape[1]
+    sums = np.zeros((len(sentences), dim), dtype=np.float32)
+    extrema = np.zeros((len(sentences), dim), dtype=np.float32)
+    start = 0
+    while start < len(sentences):
+        stop, tokens = start + 1, len(sentences[start])
+        while stop < len(sentences) and (tokens + len(sentences[stop])) * dim <= _CHUNK_ELEMENTS:
+            tokens += len(sentences[stop])
+            stop += 1
+        vecs = table[np.concatenate(sentences[start:stop])]
+        starts = np.cumsum([0] + [len(s) for s in sentences[start:stop - 1]])
+        sums[start:stop] = np.add.reduceat(vecs, starts, axis=0)
+        high = np.maximum.reduceat(vecs, starts, axis=0)
+        low = np.minimum.reduceat(vecs, starts, axis=0)
+        # Liu et al. (2016): per dimension the extreme of larger magnitude, sign kept (ties take the min).
+        extrema[start:stop] = np.where(np.abs(low) < high, high, low)
+        start = stop
+    return sums, extrema
+
+
+def _greedy(hyps: list[np.ndarray], refs: list[np.ndarray], unit: np.ndarray) -> np.ndarray:
+    """Greedy matching per pair: mean of both directions' mean best cosine (Rus & Lintean, 2012).
+
+    Pairs are sorted by length and processed as padded batches so that one batched matmul gives all
+    token-to-token cosines; the padding id points at an extra row of ``unit`` that is masked out.
+    """
+    pad = unit.shape[0] - 1
+    scores = np.zeros(len(hyps), dtype=np.float64)
+    order = sorted(range(len(hyps)), key=lambda i: (max(len(hyps[i]), len(refs[i])), len(hyps[i])))
+    dim = unit.shape[1]
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        longest = max(len(hyps[order[start]]), len(refs[order[start]]))
+        while stop < len(order):
+            longest_next = max(longest, len(hyps[order[stop]]), len(refs[order[stop]]))
+            if (stop - start + 1) * longest_next * (2 * dim + longest_next) > _CHUNK_ELEMENTS:
+                break
+            longest, stop = longest_next, stop + 1
+        idx = order[start:stop]
+        len_h = np.array([len(hyps[i]) for i in idx])
+        len_r = np.array([len(refs[i]) for i in idx])
+        ids_h = np.full((len(idx), len_h.max()), pad)
+        ids_r = np.full((len(idx), len_r.max()), pad)
+        for row, i in enumerate(idx):
+            ids_h[row, : len_h[row]] = hyps[i]
+            ids_r[row, : len_r[row]] = refs[i]
+        sims = unit[ids_h] @ unit[ids_r].transpose(0, 2, 1)
+        valid_h = ids_h != pad
+        valid_r = ids_r != pad
+        sims = np.where(valid_h[:, :, None] & valid_r[:, None, :], sims, -np.inf)
+        best_h = np.where(valid_h, sims.max(axis=2), 0.0).sum(axis=1) / len_h
+        best_r = np.where(valid_r, sims.max(axis=1), 0.0).sum(axis=1) / len_r
+        scores[idx] = (best_h + best_r) / 2.0
+        start = stop
+    return scores
+
+
+def embedding_metrics(
+    hypotheses: Sequence[str], references: Sequence[str], glove_path: str | os.PathLike
+) -> dict[str, float]:
+    """Embedding Average, Vector Extrema and Greedy Matching (×100) on tokenised, space-joined strings.
+
+    Out-of-vocabulary words take the mean GloVe vector; a pair with an empty side scores 0 on all three.
+    """
+    glove = load_glove(glove_path)
+    hyp_tokens = [h.split() for h in hypotheses]
+    ref_tokens = [r.split() for r in references]
+    vocab = sorted({w for sent in hyp_tokens + ref_tokens for w in sent})
+    index = {w: i for i, w in enumerate(vocab)}
+    table = glove.matrix(vocab) if vocab else np.zeros((0, glove.dim), dtype=np.float32)
+
+    both = [i for i in range(len(hyp_tokens)) if hyp_tokens[i] and ref_tokens[i]]
+    hyps = [np.array([index[w] for w in hyp_tokens[i]], dtype=np.int64) for i in both]
+    refs = [np.array([index[w] for w in ref_tokens[i]], dtype=np.int64) for i in both]
+
+    average = np.zeros(len(hyp_tokens))
+    extrema = np.zeros(len(hyp_tokens))
+    greedy = np.zeros(len(hyp_tokens))
+    if both:
+        hyp_sum, hyp_ext = _sentence_vectors(hyps, table)
+        ref_sum, ref_ext = _sentence_vectors(refs, table)
+        # Cosine is scale-invariant, so the cosine of the sums is the cosine of the normalised sums.
+        average[both] = _row_cosine(hyp_sum, ref_sum)
+        extrema[both] = _row_cosine(hyp_ext, ref_ext)
+        norms = np.linalg.norm(table, axis=1, keepdims=True)
+        unit = np.divide(table, norms, out=np.zeros_like(table), where=norms > 0)
+        greedy[both] = _greedy(hyps, refs, np.vstack([unit, np.zeros((1, table.shape[1]), np.float32)]))
+    return {
+        "embedding_average": 100.0 * float(average.mean()),
+        "vector_extrema": 100.0 * float(extrema.mean()),
+        "greedy_matching": 100.0 * float(greedy.mean()),
+    }
+
+
+def compute_dialogue_metrics(
+    predictions: Sequence[str], references: Sequence[str], glove_path: str | os.PathLike | None = None
+) -> dict[str, float | None]:
+    """All automatic metrics of paper Table 1 except PPL, ×100, keyed by :data:`METRIC_NAMES`."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; pass one each.")
+    if not predictions:
+        raise ValueError("No predictions to score.")
+    hyps = [tokenize(p) for p in predictions]
+    refs = [tokenize(r) for r in references]
+    results: dict[str, float | None] = {"bleu_1": bleu_1(hyps, refs), "rouge_l": rouge_l(hyps, refs)}
+    if glove_path is None:
+        results.update(embedding_average=None, vector_extrema=None, greedy_matching=None)
+    else:
+        results.update(embedding_metrics(hyps, refs, glove_path))
+    results["distinct_1"] = distinct_n(predictions, 1)
+    results["distinct_2"] = distinct_n(predictions, 2)
+    return results
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class DialogueMetrics(evaluate.Metric):
+    """``evaluate`` wrapper around :func:`compute_dialogue_metrics`."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(
+        self, predictions: list[str], references: list[str], glove_path: str | None = None
+    ) -> dict[str, float | None]:
+        return compute_dialogue_metrics(predictions, references, glove_path=glove_path)

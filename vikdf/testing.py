@@ -1,0 +1,217 @@
+"""Tiny VIKDF parts for tests and for anyone who wants a working model in seconds, with no download.
+
+Two entry points:
+
+- `tiny_vikdf_config(llm_family)`: a `VIKDFConfig` of the paper's shape at toy widths.
+- `write_tiny_components(directory, llm_family)`: tiny CLIP, BERT and LLM folders laid out like their hub
+  repositories (config, safetensors weights, tokenizer, image processor), so that `vikdf.components` loads them
+  through exactly the code path `openai/clip-vit-large-patch14`, `bert-base-uncased` and
+  `meta-llama/Llama-2-7b-chat-hf` take.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    PreTrainedTokenizerFast,
+)
+
+from configuration_vikdf import VIKDFConfig
+
+LLM_FAMILIES = ("llama", "qwen2", "mistral")
+
+# Chat templates in the form each family's real tokenizer ships: Llama-2 [INST], Qwen2 ChatML, Mistral [INST].
+LLAMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}{% else %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + '[/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+# Special tokens per family: (bos, eos, unk, pad, extra specials, chat template).
+FAMILY_TOKENS = {
+    "llama": ("<s>", "</s>", "<unk>", None, [], LLAMA2_CHAT_TEMPLATE),
+    "qwen2": (None, "<|im_end|>", None, "<|endoftext|>", ["<|im_start|>"], CHATML_TEMPLATE),
+    "mistral": ("<s>", "</s>", "<unk>", None, ["[INST]", "[/INST]"], MISTRAL_CHAT_TEMPLATE),
+}
+
+DEFAULT_CORPUS = (
+    "a photo of a dog playing in the park with a red ball",
+    "two people are sitting at a table in a restaurant",
+    "the cat sleeps on a blue sofa next to the window",
+    "what did you do this weekend? i went hiking in the mountains.",
+    "that sounds great, i love the view from the top.",
+    "a man riding a bike down a busy city street",
+    "i think the weather will be sunny tomorrow, let's go to the beach!",
+    "a bowl of fruit with apples, bananas and oranges on a wooden table",
+)
+
+
+@dataclass(frozen=True)
+class TinyComponentPaths:
+    """Folders of tiny pretrained-style components, each loadable with `from_pretrained`."""
+
+    clip: Path
+    bert: Path
+    llm: Path
+
+
+def _check_family(llm_family: str) -> None:
+    if llm_family not in LLM_FAMILIES:
+        raise ValueError(f"llm_family={llm_family!r}; choose one of {LLM_FAMILIES}.")
+
+
+def tiny_clip_config(vocab_size: int = 512, image_size: int = 32, patch_size: int = 4, width: int = 32) -> CLIPConfig:
+    # Token ids follow `tiny_clip_tokenizer`: start-of-text 0, end-of-text 1 (which CLIP also pads with).
+    text = dict(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
+    )
+    vision = dict(
+        image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=4, projection_dim=width,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+
+
+def tiny_bert_config(width: int = 32) -> BertConfig:
+    return BertConfig(
+        vocab_size=128, hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width,
+        max_position_embeddings=64,
+    )
+
+
+def tiny_llm_config(llm_family: str = "llama", vocab_size: int = 512, width: int = 64):
+    _check_family(llm_family)
+    return AutoConfig.for_model(
+        llm_family, vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+
+
+def tiny_vikdf_config(llm_family: str = "llama", num_query_tokens: int = 8, **overrides) -> VIKDFConfig:
+    """A `VIKDFConfig` of the paper's structure at toy size (32-pixel images, width-32 towers, 2 layers each)."""
+    clip = tiny_clip_config()
+    bert = tiny_bert_config()
+    qformer = dict(
+        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
+        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
+        cross_attention_frequency=2, encoder_hidden_size=clip.projection_dim, use_qformer_text_input=False,
+    )
+    settings = dict(
+        clip_config=clip.to_dict(), qformer_config=qformer, text_config=tiny_llm_config(llm_family).to_dict(),
+        num_query_tokens=num_query_tokens, tim_embed_dim=16, mask_patch_size=8, head_num_attention_heads=4,
+        head_intermediate_size=64, knowledge_token_id=511,
+    )
+    settings.update(overrides)
+    return VIKDFConfig(**settings)
+
+
+def train_byte_level_tokenizer(
+    corpus: Iterable[str], vocab_size: int, special_tokens: list[str], lowercase: bool = False
+) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on `corpus`: any text encodes, frequent words get whole tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    if lowercase:
+        tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    return tokenizer
+
+
+def tiny_clip_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A CLIP-style tokenizer: lowercased, `<|startoftext|>` … `<|endoftext|>`, padded with end-of-text."""
+    backend = train_byte_level_tokenizer(corpus, vocab_size, ["<|startoftext|>", "<|endoftext|>"], lowercase=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77,
+    )
+
+
+def tiny_llm_tokenizer(
+    llm_family: str = "llama", corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 510
+) -> PreTrainedTokenizerFast:
+    """A tokenizer with the special tokens and chat template of `llm_family`'s real tokenizer."""
+    _check_family(llm_family)
+    bos, eos, unk, pad, extra, template = FAMILY_TOKENS[llm_family]
+    specials = [token for token in (bos, eos, unk, pad, *extra) if token is not None]
+    backend = train_byte_level_tokenizer(corpus, vocab_size, specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
+        additional_special_tokens=extra or None, model_max_length=512,
+    )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def write_tiny_components(
+    directory: str | Path,
+    llm_family: str = "llama",
+    corpus: Iterable[str] = DEFAULT_CORPUS,
+    image_size: int = 32,
+    seed: int = 0,
+) -> TinyComponentPaths:
+    """Write random tiny CLIP, BERT and LLM folders (weights, configs, tokenizers, image processor) to `directory`.
+
+    The LLM vocabulary leaves room for the `<knowledge>` token the component loader adds, as real LLMs do.
+    """
+    _check_family(llm_family)
+    corpus = list(corpus)
+    root = Path(directory)
+    paths = TinyComponentPaths(clip=root / "clip", bert=root / "bert", llm=root / f"llm-{llm_family}")
+    torch.manual_seed(seed)
+
+    clip_tokenizer = tiny_clip_tokenizer(corpus)
+    clip = CLIPModel(tiny_clip_config(vocab_size=len(clip_tokenizer), image_size=image_size))
+    clip.save_pretrained(paths.clip)
+    clip_tokenizer.save_pretrained(paths.clip)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(paths.clip)
+
+    BertModel(tiny_bert_config()).save_pretrained(paths.bert)
+
+    llm_tokenizer = tiny_llm_tokenizer(llm_family, corpus)
+    llm = AutoModelForCausalLM.from_config(tiny_llm_config(llm_family, vocab_size=len(llm_tokenizer)))
+    llm.config.bos_token_id = llm_tokenizer.bos_token_id
+    llm.config.eos_token_id = llm_tokenizer.eos_token_id
+    llm.config.pad_token_id = llm_tokenizer.pad_token_id
+    llm.generation_config.bos_token_id = llm_tokenizer.bos_token_id
+    llm.generation_config.eos_token_id = llm_tokenizer.eos_token_id
+    llm.generation_config.pad_token_id = llm_tokenizer.pad_token_id
+    llm.save_pretrained(paths.llm)
+    llm_tokenizer.save_pretrained(paths.llm)
+    return paths
+
+
+__all__ = [
+    "LLM_FAMILIES",
+    "TinyComponentPaths",
+    "tiny_vikdf_config",
+    "write_tiny_components",
+    "tiny_clip_tokenizer",
+    "tiny_llm_tokenizer",
+]
