@@ -135,21 +135,24 @@ class VIKDFProcessor(ProcessorMixin):
         ]
         return _batch(rows, self.tokenizer.pad_token_id, padding_side)
 
-    def dialogue_prompt_ids(self, context: Context) -> list[int]:
-        """Token ids of the chat-templated prompt: knowledge slots, then the context, ready for the response."""
+    def dialogue_prompt_ids(self, context: Context, with_knowledge: bool = True) -> list[int]:
+        """Token ids of the chat-templated prompt: knowledge slots, then the context, ready for the response.
+
+        `with_knowledge=False` gives the same template without slots, for the plain-LLM and LoRA baselines.
+        """
         if self.tokenizer.chat_template is None:
             raise ValueError(
                 "The LLM tokenizer has no chat template; VIKDF writes dialogue through the LLM's own template. Use a "
                 "chat model (e.g. meta-llama/Llama-2-7b-chat-hf) or set tokenizer.chat_template."
             )
         text = self.join_context(context)
-        messages = [{"role": "user", "content": self.knowledge_slots + text}]
+        messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self._ids(prompt)
 
-    def _fit_context(self, context: Context, budget: int) -> list[int]:
+    def _fit_context(self, context: Context, budget: int, with_knowledge: bool) -> list[int]:
         """Prompt ids within `budget` tokens, dropping the oldest context tokens first."""
-        ids = self.dialogue_prompt_ids(context)
+        ids = self.dialogue_prompt_ids(context, with_knowledge)
         if len(ids) <= budget:
             return ids
         context_ids = self._ids(self.join_context(context))
@@ -159,10 +162,14 @@ class VIKDFProcessor(ProcessorMixin):
                 f"max_length={self.max_length} leaves no room for the context after the template, "
                 f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
             )
-        return self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]))
+        return self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]), with_knowledge)
 
     def dialogue_inputs(
-        self, contexts: Sequence[Context], responses: Sequence[str] | None = None, padding_side: str | None = None
+        self,
+        contexts: Sequence[Context],
+        responses: Sequence[str] | None = None,
+        padding_side: str | None = None,
+        with_knowledge: bool = True,
     ) -> dict:
         """The dialogue layout of P(R | C, K).
 
@@ -175,7 +182,7 @@ class VIKDFProcessor(ProcessorMixin):
         for index, context in enumerate(contexts):
             target = [] if responses is None else self._ids(responses[index].strip()) + [self.tokenizer.eos_token_id]
             target = target[: self.max_length // 2]
-            prompt = self._fit_context(context, self.max_length - len(target))
+            prompt = self._fit_context(context, self.max_length - len(target), with_knowledge)
             rows.append(prompt + target)
             labels.append([IGNORE_INDEX] * len(prompt) + target)
         side = padding_side or ("left" if responses is None else "right")

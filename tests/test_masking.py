@@ -87,7 +87,10 @@ def test_special_and_pad_tokens_never_masked_and_every_caption_gets_one():
     eligible = attention.bool() & ~special.bool()
     for seed in range(50):
         masked, labels = mask_caption_tokens(
-            ids, CLIP_EOS, attention_mask=attention, special_tokens_mask=special,
+            ids,
+            CLIP_EOS,
+            attention_mask=attention,
+            special_tokens_mask=special,
             generator=torch.Generator().manual_seed(seed),
         )
         chosen = labels != IGNORE_INDEX
@@ -102,7 +105,10 @@ def test_special_and_pad_tokens_never_masked_and_every_caption_gets_one():
 def test_special_token_ids_alone_and_required_argument():
     ids, attention, _ = _captions()
     masked, labels = mask_caption_tokens(
-        ids, CLIP_EOS, attention_mask=attention, special_token_ids=[CLIP_BOS, CLIP_EOS],
+        ids,
+        CLIP_EOS,
+        attention_mask=attention,
+        special_token_ids=[CLIP_BOS, CLIP_EOS],
         generator=torch.Generator().manual_seed(0),
     )
     assert not torch.isin(ids[labels != IGNORE_INDEX], torch.tensor([CLIP_BOS, CLIP_EOS])).any()

@@ -1,4 +1,4 @@
-"""Dialogue metrics (DESIGN.md §5) against hand-computed values, plus loading through ``evaluate``."""
+"""Dialogue metrics (DESIGN.md §5) and run statistics (paper §5.1) against hand-computed values."""
 
 import json
 import math
@@ -12,6 +12,7 @@ import pytest
 
 from vikdf.metrics import dialogue_metrics as dm
 from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
+from vikdf.stats import aggregate_runs, format_markdown_table
 
 METRIC_FILE = Path(dm.__file__).resolve()
 
@@ -173,3 +174,31 @@ def test_loads_offline_through_evaluate_from_another_cwd(tmp_path, toy_glove):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     expected = compute_dialogue_metrics(predictions, references, glove_path=toy_glove)
     assert got == pytest.approx(expected)
+
+
+def test_aggregate_runs_against_hand_values():
+    runs = [{"bleu_1": 1.0, "average": None}, {"bleu_1": 2.0, "average": 3.0}, {"bleu_1": 3.0}]
+    summary = aggregate_runs(runs, reference={"bleu_1": 1.0})
+    bleu = summary["bleu_1"]
+    # mean 2, sample std sqrt(((1-2)² + 0 + (3-2)²) / 2) = 1, t = (2 - 1) / (1 / sqrt(3)) = sqrt(3).
+    # With 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t²)), so the two-sided p = 1 - t / sqrt(5).
+    assert bleu["n"] == 3 and bleu["mean"] == pytest.approx(2.0) and bleu["std"] == pytest.approx(1.0)
+    assert bleu["t"] == pytest.approx(3**0.5)
+    assert bleu["p"] == pytest.approx(1 - 3**0.5 / 5**0.5)
+    # One present value: a mean but no std and no test; no reference for it either.
+    assert summary["average"] == {"n": 1, "mean": 3.0, "std": None, "reference": None, "t": None, "p": None}
+
+
+def test_aggregate_runs_edge_cases():
+    summary = aggregate_runs([{"ppl": 15.0, "missing": None}, {"ppl": 15.0, "missing": None}], {"ppl": 36.21})
+    assert summary["ppl"]["std"] == 0.0 and summary["ppl"]["t"] is None  # identical runs: no t statistic
+    assert summary["missing"]["n"] == 0 and summary["missing"]["mean"] is None
+
+
+def test_markdown_table_marks_significance():
+    runs = [{"bleu_1": v, "rouge_l": None} for v in (16.3, 16.4, 16.5, 16.4, 16.45)]
+    table = format_markdown_table(aggregate_runs(runs, reference={"bleu_1": 14.0}))
+    lines = table.splitlines()
+    assert lines[0] == "| metric | mean ± std | n | reference | t | p |"
+    assert lines[2].startswith("| bleu_1 | 16.41 ± 0.07* | 5 | 14.00 |")
+    assert lines[3] == "| rouge_l | – | 0 | – | – | – |"

@@ -125,7 +125,7 @@ class SkipCounter:
     @property
     def counts(self) -> dict[str, int]:
         """Skips per reason, summed over the main process and all DataLoader workers."""
-        return dict(zip(SKIP_REASONS, self._table.sum(dim=0).tolist()))
+        return dict(zip(SKIP_REASONS, self._table.sum(dim=0).tolist(), strict=True))
 
     @property
     def total(self) -> int:
@@ -463,8 +463,15 @@ class PairSourceSpec:
                     "[NAME=]hf:PATH[:DATA_DIR]:IMAGE_COLUMN:TEXT_COLUMN[@SPLIT]"
                 )
             path, *data_dir, image_column, text_column = fields
-            return cls("hf", path, data_dir=data_dir[0] if data_dir else None, image_column=image_column,
-                       text_column=text_column, split=split, name=name)
+            return cls(
+                "hf",
+                path,
+                data_dir=data_dir[0] if data_dir else None,
+                image_column=image_column,
+                text_column=text_column,
+                split=split,
+                name=name,
+            )
         raise ValueError(f"Unknown source kind {kind!r} in {text!r}; expected one of: {_SPEC_FORMATS}")
 
     def build(self) -> PairSource:
@@ -476,8 +483,15 @@ class PairSourceSpec:
                 raise ValueError(f"COCO source {self.path!r} needs image_dir")
             return CocoCaptionSource(self.path, self.image_dir, self.name or "coco")
         if self.kind == "hf":
-            return HFPairSource.load(self.path, self.image_column, self.text_column, data_dir=self.data_dir,
-                                     split=self.split, streaming=self.streaming, name=self.name)
+            return HFPairSource.load(
+                self.path,
+                self.image_column,
+                self.text_column,
+                data_dir=self.data_dir,
+                split=self.split,
+                streaming=self.streaming,
+                name=self.name,
+            )
         raise ValueError(f"Unknown source kind {self.kind!r}; expected 'wds', 'coco' or 'hf'")
 
 

@@ -142,8 +142,6 @@ class GloVe:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"GloVe file not found: {self.path!r} (expected e.g. glove.6B.300d.txt).")
         self._offsets: dict[str, int] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self.dim, self.mean = self._scan()
@@ -201,19 +199,20 @@ class GloVe:
         return out
 
 
-_GLOVE_CACHE: dict[tuple[str, int, int], GloVe] = {}
+# Absolute path -> ((mtime, size) when scanned, GloVe).
+_GLOVE_CACHE: dict[str, tuple[tuple[int, int], GloVe]] = {}
 
 
 def load_glove(path: str | os.PathLike) -> GloVe:
-    """Return the cached :class:`GloVe` for ``path``; a file changed on disk is read again."""
+    """Return the cached :class:`GloVe` for ``path``; a file changed on disk is scanned again."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GloVe file not found: {path!r} (expected e.g. glove.6B.300d.txt).")
     stat = os.stat(path)
-    key = (path, stat.st_mtime_ns, stat.st_size)
-    if key not in _GLOVE_CACHE:
-        _GLOVE_CACHE[key] = GloVe(path)
-    return _GLOVE_CACHE[key]
+    version = (stat.st_mtime_ns, stat.st_size)
+    if path not in _GLOVE_CACHE or _GLOVE_CACHE[path][0] != version:
+        _GLOVE_CACHE[path] = (version, GloVe(path))
+    return _GLOVE_CACHE[path][1]
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""Pre-training of VIKDF: knowledge distillation (eq. 5) and integration (eq. 9) together on image–text pairs.
+
+    accelerate launch --config_file ds_configs/accelerate_zero2.yaml train_pretrain.py \
+        --train_sources "coco=coco:/data/coco/annotations/captions_train2017.json:/data/coco/train2017;cc_sbu=wds:/data/cc3m/{00000..00331}.tar::/data/sbu/{00000..00099}.tar" \
+        --source_probabilities 0.2,0.8 --output_dir runs/pretrain
+
+Starts from pretrained parts (CLIP ViT-L/14, BERT-base, Llama-2-7B-chat by default) or from a VIKDF checkpoint;
+every checkpoint loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+from transformers.utils import logging
+
+from modeling_vikdf import VIKDFForConditionalGeneration
+from processing_vikdf import VIKDFProcessor
+from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
+from vikdf.components import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, build_vikdf_from_components
+from vikdf.data.collators import PretrainCollator
+from vikdf.data.pairs import build_pair_dataset
+from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives
+
+logger = logging.get_logger("train_pretrain")
+
+
+@dataclass
+class PretrainModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A VIKDF checkpoint to continue from; if unset, build from the parts below."}
+    )
+    clip_model: str = field(default=DEFAULT_CLIP, metadata={"help": "CLIP hub id or folder (frozen text/image towers)."})
+    bert_model: str = field(default=DEFAULT_BERT, metadata={"help": "BERT hub id or folder initialising the IQ-Former."})
+    llm_model: str = field(default=DEFAULT_LLM, metadata={"help": "Causal LLM hub id or folder (frozen)."})
+    num_query_tokens: int = field(default=32, metadata={"help": "n, the number of queries / knowledge vectors."})
+    use_tim: bool = field(default=True, metadata={"help": "Train with Text-Image Matching (Table 3: −TIM)."})
+    use_tamim: bool = field(default=True, metadata={"help": "Train with Text-Assisted Masked Image Modeling (−TAMIM)."})
+    use_iamtm: bool = field(default=True, metadata={"help": "Train with Image-Assisted Masked Text Modeling (−IAMTM)."})
+    use_bvif: bool = field(
+        default=True, metadata={"help": "Instruction prompts + IAKR; off = plain BLIP-2 generative loss (−BVIF)."}
+    )
+    tim_pooling: str = field(default="first", metadata={"help": "TIM pooling: 'first' (as released) or 'max' (BLIP-2)."})
+    config_overrides: str = field(
+        default="{}", metadata={"help": 'JSON of further VIKDFConfig fields, e.g. \'{"loss_weight_tim": 0.5}\'.'}
+    )
+
+
+@dataclass
+class PretrainDataArguments:
+    train_sources: str = field(
+        metadata={
+            "help": "Pair sources separated by ';': [NAME=]wds:PATTERN[::PATTERN], [NAME=]coco:ANNOTATIONS:IMAGES, "
+            "[NAME=]hf:PATH[:DATA_DIR]:IMAGE_COLUMN:TEXT_COLUMN[@SPLIT]."
+        }
+    )
+    source_probabilities: str | None = field(
+        default=None, metadata={"help": "Mixing probabilities, one per source, e.g. 0.2,0.8 (default: uniform)."}
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"help": "Examples held in the streaming shuffle buffer."})
+
+
+def build_model(model_args: PretrainModelArguments, dtype):
+    overrides = {
+        "use_tim": model_args.use_tim,
+        "use_tamim": model_args.use_tamim,
+        "use_iamtm": model_args.use_iamtm,
+        "use_bvif": model_args.use_bvif,
+        "tim_pooling": model_args.tim_pooling,
+        **json.loads(model_args.config_overrides),
+    }
+    if model_args.model_name_or_path is None:
+        return build_vikdf_from_components(
+            model_args.clip_model, model_args.bert_model, model_args.llm_model,
+            num_query_tokens=model_args.num_query_tokens, dtype=dtype, **overrides,
+        )
+    model = VIKDFForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype, **overrides)
+    if not model.config.include_pretraining_heads:
+        raise ValueError(
+            f"{model_args.model_name_or_path} is an inference checkpoint without pre-training heads; "
+            "pre-train from component models or from a pre-training checkpoint."
+        )
+    return model, VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
+
+
+def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
+    parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.set_verbosity_info() if training_args.should_log else logging.set_verbosity_warning()
+
+    model, processor = build_model(model_args, resolve_dtype(training_args.precision))
+    model.set_trainable_stage("pretrain")
+    if training_args.gradient_checkpointing:
+        # The LLM is frozen: its checkpointed blocks need inputs that require grad to pass gradients back.
+        model.enable_input_require_grads()
+    logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
+
+    dataset = build_pair_dataset(
+        data_args.train_sources, data_args.source_probabilities, seed=training_args.seed,
+        shuffle_buffer=data_args.shuffle_buffer,
+    )
+    trainer = VIKDFPretrainTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=PretrainCollator(processor, model.config, seed=training_args.seed),
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    logger.info(f"Skipped pairs: {dataset.skips.summary()}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Readers, collators and the synthetic world: image–text pairs for pre-training, dialogues for fine-tuning."""

@@ -1,0 +1,142 @@
+"""Collators that turn examples into the batches the VIKDF trainers take.
+
+Every random choice of the pre-training collator (crop, pixel mask, caption mask, prompts) is drawn from a
+generator seeded by (seed, batch number, position in batch), so a run is reproducible whatever the global RNG does,
+and a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+"""
+
+import random
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
+from vikdf.data.pairs import build_image_transform
+from vikdf.masking import mask_caption_tokens, tamim_pixel_mask
+
+
+@contextmanager
+def _seeded_global_rng(seed: int):
+    """Run a block (e.g. timm's transforms, which draw from `random` and torch) under a fixed seed, restoring the
+    global generators afterwards so that training randomness (dropout) is untouched."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+def pad_and_stack(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """Right-pad 2-D tensors to the widest one and concatenate them along the batch."""
+    width = max(row.shape[1] for row in rows)
+    return torch.cat([F.pad(row, (0, width - row.shape[1]), value=value) for row in rows])
+
+
+@dataclass
+class PretrainCollator:
+    """Image–text pairs → one pre-training batch (paper §3.2–3.3).
+
+    Examples are `{"image": PIL image, "caption": str, ...}` (from `vikdf.data.pairs`) or already transformed
+    `{"pixel_values": tensor, "caption": str, ...}`. The batch holds the clean and TAMIM-masked image's pixel mask,
+    the clean and IAMTM-masked caption for CLIP, and the LLM rows: IACI rows first, then (with BVIF) IAKR rows.
+    """
+
+    processor: VIKDFProcessor
+    config: "object"  # VIKDFConfig; kept loose so a plain namespace with the same fields works too
+    image_transform: Callable | None = None
+    seed: int = 0
+    _batches: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        if self.image_transform is None:
+            vision = self.config.clip_config.vision_config
+            processor = self.processor.image_processor
+            self.image_transform = build_image_transform(
+                vision.image_size, train=True, mean=processor.image_mean, std=processor.image_std
+            )
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        config, batch_number = self.config, self._batches
+        self._batches += 1
+        generators = []
+        pixels = []
+        for position, example in enumerate(examples):
+            example_seed = hash((self.seed, batch_number, position)) % (2**63)
+            generators.append(torch.Generator().manual_seed(example_seed))
+            if "pixel_values" in example:
+                pixels.append(example["pixel_values"])
+            else:
+                with _seeded_global_rng(example_seed):
+                    pixels.append(self.image_transform(example["image"]))
+        pixel_values = torch.stack(pixels)
+        _, _, height, width = pixel_values.shape
+        pixel_mask = torch.stack([
+            tamim_pixel_mask(
+                height, width, patch_size=config.mask_patch_size, mask_ratio=config.mask_ratio,
+                keep_ratio=config.mask_keep_ratio, generator=generator,
+            )
+            for generator in generators
+        ])
+
+        captions = [example["caption"] for example in examples]
+        clip = self.processor.clip_text_inputs(captions)
+        clip_tokenizer = self.processor.clip_tokenizer
+        masked_rows = [
+            mask_caption_tokens(
+                clip["clip_input_ids"][i : i + 1], clip_tokenizer.eos_token_id,
+                attention_mask=clip["clip_attention_mask"][i : i + 1],
+                special_token_ids={clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id},
+                mask_ratio=config.text_mask_ratio, generator=generator,
+            )
+            for i, generator in enumerate(generators)
+        ]
+
+        pick = [random.Random(int(torch.randint(2**31, (1,), generator=g))) for g in generators]
+        caption_prompts = [rng.choice(config.caption_prompts) if config.use_bvif else "" for rng in pick]
+        llm = [self.processor.caption_inputs(captions, caption_prompts)]
+        if config.use_bvif:
+            reconstruction_prompts = [rng.choice(config.reconstruction_prompts) for rng in pick]
+            llm.append(self.processor.reconstruction_inputs(captions, reconstruction_prompts))
+            llm[1]["labels"] = torch.full_like(llm[1]["input_ids"], IGNORE_INDEX)
+        pad_id = self.processor.tokenizer.pad_token_id
+        return {
+            "pixel_values": pixel_values,
+            "pixel_mask": pixel_mask,
+            **clip,
+            "clip_masked_input_ids": torch.cat([ids for ids, _ in masked_rows]),
+            "clip_mlm_labels": torch.cat([labels for _, labels in masked_rows]),
+            "llm_input_ids": pad_and_stack([rows["input_ids"] for rows in llm], pad_id),
+            "llm_attention_mask": pad_and_stack([rows["attention_mask"] for rows in llm], 0),
+            "llm_labels": pad_and_stack([rows["labels"] for rows in llm], IGNORE_INDEX),
+        }
+
+
+@dataclass
+class DialogueCollator:
+    """Dialogues (objects with `context` and `response`, or dicts with those keys) → P(R | C, K) training batch.
+
+    `with_knowledge=False` gives the same template without knowledge (the LoRA baseline of Table 4).
+    """
+
+    processor: VIKDFProcessor
+    with_knowledge: bool = True
+
+    def __call__(self, dialogues: list) -> dict[str, torch.Tensor]:
+        contexts = [_field(d, "context") for d in dialogues]
+        responses = [_field(d, "response") for d in dialogues]
+        if self.with_knowledge:
+            return dict(self.processor(text=contexts, responses=responses))
+        return self.processor.dialogue_inputs(contexts, responses, with_knowledge=False)
+
+
+def _field(record, name: str):
+    return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
+__all__ = ["PretrainCollator", "DialogueCollator", "pad_and_stack"]
