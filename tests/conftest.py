@@ -10,11 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from vikdf.components import build_vikdf_from_components  # noqa: E402
-from vikdf.testing import write_tiny_components  # noqa: E402
+from vikdf.testing import TINY_HEADS, write_tiny_components  # noqa: E402
 
-TINY_OVERRIDES = dict(
-    num_query_tokens=8, mask_patch_size=8, head_num_attention_heads=4, head_intermediate_size=64, tim_embed_dim=16
-)
+TINY_OVERRIDES = {"num_query_tokens": 8, **TINY_HEADS}
 
 
 @pytest.fixture(scope="session")

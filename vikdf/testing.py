@@ -53,6 +53,10 @@ FAMILY_TOKENS = {
     "mistral": ("<s>", "</s>", "<unk>", None, ["[INST]", "[/INST]"], MISTRAL_CHAT_TEMPLATE),
 }
 
+# Head and masking sizes that fit the tiny towers (32-pixel images, width 32); pass them to
+# `build_vikdf_from_components` or the training scripts' --config_overrides.
+TINY_HEADS = {"mask_patch_size": 8, "head_num_attention_heads": 4, "head_intermediate_size": 64, "tim_embed_dim": 16}
+
 DEFAULT_CORPUS = (
     "a photo of a dog playing in the park with a red ball",
     "two people are sitting at a table in a restaurant",
@@ -118,8 +122,7 @@ def tiny_vikdf_config(llm_family: str = "llama", num_query_tokens: int = 8, **ov
     )
     settings = dict(
         clip_config=clip.to_dict(), qformer_config=qformer, text_config=tiny_llm_config(llm_family).to_dict(),
-        num_query_tokens=num_query_tokens, tim_embed_dim=16, mask_patch_size=8, head_num_attention_heads=4,
-        head_intermediate_size=64, knowledge_token_id=511,
+        num_query_tokens=num_query_tokens, knowledge_token_id=511, **TINY_HEADS,
     )
     settings.update(overrides)
     return VIKDFConfig(**settings)
@@ -209,6 +212,7 @@ def write_tiny_components(
 
 __all__ = [
     "LLM_FAMILIES",
+    "TINY_HEADS",
     "TinyComponentPaths",
     "tiny_vikdf_config",
     "write_tiny_components",

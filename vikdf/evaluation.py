@@ -1,0 +1,363 @@
+"""Zero-resource dialogue evaluation of VIKDF (paper §3.4.2 inference, §4.4 metrics, Table 1; DESIGN.md §5).
+
+The pieces `eval_dialogue.py` and the demo share:
+
+- :func:`generate_responses`: batched generation with left padding, the released settings by default (beam 3,
+  ``no_repeat_ngram_size=3``, 32 new tokens, no sampling). Batches are formed from contexts of similar length
+  and the outputs are put back in input order, so a batch gives the same hypotheses as batch size 1.
+- :func:`response_nll` / :func:`perplexity`: PPL = exp of the mean per-token NLL of the reference responses
+  (response tokens and eos only, the processor's ``labels``), averaged over all tokens of the test set.
+- :func:`evaluate_dialogues`: both, plus every other Table-1 metric through
+  :func:`vikdf.metrics.dialogue_metrics.compute_dialogue_metrics`.
+- :func:`write_evaluation`, :func:`metrics_markdown`, :func:`aggregate_metrics`: the files a run leaves behind and
+  the mean ± std / one-sample t-test summary over seeded runs (paper §5.1, via :mod:`vikdf.stats`).
+
+``with_knowledge=False`` is the frozen-LLM baseline (and the LoRA baseline of Table 4): the same chat template
+without knowledge slots and without CLIP inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
+from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
+from vikdf.stats import aggregate_runs, format_markdown_table
+
+logger = logging.get_logger(__name__)
+
+# Table 1 column order: (key in metrics.json, column title).
+TABLE1_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ppl", "PPL"),
+    ("bleu_1", "BLEU-1"),
+    ("rouge_l", "ROUGE-L"),
+    ("embedding_average", "Average"),
+    ("vector_extrema", "Extrema"),
+    ("greedy_matching", "Greedy"),
+    ("distinct_1", "Dis-1"),
+    ("distinct_2", "Dis-2"),
+)
+METRIC_KEYS = tuple(key for key, _ in TABLE1_COLUMNS)
+_TITLE_TO_KEY = {title.lower(): key for key, title in TABLE1_COLUMNS}
+
+# Generation of the released code (DESIGN.md §3). `do_sample=False` matters: Llama-2-chat's generation_config
+# samples (temperature 0.6, top-p 0.9), which would turn beam search into beam sampling.
+RELEASED_GENERATION: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "max_new_tokens": 32, "do_sample": False}
+
+Context = str | Sequence[str]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------------
+def dialogue_batch(
+    processor: VIKDFProcessor,
+    contexts: Sequence[Context],
+    responses: Sequence[str] | None = None,
+    with_knowledge: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Model inputs for `contexts` (left padded) or, with `responses`, for scoring them (right padded, `labels`).
+
+    With knowledge: the processor's dialogue layout with `<knowledge>` slots plus the CLIP inputs that `K` is
+    distilled from. Without: the same chat template only, for the frozen-LLM and LoRA baselines.
+    """
+    if with_knowledge:
+        return dict(processor(text=list(contexts), responses=None if responses is None else list(responses)))
+    return processor.dialogue_inputs(list(contexts), None if responses is None else list(responses), with_knowledge=False)
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _length_order(contexts: Sequence[Context]) -> list[int]:
+    """Indices from the longest context to the shortest: batches of similar length need little padding, and
+    the longest batch comes first, so running out of memory shows at once."""
+    return sorted(range(len(contexts)), key=lambda i: -len(VIKDFProcessor.join_context(contexts[i])))
+
+
+def _batches(order: list[int], batch_size: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation and perplexity
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_responses(
+    model,
+    processor: VIKDFProcessor,
+    contexts: Sequence[Context],
+    *,
+    with_knowledge: bool = True,
+    batch_size: int = 16,
+    seed: int | None = None,
+    progress: bool = True,
+    **generate_kwargs,
+) -> list[str]:
+    """Responses to `contexts` (strings or lists of turns), in input order (paper §3.4.2).
+
+    Context → CLIP text tower → IQ-Former → `K` → LLM → response; `generate_kwargs` override
+    :data:`RELEASED_GENERATION`. `seed` seeds sampling (`do_sample=True`); sampled outputs depend on the batch
+    composition, deterministic beam search does not.
+    """
+    settings = {**RELEASED_GENERATION, **generate_kwargs}
+    tokenizer = processor.tokenizer
+    settings.setdefault("pad_token_id", tokenizer.pad_token_id)
+    settings.setdefault("eos_token_id", tokenizer.eos_token_id)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.eval()
+    device = model.device
+    responses: list[str | None] = [None] * len(contexts)
+    with tqdm(total=len(contexts), desc="Generating", unit="dialogue", disable=not progress) as bar:
+        for indices in _batches(_length_order(contexts), batch_size):
+            batch = _to_device(dialogue_batch(processor, [contexts[i] for i in indices], with_knowledge=with_knowledge), device)
+            generated = model.generate(**batch, **settings)
+            for index, text in zip(indices, processor.decode_responses(generated, batch["input_ids"].shape[1])):
+                responses[index] = text
+            bar.update(len(indices))
+    return responses  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def response_nll(
+    model,
+    processor: VIKDFProcessor,
+    contexts: Sequence[Context],
+    responses: Sequence[str],
+    *,
+    with_knowledge: bool = True,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Summed NLL (nats) of the reference responses given their contexts, and the number of tokens scored.
+
+    Scored tokens are those the processor labels: the response and the end-of-sequence token, never the prompt,
+    the knowledge slots or padding.
+    """
+    if len(contexts) != len(responses):
+        raise ValueError(f"Got {len(contexts)} contexts but {len(responses)} responses.")
+    model.eval()
+    device = model.device
+    total, count = 0.0, 0
+    order = _length_order(contexts)
+    with tqdm(total=len(contexts), desc="Perplexity", unit="dialogue", disable=not progress) as bar:
+        for indices in _batches(order, batch_size):
+            batch = dialogue_batch(
+                processor, [contexts[i] for i in indices], [responses[i] for i in indices], with_knowledge
+            )
+            labels = batch.pop("labels").to(device)
+            logits = model(**_to_device(batch, device), use_cache=False).logits
+            # Position t predicts token t+1; only labelled positions are scored, in fp32.
+            targets = labels[:, 1:]
+            scored = targets != IGNORE_INDEX
+            nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+            total += nll.double().sum().item()
+            count += int(scored.sum().item())
+            bar.update(len(indices))
+    return total, count
+
+
+def perplexity(
+    model,
+    processor: VIKDFProcessor,
+    contexts: Sequence[Context],
+    responses: Sequence[str],
+    **kwargs,
+) -> float:
+    """PPL of Table 1: exp(Σ NLL / #tokens) over the response tokens and eos of every reference (DESIGN.md §5)."""
+    total, count = response_nll(model, processor, contexts, responses, **kwargs)
+    if count == 0:
+        raise ValueError("No response tokens to score; are the references empty?")
+    return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def _field(record: Any, name: str) -> Any:
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+def _context(record: Any) -> Context:
+    context = _field(record, "context")
+    return context if isinstance(context, str) else list(context)
+
+
+def evaluate_dialogues(
+    model,
+    processor: VIKDFProcessor,
+    dialogues: Sequence[Any],
+    *,
+    with_knowledge: bool = True,
+    glove_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    compute_perplexity: bool = True,
+    seed: int | None = None,
+    progress: bool = True,
+    **generate_kwargs,
+) -> dict[str, Any]:
+    """Generate for every dialogue and score against its reference: the automatic evaluation of §4.4.
+
+    Args:
+        dialogues: objects or dicts with `context` (turns) and `response` (the reference), e.g. from
+            `vikdf.data.dialogue.load_dialogues`.
+        with_knowledge: False evaluates the LLM alone with the same chat template (baselines).
+        glove_path: GloVe text file for Average / Extrema / Greedy; without it these are None.
+        generate_kwargs: override :data:`RELEASED_GENERATION`.
+
+    Returns:
+        ``{"metrics": {ppl, bleu_1, ..., distinct_2} in Table-1 order, "predictions": [{"context", "reference",
+        "hypothesis"}, ...]}``.
+    """
+    if not dialogues:
+        raise ValueError("No dialogues to evaluate.")
+    contexts = [_context(d) for d in dialogues]
+    references = [_field(d, "response") for d in dialogues]
+    hypotheses = generate_responses(
+        model, processor, contexts, with_knowledge=with_knowledge, batch_size=batch_size, seed=seed,
+        progress=progress, **generate_kwargs,
+    )
+    ppl = None
+    if compute_perplexity:
+        ppl = perplexity(
+            model, processor, contexts, references, with_knowledge=with_knowledge, batch_size=batch_size, progress=progress
+        )
+    scores = compute_dialogue_metrics(hypotheses, references, glove_path=glove_path)
+    metrics = {"ppl": ppl, **{key: scores.get(key) for key in METRIC_KEYS if key != "ppl"}}
+    predictions = [
+        {"context": context, "reference": reference, "hypothesis": hypothesis}
+        for context, reference, hypothesis in zip(contexts, references, hypotheses)
+    ]
+    return {"metrics": metrics, "predictions": predictions}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------------------
+def _cell(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def metrics_markdown(
+    metrics: Mapping[str, float | None], digits: int = 2, label: tuple[str, str] | None = None
+) -> str:
+    """A one-row markdown table with the columns of Table 1; missing metrics print as "–".
+
+    `label` = (column title, cell) adds a leading column, e.g. ("Test set", "image_chat/test.json").
+    """
+    titles = [title for _, title in TABLE1_COLUMNS]
+    cells = [_cell(metrics.get(key), digits) for key, _ in TABLE1_COLUMNS]
+    if label is not None:
+        titles.insert(0, label[0])
+        cells.insert(0, label[1])
+    return "\n".join(
+        ["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles), "| " + " | ".join(cells) + " |"]
+    ) + "\n"
+
+
+def write_evaluation(output_dir: str | os.PathLike, result: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Path:
+    """Write `predictions.jsonl`, `metrics.json`, `metrics.md` (and `eval_info.json` when `info` is given)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for record in result["predictions"]:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(dict(result["metrics"]), indent=2) + "\n", encoding="utf-8")
+    (out / "metrics.md").write_text(metrics_markdown(result["metrics"]), encoding="utf-8")
+    if info is not None:
+        (out / "eval_info.json").write_text(json.dumps(dict(info), indent=2, default=str) + "\n", encoding="utf-8")
+    return out
+
+
+def normalise_metric_keys(metrics: Mapping[str, Any], source: str = "metrics") -> dict[str, float | None]:
+    """Map Table-1 titles ("PPL", "BLEU-1", ...) or our keys ("ppl", "bleu_1", ...) onto our keys.
+
+    Accepts a flat dict or one nested under "metrics"; unknown keys are ignored with a warning.
+    """
+    if "metrics" in metrics and isinstance(metrics["metrics"], Mapping):
+        metrics = metrics["metrics"]
+    normalised: dict[str, float | None] = {}
+    for name, value in metrics.items():
+        key = name if name in METRIC_KEYS else _TITLE_TO_KEY.get(str(name).lower())
+        if key is None:
+            logger.warning(f"{source}: ignoring unknown metric {name!r}; known: {', '.join(METRIC_KEYS)}.")
+            continue
+        if value is not None and not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: metric {name!r} is {value!r}, not a number or null.")
+        normalised[key] = None if value is None else float(value)
+    return normalised
+
+
+def load_metrics_json(path: str | os.PathLike) -> dict[str, float | None]:
+    """A metrics file (ours, or a hand-written reference with Table-1 titles) as {key: value}."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Metrics file not found: {path!r}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a JSON object of metric values, found {type(data).__name__}.")
+    return normalise_metric_keys(data, source=path)
+
+
+def aggregate_metrics(
+    runs: Sequence[Mapping[str, float | None]], reference: Mapping[str, float | None] | None = None
+) -> dict[str, dict[str, float | int | None]]:
+    """Mean, std and one-sample t-test against `reference` per metric, in Table-1 order (paper §5.1)."""
+    summary = aggregate_runs([{k: run.get(k) for k in METRIC_KEYS if k in run} for run in runs], reference)
+    return {key: summary[key] for key in METRIC_KEYS if key in summary}
+
+
+def summary_markdown(summary: Mapping[str, Mapping[str, float | int | None]], digits: int = 2, alpha: float = 0.05) -> str:
+    """One Table-1 row of "mean ± std" (* when p < alpha against the reference), then the per-metric details."""
+    cells = []
+    for key, title in TABLE1_COLUMNS:
+        row = summary.get(key)
+        if row is None or row["mean"] is None:
+            cells.append("–")
+            continue
+        cell = f"{row['mean']:.{digits}f}"
+        if row["std"] is not None:
+            cell += f" ± {row['std']:.{digits}f}"
+        if row["p"] is not None and row["p"] < alpha:
+            cell += "*"
+        cells.append(cell)
+    titles = [title for _, title in TABLE1_COLUMNS]
+    table = "\n".join(["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles), "| " + " | ".join(cells) + " |"])
+    return table + "\n\n" + format_markdown_table(summary, digits=digits, alpha=alpha)
+
+
+__all__ = [
+    "TABLE1_COLUMNS",
+    "METRIC_KEYS",
+    "RELEASED_GENERATION",
+    "dialogue_batch",
+    "generate_responses",
+    "response_nll",
+    "perplexity",
+    "evaluate_dialogues",
+    "metrics_markdown",
+    "write_evaluation",
+    "normalise_metric_keys",
+    "load_metrics_json",
+    "aggregate_metrics",
+    "summary_markdown",
+]

@@ -1,0 +1,211 @@
+"""Hub model cards (README.md) for VIKDF dialogue checkpoints.
+
+`write_model_card` writes the card a training run leaves next to the weights: metadata (base model, datasets,
+pipeline tag, library, tags), what the checkpoint is (paper §3.4: knowledge distilled from the dialogue context
+alone, or the Table-4 LoRA baseline without knowledge), a "how to load and generate" snippet, and an evaluation
+section. `update_model_card_metrics` fills that section with a Table-1 row per test set after `eval_dialogue.py`
+(one row per test set; evaluating the same set again replaces its row). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from transformers.utils import logging
+
+from vikdf.evaluation import TABLE1_COLUMNS, metrics_markdown
+
+logger = logging.get_logger(__name__)
+
+METRICS_START = "<!-- vikdf:metrics:start -->"
+METRICS_END = "<!-- vikdf:metrics:end -->"
+NO_METRICS = "_No evaluation has been run yet: `python eval_dialogue.py --model_name_or_path <this folder> ...` adds it._"
+METRICS_NOTE = (
+    "Automatic metrics of the paper's Table 1 (§4.4): PPL on the reference responses (response tokens and eos), "
+    "all other metrics ×100; \"–\" = not computed (embedding metrics need a GloVe file)."
+)
+PAPER = (
+    "Distilling Implicit Multimodal Knowledge into Large Language Models for Zero-Resource Dialogue Generation"
+)
+METHODS = ("vikdf", "lora")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def base_model_from_config(config) -> str | None:
+    """The LLM's hub id or folder as the checkpoint's config remembers it (`text_config._name_or_path`)."""
+    text_config = getattr(config, "text_config", None)
+    name = getattr(text_config, "_name_or_path", None) or getattr(text_config, "name_or_path", None)
+    return name or None
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """True for `org/name` or `name`, False for local folders (which the Hub's `base_model` field rejects)."""
+    return bool(name) and not os.path.isabs(name) and not os.path.exists(name) and bool(_HUB_ID.match(name))
+
+
+def _usage(repo: str, method: str) -> str:
+    if method == "lora":
+        inputs = (
+            "# The LoRA baseline (Table 4) reads no knowledge: the LLM's chat template only, left padded.\n"
+            "inputs = processor.dialogue_inputs(contexts, with_knowledge=False)"
+        )
+    else:
+        inputs = "inputs = processor(text=contexts)  # chat template with knowledge slots + CLIP inputs, left padded"
+    return f"""```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+
+contexts = [["what a beautiful sky tonight.", "i always wonder what is up there."]]  # turns, oldest first
+{inputs}
+outputs = model.generate(**inputs, num_beams=3, no_repeat_ngram_size=3, max_new_tokens=32, do_sample=False)
+print(processor.decode_responses(outputs, inputs["input_ids"].shape[1]))
+```"""
+
+
+def _description(base_model: str | None, method: str, train_file: str | None, train_fraction: float) -> str:
+    llm = f"`{base_model}`" if base_model else "an unnamed LLM"
+    if method == "lora":
+        what = (
+            f"the LoRA baseline of the paper's Table 4: {llm} fine-tuned with LoRA (merged into the weights) on "
+            "dialogue text, **without** visual implicit knowledge."
+        )
+    else:
+        what = (
+            f"a VIKDF model (Visual Implicit Knowledge Distillation Framework): an IQ-Former distils visual implicit "
+            f"knowledge `K` from the dialogue context alone through a frozen CLIP text tower, and the frozen LLM "
+            f"{llm} reads `K` as soft prompts to generate the response, P(R | C, K) (paper §3.4). No image is "
+            "needed at inference."
+        )
+    if train_file is None or train_fraction == 0:
+        tuning = "No dialogue fine-tuning: a fully zero-resource checkpoint (‡ in the paper's Table 1)."
+    else:
+        share = "all" if train_fraction >= 1 else f"{train_fraction:g}"
+        trained = "LoRA adapters on the LLM" if method == "lora" else "the queries, IQ-Former and language projection"
+        tuning = f"Dialogue fine-tuning on {share} of `{os.path.basename(train_file)}`: {trained} trained, the rest frozen."
+    return f"This is {what}\n\n- Base LLM: {llm}\n- {tuning}"
+
+
+def build_model_card(
+    *,
+    base_model: str | None,
+    method: str = "vikdf",
+    train_file: str | None = None,
+    train_fraction: float = 1.0,
+    datasets: Sequence[str] | None = None,
+    model_id: str | None = None,
+    license: str | None = None,
+    metrics_block: str | None = None,
+) -> ModelCard:
+    """A VIKDF model card. `base_model` goes into the metadata only when it is a hub id, always into the text."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of {METHODS}.")
+    if base_model and not looks_like_hub_id(base_model):
+        logger.warning(f"Base model {base_model!r} is a local path; the card's `base_model` metadata is left empty.")
+    data = ModelCardData(
+        base_model=base_model if looks_like_hub_id(base_model) else None,
+        datasets=list(datasets) if datasets else None,
+        language="en",
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["vikdf", "dialogue", "zero-resource", "custom_code"] + (["lora"] if method == "lora" else []),
+    )
+    title = "VIKDF LoRA baseline" if method == "lora" else "VIKDF"
+    repo = model_id or "path/to/this/checkpoint"
+    body = f"""
+# {title}: zero-resource dialogue generation
+
+{_description(base_model, method, train_file, train_fraction)}
+
+Paper: *{PAPER}*.
+
+## How to load and generate
+
+{_usage(repo, method)}
+
+Evaluate (paper Table 1 metrics):
+
+```bash
+python eval_dialogue.py --model_name_or_path {repo} --test_file image_chat/test.json --output_dir eval/
+```
+
+## Evaluation
+
+{METRICS_START}
+{metrics_block or NO_METRICS}
+{METRICS_END}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(directory: str | os.PathLike, **kwargs) -> Path:
+    """Write `build_model_card(**kwargs)` to `directory/README.md` and return the path."""
+    path = Path(directory) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_model_card(**kwargs).save(path)
+    return path
+
+
+def _rows(block: str) -> dict[str, str]:
+    """Existing table rows of a metrics block, keyed by their first cell (the test set)."""
+    rows = {}
+    for line in block.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells and cells[0] not in ("Test set", "---") and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = line.strip()
+    return rows
+
+
+def metrics_block(rows: Mapping[str, str]) -> str:
+    """The evaluation section: a note and a Table-1 table with one row per test set."""
+    header = metrics_markdown({}, label=("Test set", "")).splitlines()[:2]
+    return "\n".join([METRICS_NOTE, "", *header, *rows.values()])
+
+
+def update_model_card_metrics(
+    directory: str | os.PathLike,
+    metrics: Mapping[str, float | None],
+    test_name: str,
+    config=None,
+) -> Path:
+    """Put a Table-1 row for `test_name` into the card of checkpoint folder `directory` (rewriting README.md).
+
+    A folder without a VIKDF card gets a fresh one (base model from `config`, when given).
+    """
+    path = Path(directory) / "README.md"
+    row = metrics_markdown(metrics, label=("Test set", test_name)).splitlines()[-1]
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if METRICS_START in text and METRICS_END in text:
+        head, rest = text.split(METRICS_START, 1)
+        block, tail = rest.split(METRICS_END, 1)
+        rows = _rows(block)
+        rows[test_name] = row
+        text = f"{head}{METRICS_START}\n{metrics_block(rows)}\n{METRICS_END}{tail}"
+        path.write_text(text, encoding="utf-8")
+        return path
+    if text:
+        logger.warning(f"{path} has no VIKDF evaluation section; writing a new VIKDF card in its place.")
+    method = getattr(config, "dialogue_method", "vikdf") if config is not None else "vikdf"
+    return write_model_card(
+        directory,
+        base_model=base_model_from_config(config) if config is not None else None,
+        method=method if method in METHODS else "vikdf",
+        train_file=None,
+        metrics_block=metrics_block({test_name: row}),
+    )
+
+
+__all__ = [
+    "TABLE1_COLUMNS",
+    "base_model_from_config",
+    "build_model_card",
+    "write_model_card",
+    "update_model_card_metrics",
+    "looks_like_hub_id",
+]
