@@ -13,6 +13,7 @@ textualised knowledge, and saves the loss curves of all five objectives as a PNG
 """
 
 import json
+import random
 import shutil
 import sys
 import time
@@ -32,7 +33,7 @@ from processing_vikdf import VIKDFProcessor
 from vikdf.components import build_vikdf_from_components
 from vikdf.data.dialogue import load_dialogues
 from vikdf.data.pairs import build_image_transform
-from vikdf.data.synthetic import iter_shard_pairs, knowledge_accuracy, write_synthetic_world
+from vikdf.data.synthetic import iter_shard_pairs, knowledge_accuracy, scramble_visual_facts, write_synthetic_world
 from vikdf.losses import tim_similarity
 from vikdf.standin import chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
@@ -72,10 +73,13 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
     paths = write_tiny_components(root, llm_family, corpus=corpus, seed=seed)
     pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
     clip_losses = pretrain_clip(paths.clip, pairs, steps=settings["clip_steps"], seed=seed)
+    # The LLM learns the world's language but not its visual facts (see `scramble_visual_facts`).
     tokenizer = AutoTokenizer.from_pretrained(paths.llm)
-    captions = [caption for _, caption in pairs]
-    dialogues = [chat_formatted(tokenizer, d.context, d.response) for d in load_dialogues(world.reddit_train)]
-    llm_losses = pretrain_llm(paths.llm, captions + dialogues, steps=settings["llm_steps"], seed=seed)
+    rng = random.Random(seed)
+    texts = [caption for _, caption in pairs]
+    texts += [chat_formatted(tokenizer, d.context, d.response) for d in load_dialogues(world.reddit_train)]
+    texts = [scramble_visual_facts(text, rng) for text in texts]
+    llm_losses = pretrain_llm(paths.llm, texts, steps=settings["llm_steps"], seed=seed)
     return paths, clip_losses, llm_losses
 
 

@@ -191,6 +191,19 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         for name, parameter in self.named_parameters():
             parameter.requires_grad = name.split(".")[0] in trainable
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Checkpoint the frozen LLM's layers only (what `--activation_checkpointing` turns on).
+
+        The CLIP towers already run without autograd and the IQ-Former's activations are small, so checkpointing
+        them costs recomputation for next to no memory (benchmarks/: whole-model checkpointing was slower).
+        The LLM also makes its input embeddings require grad, so gradients reach the soft prompts.
+        """
+        self.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload
+        )
+
     def drop_pretraining_heads(self) -> None:
         """Remove the parts only pre-training uses, so that a saved checkpoint holds what inference needs."""
         for name in PRETRAINING_ONLY:
@@ -272,9 +285,16 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         patches = patches.transpose(1, 2).reshape(batch, width, grid, grid)
         return self.tamim_decoder(patches)
 
-    def predict_masked_tokens(self, masked_text_states: torch.Tensor, image_knowledge: torch.Tensor) -> torch.Tensor:
-        """IAMTM (§3.2.3): CLIP-vocabulary logits (B, L, V) of masked-caption states (B, L, E) assisted by `K_I`."""
-        return self.iamtm_head(self.iamtm_block(masked_text_states, image_knowledge))
+    def predict_masked_tokens(
+        self, masked_text_states: torch.Tensor, image_knowledge: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """IAMTM (§3.2.3): CLIP-vocabulary logits of masked-caption states (B, L, E) assisted by `K_I`.
+
+        Gives (B, L, V), or (M, V) for the M positions where the boolean `positions` (B, L) is True: eq. 4 needs
+        the masked tokens only, and the vocabulary projection of every token is most of the head's memory.
+        """
+        hidden = self.iamtm_block(masked_text_states, image_knowledge)
+        return self.iamtm_head(hidden if positions is None else hidden[positions])
 
     def knowledge_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Column indices (B, n) of the `<knowledge>` placeholders in each row, checked to number exactly n."""

@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 from modeling_vikdf import VIKDFForConditionalGeneration
@@ -87,13 +87,12 @@ def build_model(model_args: PretrainModelArguments, dtype):
 def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
     parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.set_verbosity_info() if training_args.should_log else logging.set_verbosity_warning()
+    logging.set_verbosity(training_args.get_process_log_level())
 
+    # The IQ-Former's cross-attention, the queries and the heads start random: --seed fixes them, as it fixes the data.
+    set_seed(training_args.seed)
     model, processor = build_model(model_args, resolve_dtype(training_args.precision))
     model.set_trainable_stage("pretrain")
-    if training_args.gradient_checkpointing:
-        # The LLM is frozen: its checkpointed blocks need inputs that require grad to pass gradients back.
-        model.enable_input_require_grads()
     logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
 
     dataset = build_pair_dataset(

@@ -232,3 +232,20 @@ def test_inference_checkpoint_without_pretraining_heads(build_tiny, tmp_path):
     assert reloaded.vision_encoder is None and top_level_trainable(reloaded) == set(DIALOGUE_TRAINABLE)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected)
+
+
+def test_caption_and_reconstruction_layouts_label_the_right_tokens(build_tiny):
+    _, processor = build_tiny("llama")
+    tokenizer, n, slot = processor.tokenizer, processor.num_query_tokens, processor.knowledge_token_id
+    captions, prompts = ["a red dog in the park", "two cats"], ["Describe the image briefly.", ""]
+    iaci = processor.caption_inputs(captions, prompts)
+    for row, labels, caption in zip(iaci["input_ids"], iaci["labels"], captions):
+        assert row[0] == tokenizer.bos_token_id and (row[1 : n + 1] == slot).all()
+        labelled = labels[labels != -100]
+        assert labelled[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(labelled[:-1]).strip() == caption
+    iakr = processor.reconstruction_inputs(captions, ["Imagine a picture that matches this caption:"] * 2)
+    for row, mask in zip(iakr["input_ids"], iakr["attention_mask"]):
+        real = row[mask.bool()]
+        assert (real[-n:] == slot).all() and (real[:-n] != slot).all()
+        assert "a red dog" in tokenizer.decode(real) or "two cats" in tokenizer.decode(real)

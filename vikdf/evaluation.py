@@ -3,8 +3,9 @@
 The pieces `eval_dialogue.py` and the demo share:
 
 - :func:`generate_responses`: batched generation with left padding, the released settings by default (beam 3,
-  ``no_repeat_ngram_size=3``, 32 new tokens, no sampling). Batches are formed from contexts of similar length
-  and the outputs are put back in input order, so a batch gives the same hypotheses as batch size 1.
+  ``no_repeat_ngram_size=3``, 32 new tokens, no sampling). Padding is masked, so a batch gives the same
+  hypotheses as batch size 1 (tested in fp32; in bf16, kernels that change with the batch shape can flip
+  near-ties). Batches group contexts of similar length (less padding); outputs come back in input order.
 - :func:`response_nll` / :func:`perplexity`: PPL = exp of the mean per-token NLL of the reference responses
   (response tokens and eos only, the processor's ``labels``), averaged over all tokens of the test set.
 - :func:`evaluate_dialogues`: both, plus every other Table-1 metric through
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 from vikdf.stats import aggregate_runs, format_markdown_table
@@ -55,6 +57,23 @@ _TITLE_TO_KEY = {title.lower(): key for key, title in TABLE1_COLUMNS}
 RELEASED_GENERATION: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "max_new_tokens": 32, "do_sample": False}
 
 Context = str | Sequence[str]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def load_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
+    """A VIKDF checkpoint (folder or hub id) and its processor, with the local classes (no remote code runs)."""
+    model = VIKDFForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = VIKDFProcessor.from_pretrained(path)
+    if processor.num_query_tokens != model.config.num_query_tokens:
+        raise ValueError(
+            f"{path}: the processor writes {processor.num_query_tokens} knowledge slots but the model has "
+            f"{model.config.num_query_tokens} queries."
+        )
+    return model, processor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +368,7 @@ __all__ = [
     "TABLE1_COLUMNS",
     "METRIC_KEYS",
     "RELEASED_GENERATION",
+    "load_checkpoint",
     "dialogue_batch",
     "generate_responses",
     "response_nll",

@@ -61,7 +61,7 @@ def textualise_knowledge(
         clip = {name: tensor.to(model.device) for name, tensor in processor.clip_text_inputs(chunk).items()}
         knowledge = model.get_text_knowledge(clip["clip_input_ids"], clip["clip_attention_mask"])
         # Every row has the same prompt, so no padding is needed.
-        input_ids = prefix.expand(len(chunk), -1)
+        input_ids = prefix.repeat(len(chunk), 1)
         generated = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), knowledge=knowledge, **settings
         )

@@ -32,6 +32,7 @@ PAPER = (
     "Distilling Implicit Multimodal Knowledge into Large Language Models for Zero-Resource Dialogue Generation"
 )
 METHODS = ("vikdf", "lora")
+PLACEHOLDER_REPO = "path/to/this/checkpoint"  # in the snippets when the card does not know its hub id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -68,7 +69,7 @@ print(processor.decode_responses(outputs, inputs["input_ids"].shape[1]))
 ```"""
 
 
-def _description(base_model: str | None, method: str, train_file: str | None, train_fraction: float) -> str:
+def _description(base_model: str | None, method: str, train_file: str | None, train_fraction: float | None) -> str:
     llm = f"`{base_model}`" if base_model else "an unnamed LLM"
     if method == "lora":
         what = (
@@ -82,10 +83,12 @@ def _description(base_model: str | None, method: str, train_file: str | None, tr
             f"{llm} reads `K` as soft prompts to generate the response, P(R | C, K) (paper §3.4). No image is "
             "needed at inference."
         )
-    if train_file is None or train_fraction == 0:
+    if train_fraction == 0:
         tuning = "No dialogue fine-tuning: a fully zero-resource checkpoint (‡ in the paper's Table 1)."
+    elif train_file is None:
+        tuning = "Dialogue fine-tuning: not recorded in this card."
     else:
-        share = "all" if train_fraction >= 1 else f"{train_fraction:g}"
+        share = "all" if train_fraction is None or train_fraction >= 1 else f"{train_fraction:g}"
         trained = "LoRA adapters on the LLM" if method == "lora" else "the queries, IQ-Former and language projection"
         tuning = f"Dialogue fine-tuning on {share} of `{os.path.basename(train_file)}`: {trained} trained, the rest frozen."
     return f"This is {what}\n\n- Base LLM: {llm}\n- {tuning}"
@@ -96,7 +99,7 @@ def build_model_card(
     base_model: str | None,
     method: str = "vikdf",
     train_file: str | None = None,
-    train_fraction: float = 1.0,
+    train_fraction: float | None = 1.0,
     datasets: Sequence[str] | None = None,
     model_id: str | None = None,
     license: str | None = None,
@@ -106,7 +109,7 @@ def build_model_card(
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {METHODS}.")
     if base_model and not looks_like_hub_id(base_model):
-        logger.warning(f"Base model {base_model!r} is a local path; the card's `base_model` metadata is left empty.")
+        logger.info(f"Base model {base_model!r} is a local path; the card's `base_model` metadata is left empty.")
     data = ModelCardData(
         base_model=base_model if looks_like_hub_id(base_model) else None,
         datasets=list(datasets) if datasets else None,
@@ -117,7 +120,7 @@ def build_model_card(
         tags=["vikdf", "dialogue", "zero-resource", "custom_code"] + (["lora"] if method == "lora" else []),
     )
     title = "VIKDF LoRA baseline" if method == "lora" else "VIKDF"
-    repo = model_id or "path/to/this/checkpoint"
+    repo = model_id or PLACEHOLDER_REPO
     body = f"""
 # {title}: zero-resource dialogue generation
 
@@ -129,7 +132,7 @@ Paper: *{PAPER}*.
 
 {_usage(repo, method)}
 
-Evaluate (paper Table 1 metrics):
+Evaluate with `eval_dialogue.py` of the VIKDF code (the automatic metrics of the paper's Table 1):
 
 ```bash
 python eval_dialogue.py --model_name_or_path {repo} --test_file image_chat/test.json --output_dir eval/
@@ -153,13 +156,9 @@ def write_model_card(directory: str | os.PathLike, **kwargs) -> Path:
 
 
 def _rows(block: str) -> dict[str, str]:
-    """Existing table rows of a metrics block, keyed by their first cell (the test set)."""
-    rows = {}
-    for line in block.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells and cells[0] not in ("Test set", "---") and not set(cells[0]) <= {"-"}:
-            rows[cells[0]] = line.strip()
-    return rows
+    """Existing table rows of a metrics block (after the header and separator), keyed by the test set cell."""
+    table = [line.strip() for line in block.splitlines() if line.strip().startswith("|")]
+    return {line.strip("|").split("|")[0].strip(): line for line in table[2:]}
 
 
 def metrics_block(rows: Mapping[str, str]) -> str:
@@ -197,6 +196,7 @@ def update_model_card_metrics(
         base_model=base_model_from_config(config) if config is not None else None,
         method=method if method in METHODS else "vikdf",
         train_file=None,
+        train_fraction=None,
         metrics_block=metrics_block({test_name: row}),
     )
 

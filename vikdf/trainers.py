@@ -10,6 +10,7 @@ logged per-objective values are plain micro-batch means, so they do not change w
 """
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -109,8 +110,13 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
         skips = getattr(self.train_dataset, "skips", None)
         if skips is not None and not any(key.startswith("eval_") for key in logs):
             # Corrupt images, empty captions, members without text: counted by the readers, reported here.
-            logs["skipped_pairs"] = skips.total
-            logs.update({f"skipped_{reason}": count for reason, count in skips.counts.items() if count})
+            counts = skips.counts
+            if self.args.world_size > 1:
+                # Each rank reads (and skips) only its own share of the data: report the sum over ranks.
+                local = torch.tensor(list(counts.values()), dtype=torch.int64, device=self.args.device)
+                counts = dict(zip(counts, self.accelerator.reduce(local, reduction="sum").tolist(), strict=True))
+            logs["skipped_pairs"] = sum(counts.values())
+            logs.update({f"skipped_{reason}": count for reason, count in counts.items() if count})
         super().log(logs, *args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> dict[str, torch.Tensor]:
@@ -176,8 +182,10 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
             reconstruction = vikdf.reconstruct_image(image_states[images:], text_knowledge)
             losses["tamim"] = tamim_loss(reconstruction, pixel_values, pixel_mask, reduction="sum")
         if "iamtm" in objectives:
-            logits = vikdf.predict_masked_tokens(masked_text_states, image_knowledge)
-            losses["iamtm"] = iamtm_loss(logits, batch["clip_mlm_labels"], reduction="sum")
+            labels = batch["clip_mlm_labels"]
+            masked = labels != IGNORE_INDEX
+            logits = vikdf.predict_masked_tokens(masked_text_states, image_knowledge, masked)  # (M, V)
+            losses["iamtm"] = iamtm_loss(logits, labels[masked], reduction="sum")
 
         # IACI rows, then IAKR rows, in one LLM call through the (possibly distributed) model's forward.
         llm_ids = batch["llm_input_ids"]
@@ -187,6 +195,7 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
             attention_mask=batch["llm_attention_mask"],
             knowledge=text_knowledge.repeat(rows_per_image, 1, 1),
             output_hidden_states="iakr" in objectives,
+            use_cache=False,
         )
         losses["iaci"] = iaci_loss(outputs.logits[:images], batch["llm_labels"][:images], reduction="sum")
         if "iakr" in objectives:
@@ -203,13 +212,22 @@ class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
     accumulation gives the gradient of one large batch and the logged loss does not grow with it.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, model_card_writer: Callable[[str], None] | None = None, **kwargs):
+        # Called with the output folder instead of the generic Trainer card (e.g. before a push to the Hub).
+        self.model_card_writer = model_card_writer
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The VIKDF card of `model_card_writer` (see `vikdf.model_card`) when one was given, else Trainer's draft."""
+        if self.model_card_writer is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            self.model_card_writer(self.args.output_dir)
 
 
 __all__ = ["VIKDFPretrainTrainer", "VIKDFDialogueTrainer", "enabled_objectives", "loss_weights", "OBJECTIVES"]

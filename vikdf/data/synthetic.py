@@ -328,6 +328,25 @@ def tokenize_words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
 
 
+def scramble_visual_facts(text: str, rng: random.Random) -> str:
+    """`text` with every object colour and shape word replaced by a random one of its kind.
+
+    The stand-in LLM reads the world's captions and dialogues through this filter: it learns the language
+    (that a colour word follows "those are usually") but none of the visual facts (which colour a blicket has),
+    as a real LLM has read about things it has never seen. The facts then live only in the images, and the
+    knowledge VIKDF distils from the image–text pairs is the only way for them to reach the LLM.
+    """
+    colours, shapes = list(COLOURS), list(SHAPES)
+
+    def replace(match: re.Match) -> str:
+        word = match.group(0)
+        if word in COLOURS:
+            return rng.choice(colours)
+        return rng.choice(shapes) if word in SHAPES else word
+
+    return re.sub(r"[a-z]+", replace, text)
+
+
 def knowledge_table(attribute: str = "colour") -> dict[str, str]:
     """Ground truth: object name -> its usual colour (``attribute="colour"``) or canonical shape (``"shape"``)."""
     if attribute not in ("colour", "shape"):

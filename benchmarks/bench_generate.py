@@ -1,0 +1,322 @@
+"""Dialogue responses per second of zero-resource VIKDF inference (paper §3.4.2) with the evaluation settings of the
+released code: beam search 3, `no_repeat_ngram_size=3`, 32 new tokens, no sampling; at batch 1 (the released
+code's setting) and batched (left padding, contexts of similar length together).
+
+    python benchmarks/bench_generate.py                                      # tiny, this machine
+    python benchmarks/bench_generate.py --size paper --batch_sizes 1 8 16 32 64
+
+tiny: tiny CLIP / BERT / Llama component folders are written to a temporary folder
+(`vikdf.testing.write_tiny_components`) and built into a VIKDF with its `VIKDFProcessor` through
+`vikdf.components.build_vikdf_from_components`, exactly as from hub ids; the timed call is
+`vikdf.evaluation.generate_responses` (what `eval_dialogue.py` runs: processor -> context through the CLIP text
+tower and IQ-Former -> knowledge -> LLM beam search -> decoded responses) on synthetic 2-3 turn dialogues.
+paper: `VIKDFConfig()` shapes without the pre-training heads (an inference checkpoint), random weights, and
+synthetic token ids of the same layout the processor writes (Llama-2 chat prompt with 32 knowledge slots, contexts
+of `--context_tokens/2 .. --context_tokens` tokens, left padded; CLIP context up to 77 tokens); no tokenizer.
+
+Every response is forced to exactly `--max_new_tokens` new tokens (`min_new_tokens` = `max_new_tokens`) unless
+`--allow_early_stop` is given, so that batch sizes do the same work whatever a random model's end-of-sequence
+behaviour is; a trained model stops some beams early, which favours batch 1 a little. "responses/s" = dialogues /
+wall time of the generation of all of them (inputs built before the timer at paper size; inside it at tiny size,
+as `generate_responses` builds them). With `--rounds R`, every batch size runs R times interleaved and the median
+is reported. Rows "without no_repeat_ngram" show the share of transformers' n-gram blocking, which runs on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench_common as common  # noqa: E402  (puts the repository root on sys.path)
+import torch  # noqa: E402
+
+from configuration_vikdf import LLAMA_2_7B, VIKDFConfig  # noqa: E402
+from modeling_vikdf import VIKDFForConditionalGeneration  # noqa: E402
+
+# vikdf.testing / tests/conftest.py: the tiny overrides the test-suite builds with.
+TINY_OVERRIDES = dict(
+    num_query_tokens=8, mask_patch_size=8, head_num_attention_heads=4, head_intermediate_size=64, tim_embed_dim=16
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------- tiny
+
+
+def synthetic_dialogues(count: int, seed: int) -> list[list[str]]:
+    """2-3 turn contexts built from the tiny tokenizers' corpus (so that the BPE covers them)."""
+    from vikdf.testing import DEFAULT_CORPUS
+
+    rng = random.Random(seed)
+    return [[rng.choice(DEFAULT_CORPUS) for _ in range(rng.choice((2, 3)))] for _ in range(count)]
+
+
+class TinyPipeline:
+    def __init__(self, args, device, dtype):
+        from vikdf.components import build_vikdf_from_components
+        from vikdf.testing import write_tiny_components
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="vikdf-bench-")
+        torch.manual_seed(args.seed)
+        paths = write_tiny_components(self._tmp.name, args.llm_family)
+        model, processor = build_vikdf_from_components(
+            str(paths.clip), str(paths.bert), str(paths.llm), dtype=dtype, **TINY_OVERRIDES
+        )
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.contexts = synthetic_dialogues(args.num_dialogues, args.seed)
+        self.device = device
+
+    def run(self, batch_size: int, settings: dict, limit: int | None = None) -> list[str]:
+        """All dialogues (or the first `limit`) through the evaluation code; the responses in input order."""
+        from vikdf.evaluation import generate_responses
+
+        return generate_responses(self.model, self.processor, self.contexts[:limit], batch_size=batch_size,
+                                  progress=False, **settings)
+
+    @property
+    def pad_eos(self) -> tuple[int, int]:
+        tokenizer = self.processor.tokenizer
+        return tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    def close(self):
+        self._tmp.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------------------- paper
+
+
+class PaperPipeline:
+    """Random-weight VIKDF of the paper's shapes and synthetic processor-layout ids."""
+
+    def __init__(self, args, device, dtype):
+        text = {**LLAMA_2_7B, "vocab_size": 32001, "pad_token_id": 0}
+        if args.llm_layers:
+            text["num_hidden_layers"] = args.llm_layers
+        config = VIKDFConfig(text_config=text, knowledge_token_id=32000, include_pretraining_heads=False)
+        torch.manual_seed(args.seed)
+        self.model = common.build_random_model(VIKDFForConditionalGeneration, copy.deepcopy(config), device, dtype,
+                                               args.attn_implementation).eval()
+        self.config = self.model.config
+        self.device = device
+        self.examples = self._examples(args)
+
+    def _examples(self, args) -> list[dict]:
+        g = torch.Generator().manual_seed(args.seed)
+        clip = self.config.clip_config.text_config
+        n, k = self.config.num_query_tokens, self.config.knowledge_token_id
+        examples = []
+        for _ in range(args.num_dialogues):
+            length = int(torch.randint(args.context_tokens // 2, args.context_tokens + 1, (1,), generator=g))
+            context = torch.randint(3, k, (length,), generator=g).tolist()
+            inst, end = torch.randint(3, k, (4,), generator=g).tolist(), torch.randint(3, k, (4,), generator=g).tolist()
+            ids = [1, *inst, *([k] * n), *context, *end]  # [bos] [INST] <k>xn context [/INST]
+            clip_body = torch.randint(0, clip.bos_token_id, (min(length, self.config.clip_max_length - 2),),
+                                      generator=g).tolist()
+            examples.append({"ids": ids, "clip": [clip.bos_token_id, *clip_body, clip.eos_token_id]})
+        return examples
+
+    def _batch(self, chunk: list[dict]) -> dict:
+        width = max(len(e["ids"]) for e in chunk)
+        clip_width = max(len(e["clip"]) for e in chunk)
+        eos = self.config.clip_config.text_config.eos_token_id
+        ids = torch.tensor([[0] * (width - len(e["ids"])) + e["ids"] for e in chunk])
+        mask = torch.tensor([[0] * (width - len(e["ids"])) + [1] * len(e["ids"]) for e in chunk])
+        clip = torch.tensor([e["clip"] + [eos] * (clip_width - len(e["clip"])) for e in chunk])
+        clip_mask = torch.tensor([[1] * len(e["clip"]) + [0] * (clip_width - len(e["clip"])) for e in chunk])
+        return {"input_ids": ids, "attention_mask": mask, "clip_input_ids": clip, "clip_attention_mask": clip_mask}
+
+    def run(self, batch_size: int, settings: dict, limit: int | None = None) -> list[list[int]]:
+        """Longest contexts first in batches of similar length (as `vikdf.evaluation`); new ids in input order."""
+        examples = self.examples[:limit]
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["ids"]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        prepared = [(chunk, {k: v.to(self.device) for k, v in self._batch([examples[i] for i in chunk]).items()})
+                    for chunk in batches]
+        outputs: list[list[int] | None] = [None] * len(examples)
+        common.synchronize(self.device)
+        self._start = time.perf_counter()  # inputs are ready: the timer of `timed_run` restarts here
+        with torch.no_grad():
+            for chunk, batch in prepared:
+                generated = self.model.generate(**batch, **settings)
+                new = generated[:, batch["input_ids"].shape[1] :].tolist()
+                for index, row in zip(chunk, new):
+                    outputs[index] = [t for t in row if t != settings["pad_token_id"]]
+        return outputs
+
+    @property
+    def pad_eos(self) -> tuple[int, int]:
+        return 0, 2
+
+    def close(self):
+        self.model = None
+
+
+# ---------------------------------------------------------------------------------------------------------------- timing
+
+
+def timed_run(pipeline, batch_size: int, settings: dict) -> tuple[float, float, list[list[int]]]:
+    """(seconds, peak GiB, outputs) of generating every dialogue at `batch_size`."""
+    pipeline._start = None
+    with common.PeakMemory(pipeline.device) as memory:
+        common.synchronize(pipeline.device)
+        start = time.perf_counter()
+        outputs = pipeline.run(batch_size, settings)
+        common.synchronize(pipeline.device)
+        end = time.perf_counter()
+    if getattr(pipeline, "_start", None) is not None:
+        start = pipeline._start
+    return end - start, memory.peak_gib, outputs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "paper"), default="tiny")
+    p.add_argument("--llm_family", choices=("llama", "qwen2", "mistral"), default="llama", help="tiny size only")
+    p.add_argument("--llm_layers", type=int, default=None, help="paper size: cut the LLM to this many layers")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16, 32])
+    p.add_argument("--num_dialogues", type=int, default=64)
+    p.add_argument("--num_beams", type=int, default=3)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--allow_early_stop", action="store_true", help="do not force max_new_tokens new tokens")
+    p.add_argument("--context_tokens", type=int, default=64, help="paper size: longest synthetic context")
+    p.add_argument("--no_ngram_reference", action="store_true",
+                   help="skip the reference rows without no_repeat_ngram_size")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions per row (median reported)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default=None, help="default benchmarks/results")
+    p.add_argument("--tag", default=None, help="suffix of the result file names (several runs on one device)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = common.resolve_dtype(args.dtype, device)
+    info = common.machine_info(device)
+    label = args.size + (f"-{args.llm_family}" if args.size == "tiny" and args.llm_family != "llama" else "")
+    label += f"-llm{args.llm_layers}L" if args.llm_layers else ""
+    print(f"device {info['device']}, dtype {common.dtype_name(dtype)}, size {label}", flush=True)
+
+    t0 = time.perf_counter()
+    pipeline = (TinyPipeline if args.size == "tiny" else PaperPipeline)(args, device, dtype)
+    build_s = time.perf_counter() - t0
+    pad, eos = pipeline.pad_eos
+    settings = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                "max_new_tokens": args.max_new_tokens, "do_sample": False, "pad_token_id": pad, "eos_token_id": eos}
+    if not args.allow_early_stop:
+        settings["min_new_tokens"] = args.max_new_tokens
+
+    sizes = sorted(set(args.batch_sizes))
+    configs = [(size, True) for size in sizes]
+    if not args.no_ngram_reference and args.no_repeat_ngram_size:
+        configs += [(size, False) for size in sorted({sizes[0], sizes[-1]})]
+
+    # Warm-up: one batch of each size (kernels, allocator, tokenizers), not timed.
+    for size in sizes:
+        try:
+            pipeline.run(size, settings, limit=size)
+        except Exception as error:  # noqa: BLE001 - the timed rounds report it
+            common.free_memory(device)
+            print(f"warm-up at batch {size} failed: {type(error).__name__}", flush=True)
+
+    raw = {config: [] for config in configs}
+    outputs_by_size = {}
+    for _ in range(args.rounds):
+        for size, ngram in configs:
+            run_settings = dict(settings) if ngram else {**settings, "no_repeat_ngram_size": 0}
+            try:
+                seconds, peak, outputs = timed_run(pipeline, size, run_settings)
+            except Exception as error:  # noqa: BLE001 - an OOM at a large batch must not end the run
+                common.free_memory(device)
+                raw[(size, ngram)].append({"error": "OOM" if common.is_oom(error) else f"{type(error).__name__}: {error}"})
+                continue
+            raw[(size, ngram)].append({"seconds": seconds, "peak_gib": peak})
+            if ngram:
+                outputs_by_size[size] = outputs
+            print(f"batch {size}{'' if ngram else ' (no n-gram blocking)'}: {seconds:.2f} s", flush=True)
+
+    n = args.num_dialogues
+    rows = []
+    for (size, ngram), runs in raw.items():
+        good = [r for r in runs if "error" not in r]
+        if not good:
+            rows.append({"batch_size": size, "no_repeat_ngram": ngram, "error": runs[0]["error"]})
+            continue
+        seconds = statistics.median(r["seconds"] for r in good)
+        rows.append({
+            "batch_size": size, "no_repeat_ngram": ngram, "seconds": seconds,
+            "round_seconds": [r["seconds"] for r in good],
+            "responses_per_s": n / seconds, "new_tokens_per_s": n * args.max_new_tokens / seconds,
+            "peak_memory_gib": max(r["peak_gib"] for r in good),
+        })
+    base = {r["no_repeat_ngram"]: r for r in rows if r["batch_size"] == sizes[0] and "error" not in r}
+    reference_outputs = outputs_by_size.get(sizes[0])
+    for r in rows:
+        if "error" in r:
+            continue
+        b = base.get(r["no_repeat_ngram"])
+        r["speedup_vs_batch1"] = r["responses_per_s"] / b["responses_per_s"] if b else None
+        if r["no_repeat_ngram"] and reference_outputs is not None and r["batch_size"] in outputs_by_size:
+            same = sum(a == b for a, b in zip(outputs_by_size[r["batch_size"]], reference_outputs))
+            r["identical_to_batch1"] = f"{same}/{n}"
+
+    cpu_note = " (CPU, tiny shapes: NOT representative of GPU)" if device.type == "cpu" and args.size == "tiny" else \
+        (" (CPU: not representative of GPU)" if device.type == "cpu" else "")
+    md = [f"# VIKDF dialogue generation — {info['device']} — size {label}{cpu_note}", ""]
+    md += common.machine_lines(info)
+    md += [
+        f"- dtype: {common.dtype_name(dtype)}, attention: {args.attn_implementation}; model + inputs built in {build_s:.1f} s",
+        f"- settings: beam {args.num_beams}, no_repeat_ngram_size {args.no_repeat_ngram_size}, "
+        f"{'up to' if args.allow_early_stop else 'exactly'} {args.max_new_tokens} new tokens, no sampling; "
+        f"{n} dialogues per row, median of {args.rounds} interleaved round(s)",
+        "- timed: " + ("`vikdf.evaluation.generate_responses` (processor + CLIP text tower + IQ-Former + LLM beam search "
+                       "+ decoding)" if args.size == "tiny" else "`model.generate` on pre-built synthetic inputs "
+                       "(CLIP text tower + IQ-Former + LLM beam search)"),
+        "- memory: " + ("torch.cuda.max_memory_allocated over the generation" if device.type == "cuda" else
+                        "peak glibc heap in use (mallinfo2; every CPU tensor, weights included) sampled every 2 ms"),
+        "",
+    ]
+    table = []
+    for r in rows:
+        name = f"{r['batch_size']}" + ("" if r["no_repeat_ngram"] else " (without no_repeat_ngram, reference)")
+        if "error" in r:
+            table.append([name, r["error"], "", "", "", "", ""])
+            continue
+        table.append([name, common.fmt(r["responses_per_s"], 2), common.fmt(r["new_tokens_per_s"], 0),
+                      common.fmt(r["seconds"], 2), f"{common.fmt(r['speedup_vs_batch1'], 2)}x",
+                      common.fmt(r["peak_memory_gib"], 2), r.get("identical_to_batch1", "")])
+    md.append(common.markdown_table(
+        ["batch size", "responses/s", "new tokens/s", f"seconds for {n}", "vs batch 1", "peak GiB",
+         "same output as batch 1"], table))
+    best = max((r for r in rows if "error" not in r and r["no_repeat_ngram"]), key=lambda r: r["responses_per_s"], default=None)
+    if best is not None and base.get(True):
+        md += ["", f"Batched / batch-1 responses/s: **{best['speedup_vs_batch1']:.2f}x** at batch {best['batch_size']} "
+               "(project target: >= 10x on the GPU)."]
+    md.append("")
+    markdown = "\n".join(md)
+    print(markdown)
+    payload = {"machine": info, "args": vars(args), "settings": settings, "build_s": build_s, "rows": rows}
+    md_path, json_path = common.write_results(f"generate_{common.device_slug(device)}_{label}" + (f"_{args.tag}" if args.tag else ""), markdown, payload,
+                                              args.output_dir)
+    print(f"wrote {md_path} and {json_path}")
+    pipeline.close()
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Zero-resource evaluation of a VIKDF dialogue checkpoint: generation + the automatic metrics of Table 1 (paper §4.4).
+
+    python eval_dialogue.py --model_name_or_path runs/vikdf-reddit --test_file image_chat/test.json \
+        --glove_path glove.6B.300d.txt --output_dir runs/eval-imagechat
+    python eval_dialogue.py ... --baseline llm        # the frozen LLM alone, same chat template, no knowledge
+    python eval_dialogue.py --aggregate s1/metrics.json s2/metrics.json ... --reference_json best_baseline.json \
+        --output_dir runs/eval-5-seeds                 # mean ± std and one-sample t-tests (paper §5.1)
+
+Writes `predictions.jsonl` (context, reference, hypothesis), `metrics.json`, `metrics.md` (one Table-1 row) and
+`eval_info.json` into `--output_dir`; with `--textualise N` also `knowledge.jsonl`, the knowledge distilled from
+the first N contexts put into words by the LLM (paper §5.4, Fig. 6). Evaluating a local checkpoint folder
+(not a baseline run) also writes the metrics row into its model card (README.md).
+
+Generation defaults are the released ones: beam 3, no repeated 3-grams, 32 new tokens, greedy (no sampling);
+batches are left padded and give the same responses as batch size 1. The loop lives in `vikdf.evaluation`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+from transformers.utils import logging
+
+from vikdf.arguments import PRECISIONS, resolve_dtype
+from vikdf.data.dialogue import FORMATS, load_dialogues
+from vikdf.evaluation import (
+    aggregate_metrics,
+    evaluate_dialogues,
+    load_checkpoint,
+    load_metrics_json,
+    metrics_markdown,
+    summary_markdown,
+    write_evaluation,
+)
+from vikdf.knowledge import textualise_knowledge
+from vikdf.model_card import update_model_card_metrics
+
+logger = logging.get_logger("eval_dialogue")
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "VIKDF checkpoint (folder or hub id) to evaluate; not needed with --aggregate."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Test dialogues: Image-Chat test.json, Reddit Conversation JSON or TSV."}
+    )
+    test_format: str = field(default="auto", metadata={"help": "Format of --test_file.", "choices": ["auto", *FORMATS]})
+    test_name: str | None = field(
+        default=None, metadata={"help": "Row label in the model card (default: the test file's folder/name)."}
+    )
+    max_context_turns: int | None = field(default=None, metadata={"help": "Keep only the last N context turns."})
+    skip_bad_records: bool = field(default=False, metadata={"help": "Skip malformed test records instead of failing."})
+    max_test_dialogues: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N test dialogues (quick checks)."}
+    )
+    output_dir: str = field(default="eval_output", metadata={"help": "Where predictions and metrics are written."})
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "llm: evaluate the checkpoint's frozen LLM alone (no knowledge, no CLIP inputs, same chat "
+            "template), the paper's Llama-2 row. LoRA checkpoints are always evaluated this way.",
+            "choices": ["llm"],
+        },
+    )
+    batch_size: int = field(default=16, metadata={"help": "Dialogues per generation / perplexity batch."})
+    num_beams: int = field(default=3, metadata={"help": "Beam width (released: 3)."})
+    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Forbid repeated n-grams (released: 3)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Longest response in tokens (released: 32)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of deterministic beam search."})
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling top-p (with --do_sample)."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling (with --do_sample)."})
+    glove_path: str | None = field(
+        default=None, metadata={"help": "GloVe text file (glove.6B.300d.txt) for Average/Extrema/Greedy; else '–'."}
+    )
+    skip_perplexity: bool = field(default=False, metadata={"help": "Do not compute PPL on the reference responses."})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32), bf16 or fp32.", "choices": list(PRECISIONS)}
+    )
+    device: str | None = field(default=None, metadata={"help": "Device to run on (default: cuda if available, else cpu)."})
+    textualise: int = field(
+        default=0, metadata={"help": "Put the knowledge of the first N contexts into words (paper §5.4) → knowledge.jsonl."}
+    )
+    textualise_prompt: str | None = field(
+        default=None, metadata={"help": "Caption prompt for --textualise (default: the model's first caption prompt)."}
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars."})
+    update_model_card: bool = field(
+        default=True,
+        metadata={"help": "Write the metrics row into a local checkpoint folder's README.md (not for --baseline runs)."},
+    )
+    aggregate: list[str] | None = field(
+        default=None,
+        metadata={"help": "Instead of evaluating: metrics.json files of repeated (seeded) runs to summarise."},
+    )
+    reference_json: str | None = field(
+        default=None,
+        metadata={"help": "With --aggregate: the best baseline's metrics to t-test against (our keys or Table-1 titles)."},
+    )
+
+
+def run_aggregate(args: EvalArguments) -> dict:
+    """Mean ± std over runs and one-sample t-tests against the reference (paper §5.1) → aggregate.{json,md}."""
+    runs = [load_metrics_json(path) for path in args.aggregate]
+    reference = load_metrics_json(args.reference_json) if args.reference_json else None
+    summary = aggregate_metrics(runs, reference)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aggregate.json").write_text(json.dumps({"runs": args.aggregate, "summary": summary}, indent=2) + "\n")
+    (out / "aggregate.md").write_text(summary_markdown(summary), encoding="utf-8")
+    logger.info(f"Aggregated {len(runs)} runs into {out / 'aggregate.md'}")
+    return summary
+
+
+def _test_name(args: EvalArguments) -> str:
+    if args.test_name:
+        return args.test_name
+    path = Path(args.test_file)
+    name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return name if args.max_test_dialogues is None else f"{name} (first {args.max_test_dialogues})"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary)."""
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    if args.aggregate:
+        return run_aggregate(args)
+    if args.model_name_or_path is None or args.test_file is None:
+        raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
+
+    dialogues = load_dialogues(
+        args.test_file, format=args.test_format, max_context_turns=args.max_context_turns, skip_bad=args.skip_bad_records
+    )
+    if args.max_test_dialogues is not None:
+        dialogues = dialogues[: args.max_test_dialogues]
+    if not dialogues:
+        raise ValueError(f"{args.test_file}: no test dialogues.")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
+    model.to(device).eval()
+
+    method = getattr(model.config, "dialogue_method", "vikdf")
+    with_knowledge = args.baseline is None and method != "lora"
+    if method == "lora" and args.baseline is None:
+        logger.info("LoRA baseline checkpoint (Table 4): evaluating without knowledge.")
+    system = "VIKDF" if with_knowledge else ("LoRA baseline" if method == "lora" else "frozen LLM")
+    logger.info(f"Evaluating {system} from {args.model_name_or_path} on {len(dialogues)} dialogues of {args.test_file}.")
+
+    generation = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                  "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        generation.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
+    result = evaluate_dialogues(
+        model, processor, dialogues, with_knowledge=with_knowledge, glove_path=args.glove_path,
+        batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
+        seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
+    )
+    metrics = result["metrics"]
+    info = {**asdict(args), "system": system, "with_knowledge": with_knowledge, "num_dialogues": len(dialogues),
+            "generation": generation}
+    write_evaluation(args.output_dir, result, info)
+    logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}")
+
+    if args.textualise > 0:
+        chosen = dialogues[: args.textualise]
+        texts = textualise_knowledge(
+            model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
+            batch_size=args.batch_size, num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+        with open(Path(args.output_dir) / "knowledge.jsonl", "w", encoding="utf-8") as f:
+            for dialogue, text in zip(chosen, texts):
+                f.write(json.dumps({"context": list(dialogue.context), "knowledge": text}, ensure_ascii=False) + "\n")
+
+    if args.update_model_card and os.path.isdir(args.model_name_or_path):
+        if args.baseline is None:
+            card = update_model_card_metrics(args.model_name_or_path, metrics, _test_name(args), config=model.config)
+            logger.info(f"Model card updated: {card}")
+        else:
+            logger.info("Baseline run: the checkpoint's model card is left unchanged.")
+    return metrics
+
+
+if __name__ == "__main__":
+    pylogging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=pylogging.INFO)
+    main(sys.argv[1:])

@@ -1,0 +1,210 @@
+"""train_dialogue.py → eval_dialogue.py end to end on tiny models (paper §3.4, §4.1, §4.4, Table 1 and Table 4)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import eval_dialogue
+import train_dialogue
+from conftest import TINY_OVERRIDES
+from vikdf.arguments import DialogueTrainingArguments
+from vikdf.components import build_vikdf_from_components
+from vikdf.evaluation import METRIC_KEYS, load_checkpoint, perplexity
+from vikdf.model_card import PLACEHOLDER_REPO
+
+TRAIN = [
+    (["what did you do this weekend?"], "i went hiking in the mountains."),
+    (["a dog in the park", "is it playing?"], "yes, with a red ball."),
+    (["the cat sleeps on a blue sofa"], "that sounds great, i love cats."),
+    (["i think the weather will be sunny tomorrow"], "let's go to the beach!"),
+    (["two people are sitting at a table", "in a restaurant"], "what are they eating?"),
+    (["a man riding a bike down a busy city street"], "that looks dangerous."),
+    (["a bowl of fruit on a wooden table"], "apples, bananas and oranges."),
+    (["i love the view from the top"], "me too, it is beautiful."),
+]
+TEST = [
+    ["Curious", "the sky looks so big tonight", "i wonder what is up there."],
+    ["Happy", "a dog playing in the park", "it looks so happy!"],
+    ["Calm", "a cat on the sofa", "sleeping all day long."],
+]
+QUICK = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_components, tmp_path_factory):
+    """A saved tiny VIKDF (as train_pretrain.py leaves it), a Reddit JSON train file and an Image-Chat test file."""
+    root = tmp_path_factory.mktemp("dialogue")
+    paths = tiny_components("llama")
+    torch.manual_seed(0)
+    model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
+    model.save_pretrained(root / "pretrained")
+    processor.save_pretrained(root / "pretrained")
+    train_file = root / "reddit" / "train.json"
+    train_file.parent.mkdir()
+    train_file.write_text(json.dumps([{"context": c, "response": r} for c, r in TRAIN]))
+    test_file = root / "image_chat" / "test.json"
+    test_file.parent.mkdir()
+    test_file.write_text(json.dumps([{"image_hash": f"{i:032x}", "dialog": [[s, a], ["Other", b]]} for i, (s, a, b) in enumerate(TEST)]))
+    glove = root / "glove.txt"  # a tiny GloVe-format file: unknown words take the mean vector
+    glove.write_text("".join(f"{w} {' '.join(str((i * 7 + k) % 5 - 2) for k in range(6))}\n" for i, w in enumerate(
+        ["the", "a", "dog", "cat", "sky", "i", "is", "happy", "sleeping", "up", "there", "."])))
+    return {"root": root, "pretrained": root / "pretrained", "train": train_file, "test": test_file, "glove": glove,
+            "llm": str(paths.llm)}
+
+
+@pytest.fixture(scope="module")
+def finetuned(world):
+    """VIKDF dialogue fine-tuning on the Reddit-format file, then its checkpoint folder."""
+    out = world["root"] / "vikdf"
+    result = train_dialogue.main([
+        "--model_name_or_path", str(world["pretrained"]), "--train_file", str(world["train"]), "--output_dir", str(out),
+        "--num_train_epochs", "4", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+        "--warmup_steps", "0", "--logging_steps", "4", *QUICK,
+    ])
+    return result
+
+
+def ppl_on_training_dialogues(folder) -> float:
+    model, processor = load_checkpoint(folder)
+    return perplexity(model, processor, [c for c, _ in TRAIN], [r for _, r in TRAIN], batch_size=4)
+
+
+def test_every_cli_field_has_help():
+    classes = [train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, eval_dialogue.EvalArguments]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    assert DialogueTrainingArguments  # the training dataclass documents its own fields
+
+
+def test_vikdf_fine_tuning_saves_an_inference_checkpoint_that_fits_better(world, finetuned):
+    out = finetuned.output_dir
+    assert finetuned.trainer is not None and finetuned.num_train_dialogues == len(TRAIN)
+    for name in ("config.json", "model.safetensors", "configuration_vikdf.py", "modeling_vikdf.py",
+                 "processing_vikdf.py", "processor_config.json", "README.md"):
+        assert (world["root"] / "vikdf" / name).exists(), name
+    config = json.loads((world["root"] / "vikdf" / "config.json").read_text())
+    assert config["include_pretraining_heads"] is False and config["dialogue_method"] == "vikdf"
+    weights = load_file(world["root"] / "vikdf" / "model.safetensors")
+    assert not any(key.startswith(("vision_encoder", "tamim", "iamtm", "iakr", "tim_")) for key in weights)
+
+    # Only the queries, the IQ-Former and language_projection moved; the LLM and CLIP stayed frozen.
+    before = load_file(world["pretrained"] / "model.safetensors")
+    changed = {key.split(".")[0] for key in weights if not torch.equal(weights[key], before[key])}
+    assert changed == {"query_tokens", "iq_former", "language_projection"}
+
+    assert ppl_on_training_dialogues(out) < ppl_on_training_dialogues(world["pretrained"])
+
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules")
+    torch.testing.assert_close(model.language_projection.weight, weights["language_projection.weight"])
+
+
+def test_model_card_snippet_runs(world, finetuned, capsys):
+    card = (world["root"] / "vikdf" / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace(PLACEHOLDER_REPO, finetuned.output_dir)
+    exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("[") and printed.count("'") + printed.count('"') >= 2  # one decoded response
+
+
+def test_eval_writes_predictions_metrics_and_card_row(world, finetuned):
+    out = world["root"] / "eval_vikdf"
+    metrics = eval_dialogue.main([
+        "--model_name_or_path", finetuned.output_dir, "--test_file", str(world["test"]), "--output_dir", str(out),
+        "--glove_path", str(world["glove"]), "--batch_size", "2", "--textualise", "2",
+    ])
+    assert list(metrics) == list(METRIC_KEYS)
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
+    table = (out / "metrics.md").read_text().splitlines()
+    assert table[0] == "| PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy | Dis-1 | Dis-2 |" and len(table) == 3
+
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["context"] for p in predictions] == [[a] for _, a, _ in TEST]  # Image-Chat: lowercased turns
+    assert [p["reference"] for p in predictions] == [b for _, _, b in TEST]
+    assert all(isinstance(p["hypothesis"], str) for p in predictions)
+    knowledge = [json.loads(line) for line in (out / "knowledge.jsonl").read_text().splitlines()]
+    assert len(knowledge) == 2 and all(isinstance(k["knowledge"], str) for k in knowledge)
+    assert json.loads((out / "eval_info.json").read_text())["with_knowledge"] is True
+
+    card = (world["root"] / "vikdf" / "README.md").read_text()
+    assert world["llm"] in card  # names its base model
+    assert "| Test set | PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy | Dis-1 | Dis-2 |" in card
+    assert f"| image_chat/test.json | {metrics['ppl']:.2f} |" in card
+
+
+def test_frozen_llm_baseline_runs_without_knowledge(world, finetuned):
+    out = world["root"] / "eval_llm"
+    card_before = (world["root"] / "vikdf" / "README.md").read_text()
+    metrics = eval_dialogue.main([
+        "--model_name_or_path", finetuned.output_dir, "--test_file", str(world["test"]), "--output_dir", str(out),
+        "--baseline", "llm", "--max_new_tokens", "8",
+    ])
+    assert math.isfinite(metrics["ppl"]) and metrics["embedding_average"] is None
+    assert "| – | – | – |" in (out / "metrics.md").read_text()
+    assert json.loads((out / "eval_info.json").read_text())["with_knowledge"] is False
+    assert (world["root"] / "vikdf" / "README.md").read_text() == card_before  # a baseline does not touch the card
+
+
+def test_lora_baseline_trains_merges_and_evaluates_without_knowledge(world):
+    out = world["root"] / "lora"
+    # Also the data options: a malformed record skipped, half of the rest kept, one context turn each.
+    train_file = world["root"] / "reddit" / "train_with_bad_record.json"
+    train_file.write_text(json.dumps([{"context": [], "response": "no context"}, *json.loads(world["train"].read_text())]))
+    result = train_dialogue.main([
+        "--model_name_or_path", str(world["pretrained"]), "--train_file", str(train_file), "--output_dir", str(out),
+        "--method", "lora", "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        "--lora_target_modules", "q_proj,v_proj", "--train_fraction", "0.5", "--skip_bad_records",
+        "--max_context_turns", "1", *QUICK,
+    ])
+    assert result.num_train_dialogues == len(TRAIN) // 2
+    assert all(len(d.context) == 1 for d in result.trainer.train_dataset)
+    weights = load_file(out / "model.safetensors")
+    before = load_file(world["pretrained"] / "model.safetensors")
+    assert not any("lora" in key for key in weights)
+    changed = {key for key in weights if not torch.equal(weights[key], before[key])}
+    assert changed and all(key.startswith("language_model.") and key.endswith(("q_proj.weight", "v_proj.weight")) for key in changed)
+    assert json.loads((out / "config.json").read_text())["dialogue_method"] == "lora"
+    assert "with_knowledge=False" in (out / "README.md").read_text()
+
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    key = next(iter(changed))
+    torch.testing.assert_close(model.state_dict()[key], weights[key])
+
+    metrics = eval_dialogue.main([
+        "--model_name_or_path", str(out), "--test_file", str(world["test"]), "--output_dir", str(world["root"] / "eval_lora"),
+        "--max_new_tokens", "8",
+    ])
+    assert math.isfinite(metrics["ppl"])
+    assert json.loads((world["root"] / "eval_lora" / "eval_info.json").read_text())["with_knowledge"] is False
+
+
+def test_zero_resource_fraction_saves_without_training(world):
+    out = world["root"] / "zero"
+    result = train_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--train_fraction", "0",
+                                  "--output_dir", str(out), *QUICK])
+    assert result.trainer is None and result.num_train_dialogues == 0
+    weights = load_file(out / "model.safetensors")
+    before = load_file(world["pretrained"] / "model.safetensors")
+    assert all(torch.equal(tensor, before[key]) for key, tensor in weights.items())
+    assert "vision_encoder.embeddings.patch_embedding.weight" not in weights
+    assert "zero-resource" in (out / "README.md").read_text()
+    model, _ = load_checkpoint(out)
+    assert model.vision_encoder is None
+
+
+def test_clear_errors(world):
+    with pytest.raises(ValueError, match="--train_file is required"):
+        train_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--output_dir", str(world["root"] / "x"), *QUICK])
+    with pytest.raises(ValueError, match="train_fraction"):
+        train_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--train_file", str(world["train"]),
+                             "--train_fraction", "2", "--output_dir", str(world["root"] / "x"), *QUICK])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        eval_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--test_file", str(world["root"] / "missing.json"),
+                            "--output_dir", str(world["root"] / "x")])

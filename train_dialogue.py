@@ -1,0 +1,267 @@
+"""Dialogue fine-tuning of VIKDF on text alone: P(R | C, K) with K distilled from the context (paper §3.4.1).
+
+    accelerate launch train_dialogue.py --model_name_or_path runs/pretrain --train_file reddit/train.json \
+        --train_fraction 1 --output_dir runs/vikdf-reddit
+
+`--train_fraction` is the share of the training set (paper: 1, 0.25, 0.125); 0 is the fully zero-resource setting
+(‡ in Table 1): nothing is trained and the checkpoint is only re-saved as an inference checkpoint.
+
+`--method vikdf` trains the queries, the IQ-Former and `language_projection`; CLIP and the LLM stay frozen.
+`--method lora` is the Table-4 baseline: LoRA adapters on the LLM, trained on the same chat template *without*
+knowledge. Its adapters are merged into the LLM weights at the end, so the output is an ordinary VIKDF checkpoint
+(config `dialogue_method="lora"`) that `eval_dialogue.py` evaluates without knowledge automatically; the
+intermediate `checkpoint-*` folders of a LoRA run hold the peft adapters only. LoRA runs need ZeRO-2 or no DeepSpeed.
+
+Every output folder is an inference checkpoint (pre-training heads dropped) with the processor, loadable with
+`AutoModel.from_pretrained(dir, trust_remote_code=True)`, and a Hub model card (README.md, `vikdf.model_card`).
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import HfArgumentParser, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import logging
+
+from modeling_vikdf import VIKDFForConditionalGeneration
+from processing_vikdf import VIKDFProcessor
+from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
+from vikdf.data.collators import DialogueCollator
+from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues
+from vikdf.evaluation import load_checkpoint
+from vikdf.model_card import base_model_from_config, write_model_card
+from vikdf.trainers import VIKDFDialogueTrainer
+
+logger = logging.get_logger("train_dialogue")
+
+METHODS = ("vikdf", "lora")
+FRACTIONS = (1.0, 0.25, 0.125, 0.0)
+
+
+@dataclass
+class DialogueModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "VIKDF checkpoint (folder or hub id), normally the output of train_pretrain.py."}
+    )
+    method: str = field(
+        default="vikdf",
+        metadata={
+            "help": "vikdf: train queries, IQ-Former and language_projection with knowledge (paper §3.4.1). "
+            "lora: the Table-4 baseline, LoRA on the frozen LLM without knowledge (merged at the end).",
+            "choices": list(METHODS),
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (--method lora)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (--method lora)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path (--method lora)."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated LLM module names to adapt, e.g. q_proj,k_proj,v_proj,o_proj (--method lora); "
+            "default: peft's choice for the LLM family (q_proj,v_proj for Llama, Qwen2, Mistral)."
+        },
+    )
+    base_model_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the LLM for the model card's base_model (default: the LLM name the config remembers)."
+        },
+    )
+
+
+@dataclass
+class DialogueDataArguments:
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training dialogues: Reddit Conversation JSON/TSV or Image-Chat JSON (not needed with fraction 0)."},
+    )
+    train_format: str = field(
+        default="auto", metadata={"help": "Format of --train_file.", "choices": ["auto", *FORMATS]}
+    )
+    train_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Share of the training set to use (paper: 1, 0.25, 0.125; 0 = fully zero-resource, no training)."},
+    )
+    subset_seed: int = field(
+        default=0, metadata={"help": "Seed of the training subset, fixed so that runs with different --seed share it."}
+    )
+    max_context_turns: int | None = field(
+        default=None, metadata={"help": "Keep only the last N context turns (the released code keeps 2-3 for Reddit)."}
+    )
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip malformed dialogue records (and log how many) instead of failing."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Optional validation dialogues for eval_loss (set --eval_strategy too)."}
+    )
+    validation_format: str = field(
+        default="auto", metadata={"help": "Format of --validation_file.", "choices": ["auto", *FORMATS]}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest LLM sequence per example (default: the processor's, 512)."}
+    )
+    dataset_names: str | None = field(
+        default=None, metadata={"help": "Comma-separated Hub dataset ids for the model card metadata."}
+    )
+
+
+@dataclass
+class DialogueTrainingResult:
+    """What `main` produced: the saved folder, the final model and processor, and the trainer (None at fraction 0)."""
+
+    output_dir: str
+    model: Any
+    processor: VIKDFProcessor
+    trainer: VIKDFDialogueTrainer | None
+    num_train_dialogues: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> None:
+    if not 0.0 <= data_args.train_fraction <= 1.0:
+        raise ValueError(f"--train_fraction must be in [0, 1] (paper: 1, 0.25, 0.125, 0), got {data_args.train_fraction}.")
+    if data_args.train_fraction not in FRACTIONS:
+        logger.warning(f"--train_fraction {data_args.train_fraction} is none of the paper's {FRACTIONS}.")
+    if data_args.train_fraction > 0 and data_args.train_file is None:
+        raise ValueError("--train_file is required unless --train_fraction 0 (fully zero-resource, no training).")
+    if model_args.method not in METHODS:
+        raise ValueError(f"--method {model_args.method!r}; choose one of {METHODS}.")
+
+
+def add_lora(model: VIKDFForConditionalGeneration, model_args: DialogueModelArguments):
+    """Wrap `model` in peft LoRA on the LLM's attention projections only; every other weight is frozen."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    family = model.config.text_config.model_type
+    if model_args.lora_target_modules:
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    else:
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(family, ["q_proj", "v_proj"])
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        # A regex is matched against full module names: only the LLM's layers, never the IQ-Former or CLIP.
+        target_modules=rf"language_model\..*\.({'|'.join(map(str, targets))})",
+    )
+    model.set_trainable_stage("frozen")
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info(f"LoRA on {family} modules {targets}: {trainable:,} trainable parameters.")
+    return peft_model
+
+
+def _load(path: str | None, fmt: str, data_args: DialogueDataArguments, fraction: float = 1.0) -> list[Dialogue]:
+    if path is None:
+        return []
+    dialogues = load_dialogues(
+        path, format=fmt, fraction=fraction, max_context_turns=data_args.max_context_turns,
+        skip_bad=data_args.skip_bad_records, seed=data_args.subset_seed,
+    )
+    if not dialogues and fraction > 0:
+        raise ValueError(f"{path}: no dialogues to train on.")
+    return dialogues
+
+
+def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str) -> None:
+    """Weights, config, remote code and processor in `output_dir` (main process only)."""
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def push_folder(output_dir: str, training_args: DialogueTrainingArguments, message: str) -> None:
+    """Upload a folder the Trainer did not push itself (zero-resource and merged LoRA checkpoints)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    repo = create_repo(repo_id, private=training_args.hub_private_repo, token=training_args.hub_token, exist_ok=True)
+    upload_folder(
+        repo_id=repo.repo_id, folder_path=output_dir, commit_message=message, token=training_args.hub_token,
+        ignore_patterns=["checkpoint-*", "_*"],
+    )
+
+
+def main(argv: list[str] | None = None) -> DialogueTrainingResult:
+    parser = HfArgumentParser((DialogueModelArguments, DialogueDataArguments, DialogueTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.set_verbosity(training_args.get_process_log_level())
+    check_arguments(model_args, data_args)
+    set_seed(training_args.seed)
+
+    model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
+    model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
+    if data_args.max_length is not None:
+        processor.max_length = data_args.max_length
+    model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
+    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
+    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
+    output_dir = training_args.output_dir
+
+    def write_card(directory: str) -> None:
+        write_model_card(
+            directory,
+            base_model=model_args.base_model_name or base_model_from_config(model.config),
+            method=model_args.method,
+            train_file=data_args.train_file,
+            train_fraction=data_args.train_fraction if train else 0.0,
+            datasets=[d.strip() for d in data_args.dataset_names.split(",")] if data_args.dataset_names else None,
+            model_id=training_args.hub_model_id,
+        )
+
+    if not train:
+        logger.info("Zero-resource: no dialogue fine-tuning; saving the inference checkpoint only.")
+        if training_args.should_save:
+            save_inference_checkpoint(model, processor, output_dir)
+            write_card(output_dir)
+            if training_args.push_to_hub:
+                push_folder(output_dir, training_args, "Zero-resource VIKDF checkpoint")
+        return DialogueTrainingResult(output_dir, model, processor, None, 0)
+
+    logger.info(f"Fine-tuning ({model_args.method}) on {len(train)} dialogues from {data_args.train_file}.")
+    if model_args.method == "vikdf":
+        model.set_trainable_stage("dialogue")
+        trained = model
+    else:
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("--method lora merges the adapters into full LLM weights at the end; use ZeRO-2, not ZeRO-3.")
+        trained = add_lora(model, model_args)
+
+    trainer = VIKDFDialogueTrainer(
+        model=trained,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=validation or None,
+        data_collator=DialogueCollator(processor, with_knowledge=model_args.method == "vikdf"),
+        processing_class=processor,
+        model_card_writer=write_card,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    if model_args.method == "vikdf":
+        trainer.save_model()  # also pushes (with our card) when --push_to_hub
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        if trainer.is_world_process_zero():
+            write_card(output_dir)
+    else:
+        # Merge the adapters into the LLM so the folder is an ordinary VIKDF checkpoint.
+        final = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            save_inference_checkpoint(final, processor, output_dir)
+            write_card(output_dir)
+            if training_args.push_to_hub:
+                push_folder(output_dir, training_args, "LoRA baseline (merged)")
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    return DialogueTrainingResult(output_dir, final, processor, trainer, len(train), dict(result.metrics))
+
+
+if __name__ == "__main__":
+    pylogging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=pylogging.INFO)
+    main(sys.argv[1:])
