@@ -33,7 +33,14 @@ from processing_vikdf import VIKDFProcessor
 from vikdf.components import build_vikdf_from_components
 from vikdf.data.dialogue import load_dialogues
 from vikdf.data.pairs import build_image_transform
-from vikdf.data.synthetic import iter_shard_pairs, knowledge_accuracy, scramble_visual_facts, write_synthetic_world
+from vikdf.data.synthetic import (
+    iter_shard_pairs,
+    knowledge_accuracy,
+    knowledge_table,
+    mentioned_object,
+    scramble_visual_facts,
+    write_synthetic_world,
+)
 from vikdf.losses import tim_similarity
 from vikdf.standin import chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
@@ -73,14 +80,28 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
     paths = write_tiny_components(root, llm_family, corpus=corpus, seed=seed)
     pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
     clip_losses = pretrain_clip(paths.clip, pairs, steps=settings["clip_steps"], seed=seed)
-    # The LLM learns the world's language but not its visual facts (see `scramble_visual_facts`).
     tokenizer = AutoTokenizer.from_pretrained(paths.llm)
-    rng = random.Random(seed)
-    texts = [caption for _, caption in pairs]
-    texts += [chat_formatted(tokenizer, d.context, d.response) for d in load_dialogues(world.reddit_train)]
-    texts = [scramble_visual_facts(text, rng) for text in texts]
-    llm_losses = pretrain_llm(paths.llm, texts, steps=settings["llm_steps"], seed=seed)
+    llm_losses = pretrain_llm(paths.llm, llm_reading(world, pairs, tokenizer, seed), steps=settings["llm_steps"], seed=seed)
     return paths, clip_losses, llm_losses
+
+
+def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
+    """What the stand-in LLM reads: the world's captions and chat-formatted training dialogues, with the visual facts
+    scrambled per text (`scramble_visual_facts`): it learns the language, not which colour an object has.
+
+    Half of the dialogues open the user turn with a short description of the object ("a red circle."), where the
+    knowledge slots will later sit, so the LLM learns what a real chat LLM already does: use what its prompt says.
+    """
+    rng = random.Random(seed)
+    colours, shapes = knowledge_table("colour"), knowledge_table("shape")
+    texts = [caption for _, caption in pairs]
+    for index, dialogue in enumerate(load_dialogues(world.reddit_train)):
+        context = list(dialogue.context)
+        if index % 2 == 0:
+            name = mentioned_object(context)
+            context[0] = f"a {colours[name]} {shapes[name]}. {context[0]}"
+        texts.append(chat_formatted(tokenizer, context, dialogue.response))
+    return [scramble_visual_facts(text, rng) for text in texts]
 
 
 def tim_recall_at_1(checkpoint: Path, heldout_shard: Path) -> tuple[float, float]:

@@ -155,7 +155,8 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         self.visual_projection = nn.Linear(clip.vision_config.hidden_size, clip.projection_dim, bias=False)
         self.tim_text_projection = nn.Linear(iq_width, config.tim_embed_dim)
         self.tim_image_projection = nn.Linear(iq_width, config.tim_embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        # Shape (1,), not 0-dim: DeepSpeed's broadcast of rank 0's weights cannot view a 0-dim tensor as bytes.
+        self.logit_scale = nn.Parameter(torch.zeros(1))
         block = (clip.projection_dim, iq_width, config.head_num_attention_heads, config.head_intermediate_size)
         self.tamim_block = VIKDFKnowledgeAssistedBlock(*block)
         # Conv decoder of §3.2.2: each patch token becomes patch²·3 pixel values, rearranged by a pixel shuffle.

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=PretrainCollator(processor, model.config, seed=training_args.seed),
+        # One seed per rank, so that ranks do not draw the same crops and masks for their n-th batches.
+        data_collator=PretrainCollator(processor, model.config, seed=training_args.seed + training_args.process_index),
         processing_class=processor,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

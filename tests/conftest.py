@@ -8,6 +8,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: tests start several processes (gloo, DeepSpeed) on 2 cores, and oversubscribed OpenMP
+# threads made training steps 25–40× slower. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+torch.set_num_threads(1)
 
 from vikdf.components import build_vikdf_from_components  # noqa: E402
 from vikdf.testing import TINY_HEADS, write_tiny_components  # noqa: E402

@@ -1,13 +1,13 @@
 """Shared pieces of the pre-training tests: tiny `train_pretrain.py` arguments, a small synthetic pair world,
 dropout switched off, and a callback that captures gradients just before the optimizer step.
 
-Import the fixtures into a test module (`from pretrain_helpers import pair_world  # noqa: F401`).
+Test modules wrap `shared_pair_world` in a fixture of their own; the world is written once per session.
 """
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -15,7 +15,9 @@ from transformers import TrainerCallback
 from vikdf.data.synthetic import iter_shard_pairs, write_synthetic_world
 
 # Fields of VIKDFConfig that make the heads fit the tiny components of `vikdf.testing`.
-TINY_CONFIG_OVERRIDES = {"mask_patch_size": 8, "head_num_attention_heads": 4, "head_intermediate_size": 64, "tim_embed_dim": 16}
+TINY_CONFIG_OVERRIDES = {
+    "mask_patch_size": 8, "head_num_attention_heads": 4, "head_intermediate_size": 64, "tim_embed_dim": 16
+}
 
 # Top-level parts that only one objective trains (the ablation switches of Table 3 remove them from the loss).
 HEAD_PARTS = {
@@ -51,15 +53,33 @@ def pretrain_argv(components, train_sources: str, output_dir, **options) -> list
     return argv
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off everywhere, modules (`nn.Dropout`) and functional attention dropout alike, train mode kept."""
+@contextmanager
+def one_torch_thread():
+    """Run torch ops on one thread. On a small shared machine (2 cores, other jobs running) torch's default of one
+    OpenMP thread per core makes training steps 20-40x slower from threads spinning against each other; one thread
+    costs ~20 % when the machine is idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Dropout probability `p` everywhere in `model`: `nn.Dropout` modules and functional attention dropout."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            module.p = 0.0
+            module.p = p
         for name in ("attention_dropout", "dropout"):
             if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
+                setattr(module, name, p)
     return model
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere, train mode kept."""
+    return set_dropout(model, 0.0)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,10 +107,14 @@ class CaptureGradients(TrainerCallback):
         })
 
 
-@pytest.fixture(scope="session")
-def pair_world(tmp_path_factory):
-    """64 synthetic image–text pairs in two real webdataset shards."""
-    root: Path = tmp_path_factory.mktemp("pair_world")
-    return write_synthetic_world(
-        root, num_pairs=64, num_shards=2, num_heldout_pairs=4, num_dialogues=4, num_eval_dialogues=6
-    )
+_SHARED: dict[str, object] = {}
+
+
+def shared_pair_world(tmp_path_factory):
+    """64 synthetic image–text pairs in two real webdataset shards (32 each), written once per test session."""
+    if "pair_world" not in _SHARED:
+        root: Path = tmp_path_factory.mktemp("pair_world")
+        _SHARED["pair_world"] = write_synthetic_world(
+            root, num_pairs=64, num_shards=2, num_heldout_pairs=4, num_dialogues=4, num_eval_dialogues=6
+        )
+    return _SHARED["pair_world"]

@@ -100,8 +100,10 @@ def test_vikdf_fine_tuning_saves_an_inference_checkpoint_that_fits_better(world,
 
     assert ppl_on_training_dialogues(out) < ppl_on_training_dialogues(world["pretrained"])
 
+    # In a process that imported `vikdf` the Auto classes resolve to the installed VIKDF classes; loading from
+    # the dynamic module in a fresh process is covered by test_model.py's round trip.
     model = AutoModel.from_pretrained(out, trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules")
+    assert type(model).__name__ == "VIKDFForConditionalGeneration"
     torch.testing.assert_close(model.language_projection.weight, weights["language_projection.weight"])
 
 

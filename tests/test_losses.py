@@ -136,6 +136,9 @@ def test_iamtm_is_cross_entropy_on_masked_tokens_only():
     assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
     assert iamtm_loss(logits, labels, reduction="sum").item() == pytest.approx(sum(expected), rel=1e-6)
     assert iamtm_loss(logits, labels, reduction="sum").item() == pytest.approx(3 * loss.item(), rel=1e-6)
+    # The trainer passes the masked positions' logits only, (M, V) with labels (M,): the same loss.
+    selected = labels != IGNORE_INDEX
+    assert iamtm_loss(logits[selected], labels[selected]).item() == pytest.approx(loss.item(), rel=1e-6)
 
     other = logits.clone()
     other[labels == IGNORE_INDEX] = torch.randn(int((labels == IGNORE_INDEX).sum()), 7) * 10
@@ -145,7 +148,8 @@ def test_iamtm_is_cross_entropy_on_masked_tokens_only():
 def test_empty_selection_gives_zero_not_nan():
     labels = torch.full((2, 4), IGNORE_INDEX)
     assert iamtm_loss(torch.randn(2, 4, 5), labels).item() == 0.0
-    assert tamim_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool)).item() == 0
+    nothing_masked = torch.zeros(1, 2, 2, dtype=torch.bool)
+    assert tamim_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), nothing_masked).item() == 0
     with pytest.raises(ValueError, match="reduction"):
         iamtm_loss(torch.randn(2, 4, 5), labels, reduction="none")
 

@@ -37,6 +37,7 @@ def _loss_and_grads(text, image, logit_scale_value):
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         inputs = _inputs()

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from configuration_vikdf import VIKDFConfig
+from vikdf.components import iq_former_config_from_bert
 
 LLM_FAMILIES = ("llama", "qwen2", "mistral")
 
@@ -97,9 +98,11 @@ def tiny_clip_config(vocab_size: int = 512, image_size: int = 32, patch_size: in
 
 
 def tiny_bert_config(width: int = 32) -> BertConfig:
+    # No dropout: at width 32 BERT's 0.1 dropout noise is far larger than what the freshly initialised
+    # cross-attention adds to the queries, and the IQ-Former then cannot even overfit one TIM batch.
     return BertConfig(
         vocab_size=128, hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width,
-        max_position_embeddings=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
 
 
@@ -115,11 +118,7 @@ def tiny_vikdf_config(llm_family: str = "llama", num_query_tokens: int = 8, **ov
     """A `VIKDFConfig` of the paper's structure at toy size (32-pixel images, width-32 towers, 2 layers each)."""
     clip = tiny_clip_config()
     bert = tiny_bert_config()
-    qformer = dict(
-        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
-        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
-        cross_attention_frequency=2, encoder_hidden_size=clip.projection_dim, use_qformer_text_input=False,
-    )
+    qformer = iq_former_config_from_bert(bert, encoder_hidden_size=clip.projection_dim).to_dict()
     settings = dict(
         clip_config=clip.to_dict(), qformer_config=qformer, text_config=tiny_llm_config(llm_family).to_dict(),
         num_query_tokens=num_query_tokens, knowledge_token_id=511, **TINY_HEADS,

@@ -1,8 +1,9 @@
 """Collators that turn examples into the batches the VIKDF trainers take.
 
 Every random choice of the pre-training collator (crop, pixel mask, caption mask, prompts) is drawn from a
-generator seeded by (seed, batch number, position in batch), so a run is reproducible whatever the global RNG does,
-and a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+generator seeded by (seed, DataLoader worker, batch number, position in batch), so a run is reproducible whatever
+the global RNG does, and a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have
+seen.
 """
 
 import random
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.data.pairs import build_image_transform
@@ -64,10 +66,14 @@ class PretrainCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         config, batch_number = self.config, self._batches
         self._batches += 1
+        # Each DataLoader worker holds its own copy of this collator and so its own batch counter: the worker id
+        # keeps two workers' n-th batches from drawing the same crops and masks.
+        worker = get_worker_info()
+        stream = (self.seed,) if worker is None else (self.seed, worker.id)
         generators = []
         pixels = []
         for position, example in enumerate(examples):
-            example_seed = hash((self.seed, batch_number, position)) % (2**63)
+            example_seed = hash((*stream, batch_number, position)) % (2**63)
             generators.append(torch.Generator().manual_seed(example_seed))
             if "pixel_values" in example:
                 pixels.append(example["pixel_values"])

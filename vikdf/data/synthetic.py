@@ -329,22 +329,17 @@ def tokenize_words(text: str) -> list[str]:
 
 
 def scramble_visual_facts(text: str, rng: random.Random) -> str:
-    """`text` with every object colour and shape word replaced by a random one of its kind.
+    """`text` with its colour and shape words passed through one random permutation of each word set.
 
-    The stand-in LLM reads the world's captions and dialogues through this filter: it learns the language
-    (that a colour word follows "those are usually") but none of the visual facts (which colour a blicket has),
-    as a real LLM has read about things it has never seen. The facts then live only in the images, and the
-    knowledge VIKDF distils from the image–text pairs is the only way for them to reach the LLM.
+    The stand-in LLM reads the world's texts through this filter. Within a text the facts stay consistent (a
+    colour said twice is the same colour twice, so the LLM can learn to use what its prompt says), but across
+    texts which colour a blicket has becomes noise: the LLM learns the language and none of the visual facts, as a
+    real LLM has read about things it has never seen. The facts then live only in the images, and the knowledge
+    VIKDF distils from the image–text pairs is the only way for them to reach the LLM.
     """
     colours, shapes = list(COLOURS), list(SHAPES)
-
-    def replace(match: re.Match) -> str:
-        word = match.group(0)
-        if word in COLOURS:
-            return rng.choice(colours)
-        return rng.choice(shapes) if word in SHAPES else word
-
-    return re.sub(r"[a-z]+", replace, text)
+    swap = dict(zip(colours, rng.sample(colours, len(colours)))) | dict(zip(shapes, rng.sample(shapes, len(shapes))))
+    return re.sub(r"[a-z]+", lambda match: swap.get(match.group(0), match.group(0)), text)
 
 
 def knowledge_table(attribute: str = "colour") -> dict[str, str]:
