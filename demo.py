@@ -48,12 +48,12 @@ from vikdf.testing import TINY_HEADS, write_tiny_components
 # Sizes and schedules per preset: "full" is the README's demo, "smoke" the test's smaller setting.
 PRESETS = {
     "full": dict(
-        num_pairs=2000, num_dialogues=1000, num_eval_dialogues=120, clip_steps=300, llm_steps=400,
+        num_pairs=2000, num_heldout_pairs=200, num_dialogues=1000, num_eval_dialogues=120, clip_steps=300, llm_steps=1500,
         pretrain_steps=300, pretrain_batch=16, dialogue_epochs=2, eval_batch=24, num_query_tokens=8,
     ),
     "smoke": dict(
-        num_pairs=400, num_dialogues=200, num_eval_dialogues=24, clip_steps=120, llm_steps=120,
-        pretrain_steps=40, pretrain_batch=16, dialogue_epochs=1, eval_batch=24, num_query_tokens=8,
+        num_pairs=1000, num_heldout_pairs=50, num_dialogues=200, num_eval_dialogues=24, clip_steps=300, llm_steps=120,
+        pretrain_steps=300, pretrain_batch=16, dialogue_epochs=1, eval_batch=24, num_query_tokens=8,
     ),
 }
 METRIC_COLUMNS = [
@@ -89,18 +89,19 @@ def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
     """What the stand-in LLM reads: the world's captions and chat-formatted training dialogues, with the visual facts
     scrambled per text (`scramble_visual_facts`): it learns the language, not which colour an object has.
 
-    Half of the dialogues open the user turn with a short description of the object ("a red circle."), where the
-    knowledge slots will later sit, so the LLM learns what a real chat LLM already does: use what its prompt says.
+    Each dialogue appears twice opening the user turn with a short description of the object ("a red circle."),
+    where the knowledge slots will later sit, and once without. So the LLM learns what a real chat LLM already does,
+    use what its prompt says; a 2-layer LLM needs that much of it (measured: with a description in half of one copy
+    it never learned to copy the colour, with this mix it copies it about 80 % of the time).
     """
     rng = random.Random(seed)
     colours, shapes = knowledge_table("colour"), knowledge_table("shape")
     texts = [caption for _, caption in pairs]
-    for index, dialogue in enumerate(load_dialogues(world.reddit_train)):
+    for dialogue in load_dialogues(world.reddit_train):
         context = list(dialogue.context)
-        if index % 2 == 0:
-            name = mentioned_object(context)
-            context[0] = f"a {colours[name]} {shapes[name]}. {context[0]}"
-        texts.append(chat_formatted(tokenizer, context, dialogue.response))
+        name = mentioned_object(context)
+        described = [f"a {colours[name]} {shapes[name]}. {context[0]}", *context[1:]]
+        texts += [chat_formatted(tokenizer, turns, dialogue.response) for turns in (described, described, context)]
     return [scramble_visual_facts(text, rng) for text in texts]
 
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
 
     world = write_synthetic_world(
-        out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_dialogues=settings["num_dialogues"],
+        out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_heldout_pairs=settings["num_heldout_pairs"],
+        num_dialogues=settings["num_dialogues"],
         num_eval_dialogues=settings["num_eval_dialogues"],
     )
     stage(f"1/6 synthetic world written: {settings['num_pairs']} image–text pairs, dialogues in Reddit and "
