@@ -31,6 +31,22 @@ def _batches(count: int, batch_size: int, steps: int, seed: int):
         del order[:batch_size]
 
 
+def _fit(model, folder, step_loss, batches, steps: int, learning_rate: float, seed: int, name: str) -> list[float]:
+    """AdamW over `batches`, then save `model` back to `folder`; returns the loss per step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    torch.manual_seed(seed)
+    model.train()
+    losses = []
+    for batch in tqdm(batches, total=steps, desc=f"stand-in {name}", leave=False):
+        loss = step_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(folder)
+    return losses
+
+
 def pretrain_clip(
     folder: str | Path,
     pairs: Sequence[tuple[Image.Image, str]],
@@ -45,22 +61,15 @@ def pretrain_clip(
     image_processor = CLIPImageProcessor.from_pretrained(folder)
     pixels = image_processor([image for image, _ in pairs], return_tensors="pt")["pixel_values"]
     texts = tokenizer([caption for _, caption in pairs], padding=True, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    torch.manual_seed(seed)
-    model.train()
-    losses = []
-    for batch in tqdm(_batches(len(pairs), batch_size, steps, seed), total=steps, desc="stand-in CLIP", leave=False):
+
+    def step_loss(batch: list[int]) -> torch.Tensor:
         index = torch.tensor(batch)
-        loss = model(
+        return model(
             input_ids=texts["input_ids"][index], attention_mask=texts["attention_mask"][index],
             pixel_values=pixels[index], return_loss=True,
         ).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.save_pretrained(folder)
-    return losses
+
+    return _fit(model, folder, step_loss, _batches(len(pairs), batch_size, steps, seed), steps, learning_rate, seed, "CLIP")
 
 
 def chat_formatted(tokenizer, context: Sequence[str], response: str) -> str:
@@ -82,23 +91,15 @@ def pretrain_llm(
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:max_length] for text in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    torch.manual_seed(seed)
-    model.train()
-    losses = []
-    for batch in tqdm(_batches(len(encoded), batch_size, steps, seed), total=steps, desc="stand-in LLM", leave=False):
+
+    def step_loss(batch: list[int]) -> torch.Tensor:
         rows = [encoded[i] for i in batch]
         width = max(len(row) for row in rows)
         input_ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in rows])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        labels = input_ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.save_pretrained(folder)
-    return losses
+        return model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss
+
+    return _fit(model, folder, step_loss, _batches(len(encoded), batch_size, steps, seed), steps, learning_rate, seed, "LLM")
 
 
 __all__ = ["pretrain_clip", "pretrain_llm", "chat_formatted"]
