@@ -297,8 +297,8 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         hidden = self.iamtm_block(masked_text_states, image_knowledge)
         return self.iamtm_head(hidden if positions is None else hidden[positions])
 
-    def knowledge_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Column indices (B, n) of the `<knowledge>` placeholders in each row, checked to number exactly n."""
+    def knowledge_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Boolean mask (B, S) of the `<knowledge>` placeholders, checked to number exactly n in every row."""
         is_slot = input_ids == self.config.knowledge_token_id
         counts = is_slot.sum(-1)
         n = self.config.num_query_tokens
@@ -307,7 +307,11 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
                 f"Each sequence must hold exactly num_query_tokens={n} `{self.config.knowledge_token}` placeholders, "
                 f"got {counts.tolist()}. Build the inputs with VIKDFProcessor."
             )
-        return is_slot.nonzero()[:, 1].view(-1, n)
+        return is_slot
+
+    def knowledge_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Column indices (B, n) of the `<knowledge>` placeholders in each row."""
+        return self.knowledge_slots(input_ids).nonzero()[:, 1].view(-1, self.config.num_query_tokens)
 
     def reconstruct_knowledge(self, llm_hidden_states: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         """IAKR (eq. 7–8): `K̂` (B, n, D) from the LLM's final states one position before each knowledge slot.
@@ -331,8 +335,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
                     "(the dialogue context for the CLIP text tower) or knowledge."
                 )
             return embeddings
-        self.knowledge_positions(input_ids)
-        slots = (input_ids == self.config.knowledge_token_id).unsqueeze(-1)
+        slots = self.knowledge_slots(input_ids).unsqueeze(-1)
         projected = self.language_projection(knowledge.to(self.language_projection.weight.dtype))
         return embeddings.masked_scatter(slots, projected.to(embeddings.dtype))
 

@@ -54,6 +54,20 @@ PEAK_BF16_TFLOPS = (
 # ------------------------------------------------------------------------------------------------ device and dtype
 
 
+def add_common_arguments(parser, llm_layers_help: str) -> None:
+    """The command-line flags every benchmark takes: model size, device and dtype, threads, seed, result files."""
+    parser.add_argument("--size", choices=("tiny", "paper"), default="tiny")
+    parser.add_argument("--llm_family", choices=("llama", "qwen2", "mistral"), default="llama", help="tiny size only")
+    parser.add_argument("--llm_layers", type=int, default=None, help=llm_layers_help)
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default=None, help="default benchmarks/results")
+    parser.add_argument("--tag", default=None, help="suffix of the result file names (several runs on one device)")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -178,9 +178,7 @@ def timed_run(pipeline, batch_size: int, settings: dict) -> tuple[float, float, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("tiny", "paper"), default="tiny")
-    p.add_argument("--llm_family", choices=("llama", "qwen2", "mistral"), default="llama", help="tiny size only")
-    p.add_argument("--llm_layers", type=int, default=None, help="paper size: cut the LLM to this many layers")
+    common.add_common_arguments(p, llm_layers_help="paper size: cut the LLM to this many layers")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16, 32])
     p.add_argument("--num_dialogues", type=int, default=64)
     p.add_argument("--num_beams", type=int, default=3)
@@ -191,13 +189,6 @@ def parse_args(argv=None):
     p.add_argument("--no_ngram_reference", action="store_true",
                    help="skip the reference rows without no_repeat_ngram_size")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions per row (median reported)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default=None, help="default benchmarks/results")
-    p.add_argument("--tag", default=None, help="suffix of the result file names (several runs on one device)")
     return p.parse_args(argv)
 
 

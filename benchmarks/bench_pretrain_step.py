@@ -992,18 +992,13 @@ def analytic_projection(args) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("tiny", "paper"), default="tiny")
-    p.add_argument("--llm_family", choices=("llama", "qwen2", "mistral"), default="llama", help="tiny size only")
-    p.add_argument("--llm_layers", type=int, default=None, help="cut the LLM to this many layers (e.g. 2 on CPU)")
+    common.add_common_arguments(p, llm_layers_help="cut the LLM to this many layers (e.g. 2 on CPU)")
     p.add_argument("--micro_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
-    p.add_argument("--device", default="auto")
     p.add_argument("--gradient_checkpointing", action="store_true", help="whole-model checkpointing in the main rows")
     p.add_argument("--caption_tokens", type=int, default=20, help="caption length in tokens (LLM and CLIP)")
     p.add_argument("--prompt_tokens", type=int, default=12, help="instruction prompt length in the LLM rows")
-    p.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa")
     p.add_argument("--optimizer", choices=("fused", "foreach", "forloop"), default="fused",
                    help="AdamW implementation of the main rows (fused = the Trainer's default adamw_torch_fused)")
     p.add_argument("--no_blip2", action="store_true", help="skip the BLIP-2 reference")
@@ -1018,10 +1013,6 @@ def parse_args(argv=None):
     p.add_argument("--no_checks", action="store_true", help="skip the variant-loss and FlopCounterMode checks")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds of --steps per row (default 3 on CPU, 2 on GPU); medians over all steps")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default=None, help="default benchmarks/results")
-    p.add_argument("--tag", default=None, help="suffix of the result file names (several runs on one device)")
     return p.parse_args(argv)
 
 

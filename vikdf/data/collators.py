@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
+from configuration_vikdf import VIKDFConfig
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.data.pairs import build_image_transform
 from vikdf.masking import mask_caption_tokens, tamim_pixel_mask
@@ -50,7 +51,7 @@ class PretrainCollator:
     """
 
     processor: VIKDFProcessor
-    config: "object"  # VIKDFConfig; kept loose so a plain namespace with the same fields works too
+    config: VIKDFConfig
     image_transform: Callable | None = None
     seed: int = 0
     _batches: int = field(default=0, init=False)
