@@ -3,7 +3,8 @@
 Layouts (DESIGN.md §3), `<k>×n` being n copies of the knowledge placeholder:
 
 - dialogue (§3.4): the LLM's own chat template, the knowledge slots right after the template's opening (the start
-  of the user turn), the context turns joined by newlines; labels on the response and end-of-sequence only;
+  of the user turn), the context turns joined by newlines; the response written as the template writes an
+  assistant turn, labels on it and its end-of-sequence only;
 - IACI caption (eq. 6): `[bos] <k>×n {caption prompt} {caption}[eos]`, labels on the caption and eos only;
 - IAKR reconstruction (eq. 7–8): `[bos] {reconstruction prompt} {caption} <k>×n`, no labels.
 
@@ -150,6 +151,23 @@ class VIKDFProcessor(ProcessorMixin):
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self._ids(prompt)
 
+    def dialogue_response_ids(self, response: str) -> list[int]:
+        """Token ids of `response` as the chat template writes an assistant turn, ending with eos.
+
+        Templates differ around the response: Llama-2 writes `[/INST] {response} </s>`, ChatML
+        `assistant\n{response}<|im_end|>`. The ids are cut from a whole templated conversation, so they are the ones
+        the LLM saw in chat tuning; the bare response would teach it a boundary it never saw (with byte-level BPE,
+        `was` and ` was` are different tokens). A template whose conversation does not extend its own generation
+        prompt gets the bare response.
+        """
+        eos_id = self.tokenizer.eos_token_id
+        user = [{"role": "user", "content": "x"}]
+        prompt = self._ids(self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+        conversation = [*user, {"role": "assistant", "content": response.strip()}]
+        full = self._ids(self.tokenizer.apply_chat_template(conversation, tokenize=False))
+        turn = full[len(prompt) :] if full[: len(prompt)] == prompt else self._ids(response.strip())
+        return (turn[: turn.index(eos_id)] if eos_id in turn else turn) + [eos_id]
+
     def _fit_context(self, context: Context, budget: int, with_knowledge: bool) -> list[int]:
         """Prompt ids within `budget` tokens, dropping the oldest context tokens first."""
         ids = self.dialogue_prompt_ids(context, with_knowledge)
@@ -180,7 +198,7 @@ class VIKDFProcessor(ProcessorMixin):
             raise ValueError(f"Got {len(contexts)} contexts but {len(responses)} responses.")
         rows, labels = [], []
         for index, context in enumerate(contexts):
-            target = [] if responses is None else self._ids(responses[index].strip()) + [self.tokenizer.eos_token_id]
+            target = [] if responses is None else self.dialogue_response_ids(responses[index])
             target = target[: self.max_length // 2]
             prompt = self._fit_context(context, self.max_length - len(target), with_knowledge)
             rows.append(prompt + target)

@@ -175,10 +175,12 @@ def write_tiny_components(
     corpus: Iterable[str] = DEFAULT_CORPUS,
     image_size: int = 32,
     seed: int = 0,
+    vocab_size: int = 512,
 ) -> TinyComponentPaths:
     """Write random tiny CLIP, BERT and LLM folders (weights, configs, tokenizers, image processor) to `directory`.
 
-    The LLM vocabulary leaves room for the `<knowledge>` token the component loader adds, as real LLMs do.
+    `vocab_size` bounds both BPE vocabularies (fewer entries when `corpus` has fewer distinct pieces); the LLM's
+    leaves room for the `<knowledge>` token the component loader adds, as real LLMs do.
     """
     _check_family(llm_family)
     corpus = list(corpus)
@@ -186,7 +188,7 @@ def write_tiny_components(
     paths = TinyComponentPaths(clip=root / "clip", bert=root / "bert", llm=root / f"llm-{llm_family}")
     torch.manual_seed(seed)
 
-    clip_tokenizer = tiny_clip_tokenizer(corpus)
+    clip_tokenizer = tiny_clip_tokenizer(corpus, vocab_size)
     clip = CLIPModel(tiny_clip_config(vocab_size=len(clip_tokenizer), image_size=image_size))
     clip.save_pretrained(paths.clip)
     clip_tokenizer.save_pretrained(paths.clip)
@@ -196,7 +198,7 @@ def write_tiny_components(
 
     BertModel(tiny_bert_config()).save_pretrained(paths.bert)
 
-    llm_tokenizer = tiny_llm_tokenizer(llm_family, corpus)
+    llm_tokenizer = tiny_llm_tokenizer(llm_family, corpus, vocab_size - 2)
     llm = AutoModelForCausalLM.from_config(tiny_llm_config(llm_family, vocab_size=len(llm_tokenizer)))
     llm.config.bos_token_id = llm_tokenizer.bos_token_id
     llm.config.eos_token_id = llm_tokenizer.eos_token_id
