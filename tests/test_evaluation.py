@@ -52,7 +52,7 @@ def test_batched_generation_equals_batch_size_one_qwen2(build_tiny):
 def manual_nll(model, processor, context, response) -> tuple[float, int]:
     """NLL of response + eos computed token by token from one unpadded sequence, independently of the library."""
     prompt = processor.dialogue_prompt_ids(context)
-    target = processor.tokenizer(response, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+    target = processor.dialogue_response_ids(response)
     clip = processor.clip_text_inputs([context])
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + target]), **clip).logits[0]

@@ -204,6 +204,21 @@ def test_over_long_dialogue_context_keeps_latest_tokens(build_tiny):
     assert processor.tokenizer.decode(labelled, skip_special_tokens=True).strip() == "an answer"
 
 
+@pytest.mark.parametrize("llm_family", LLM_FAMILIES)
+def test_dialogue_layout_is_the_chat_templates_own_tokenisation(build_tiny, llm_family):
+    # The LLM was chat-tuned on its template's text; the response must sit exactly where the template puts it
+    # (Llama-2: "[/INST] {response} </s>", ChatML: "assistant\n{response}<|im_end|>").
+    _, processor = build_tiny(llm_family)
+    context, response = ["hello there", "what did you see?"], "a dog and a red ball"
+    batch = processor.dialogue_inputs([context], [response], with_knowledge=False)
+    messages = [{"role": "user", "content": "\n".join(context)}, {"role": "assistant", "content": response}]
+    rendered = processor.tokenizer.apply_chat_template(messages, tokenize=False)
+    expected = processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0]
+    assert ids == expected[: len(ids)] and ids[-1] == processor.tokenizer.eos_token_id
+    assert processor.tokenizer.decode(labels[labels != -100], skip_special_tokens=True).strip() == response
+
+
 def test_knowledge_placeholders_without_knowledge_give_a_clear_error(build_tiny):
     model, processor = build_tiny("llama")
     inputs = processor(text=["hello"])
