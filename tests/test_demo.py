@@ -20,6 +20,7 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path):
         for key in ("ppl", "bleu_1", "rouge_l", "distinct_1", "distinct_2", "knowledge_accuracy", "knowledge_accuracy_seen"):
             assert math.isfinite(metrics[key]), (name, key)
         assert metrics["embedding_average"] is None  # no GloVe file: reported as missing, never as 0
+    assert all(0.0 <= rate <= 1.0 for rate in summary["llm_prompt_use"].values())
     assert summary["tim_recall_at_1"] >= 5 * summary["tim_chance"]
 
 
