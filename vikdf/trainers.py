@@ -60,8 +60,10 @@ class _MetricsMixin:
         if not hasattr(self, "_window"):
             self._window = {"train": defaultdict(list), "eval": defaultdict(list)}
         mode = "train" if self.model.training else "eval"
-        for name, value in values.items():
-            self._window[mode][name].append(self.accelerator.reduce(value.detach().float(), reduction="mean").item())
+        # One reduce and one host sync for all objectives, not one per objective.
+        stacked = torch.stack([value.detach().float() for value in values.values()])
+        for name, value in zip(values, self.accelerator.reduce(stacked, reduction="mean").tolist(), strict=True):
+            self._window[mode][name].append(value)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         window = getattr(self, "_window", None)
