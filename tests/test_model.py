@@ -219,6 +219,17 @@ def test_dialogue_layout_is_the_chat_templates_own_tokenisation(build_tiny, llm_
     assert processor.tokenizer.decode(labels[labels != -100], skip_special_tokens=True).strip() == response
 
 
+def test_dialogue_response_falls_back_to_the_bare_response_for_an_inconsistent_template(build_tiny):
+    # A template whose conversation does not start with its own generation prompt: the response cannot be cut out.
+    _, processor = build_tiny("llama")
+    processor.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'bot: ' }}{% endif %}"
+    )
+    expected = processor.tokenizer("an answer", add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id]
+    assert processor.dialogue_response_ids(" an answer ") == expected
+
+
 def test_knowledge_placeholders_without_knowledge_give_a_clear_error(build_tiny):
     model, processor = build_tiny("llama")
     inputs = processor(text=["hello"])
