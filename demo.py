@@ -30,11 +30,10 @@ import eval_dialogue
 import train_dialogue
 import train_pretrain
 from configuration_vikdf import CAPTION_PROMPTS, RECONSTRUCTION_PROMPTS
-from modeling_vikdf import VIKDFForConditionalGeneration
-from processing_vikdf import VIKDFProcessor
 from vikdf.components import build_vikdf_from_components
 from vikdf.data.dialogue import load_dialogues
 from vikdf.data.pairs import build_image_transform
+from vikdf.evaluation import load_checkpoint
 from vikdf.data.synthetic import (
     COLOURS,
     iter_shard_pairs,
@@ -59,6 +58,7 @@ PRESETS = {
         pretrain_steps=300, pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8,
     ),
 }
+COLOUR_OF, SHAPE_OF = knowledge_table("colour"), knowledge_table("shape")
 METRIC_COLUMNS = [
     ("PPL", "ppl"), ("BLEU-1", "bleu_1"), ("ROUGE-L", "rouge_l"), ("Average", "embedding_average"),
     ("Extrema", "vector_extrema"), ("Greedy", "greedy_matching"), ("Dis-1", "distinct_1"), ("Dis-2", "distinct_2"),
@@ -111,7 +111,7 @@ def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
 def describe_object(context: list[str]) -> list[str]:
     """`context` opened with its object's colour and shape ("a red circle. ..."), where the knowledge slots sit."""
     name = mentioned_object(context)
-    return [f"a {knowledge_table('colour')[name]} {knowledge_table('shape')[name]}. {context[0]}", *context[1:]]
+    return [f"a {COLOUR_OF[name]} {SHAPE_OF[name]}. {context[0]}", *context[1:]]
 
 
 def prompt_use(llm_folder: Path, dialogues: list) -> tuple[float, float]:
@@ -125,7 +125,7 @@ def prompt_use(llm_folder: Path, dialogues: list) -> tuple[float, float]:
         hits = 0
         for dialogue in dialogues:
             context = list(dialogue.context)
-            truth = knowledge_table("colour")[mentioned_object(context)]
+            truth = COLOUR_OF[mentioned_object(context)]
             text = chat_formatted(tokenizer, describe_object(context) if described else context, dialogue.response)
             prefix = text[: text.index(truth, text.rindex(dialogue.response.strip()))]
             # Byte-level BPE merges a space with the next word: score " red", not " " then "red".
@@ -143,8 +143,8 @@ def prompt_use(llm_folder: Path, dialogues: list) -> tuple[float, float]:
 
 def tim_recall_at_1(checkpoint: Path, heldout_shard: Path) -> tuple[float, float]:
     """TIM text→image recall@1 over held-out pairs, and chance (1/N)."""
-    model = VIKDFForConditionalGeneration.from_pretrained(checkpoint).eval()
-    processor = VIKDFProcessor.from_pretrained(checkpoint)
+    model, processor = load_checkpoint(checkpoint)
+    model.eval()
     pairs = list(iter_shard_pairs([heldout_shard]))
     transform = build_image_transform(model.config.clip_config.vision_config.image_size, train=False)
     pixels = torch.stack([transform(image) for _, image, _ in pairs])
@@ -267,10 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
         "Frozen LLM (no knowledge)": ("llm", out / "vikdf", ["--baseline", "llm"]),
         "LLM + LoRA on the dialogues": ("lora", out / "lora", []),
         "VIKDF without pre-training": ("no_pretrain", out / "no_pretrain", []),
-        "VIKDF": ("vikdf", out / "vikdf", ["--textualise", "3"]),
+        "VIKDF": ("vikdf", out / "vikdf", []),
     }
     results = {
-        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings, extra)
+        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings,
+                       [*extra, "--textualise", "3"] if name == "VIKDF" else extra)
         for name, (folder, checkpoint, extra) in systems.items()
     }
     # In-distribution check: validation dialogues about the objects whose colours fine-tuning did see.
