@@ -6,6 +6,7 @@ Nothing here changes the model; it only builds and measures it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import gc
@@ -16,7 +17,6 @@ import re
 import shlex
 import sys
 import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +28,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from vikdf import arguments  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -54,8 +56,12 @@ PEAK_BF16_TFLOPS = (
 # ------------------------------------------------------------------------------------------------ device and dtype
 
 
-def add_common_arguments(parser, llm_layers_help: str) -> None:
-    """The command-line flags every benchmark takes: model size, device and dtype, threads, seed, result files."""
+def argument_parser(docstring: str, llm_layers_help: str) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of the benchmark's `docstring`, with the flags every model benchmark
+    takes: model size, device and dtype, threads, seed, result files."""
+    parser = argparse.ArgumentParser(
+        description=docstring.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=("tiny", "paper"), default="tiny")
     parser.add_argument("--llm_family", choices=("llama", "qwen2", "mistral"), default="llama", help="tiny size only")
     parser.add_argument("--llm_layers", type=int, default=None, help=llm_layers_help)
@@ -66,6 +72,7 @@ def add_common_arguments(parser, llm_layers_help: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=None, help="default benchmarks/results")
     parser.add_argument("--tag", default=None, help="suffix of the result file names (several runs on one device)")
+    return parser
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -75,12 +82,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto = bf16 on a GPU that has it, fp32 on CPU (as `vikdf.arguments.resolve_dtype`)."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    """`vikdf.arguments.resolve_dtype` for the device the benchmark runs on: "auto" is fp32 on a GPU machine's CPU."""
+    return torch.float32 if name == "auto" and device.type != "cuda" else arguments.resolve_dtype(name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -161,21 +164,6 @@ def build_random_model(model_class, config, device: torch.device, dtype: torch.d
             elif isinstance(part, torch.nn.Module):
                 part.float()
     return model
-
-
-def enable_checkpointing(module) -> None:
-    """Activation (gradient) checkpointing as the Trainer switches it on (non-reentrant)."""
-    if hasattr(module, "activation_checkpointing_enable"):
-        module.activation_checkpointing_enable()
-    else:  # older transformers
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def disable_checkpointing(module) -> None:
-    if hasattr(module, "activation_checkpointing_disable"):
-        module.activation_checkpointing_disable()
-    else:
-        module.gradient_checkpointing_disable()
 
 
 def count_parameters(module: torch.nn.Module, trainable: bool | None = None) -> int:
@@ -360,20 +348,3 @@ def fmt(value, digits: int = 2, missing: str = "n/a") -> str:
         return value
     return f"{value:,.{digits}f}"
 
-
-class Timer:
-    """Wall time of a block with device synchronisation at both ends."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = 0.0
-
-    def __enter__(self):
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
-        return False

@@ -24,7 +24,6 @@ is reported. Rows "without no_repeat_ngram" show the share of transformers' n-gr
 
 from __future__ import annotations
 
-import argparse
 import copy
 import random
 import statistics
@@ -74,12 +73,15 @@ class TinyPipeline:
         self.contexts = synthetic_dialogues(args.num_dialogues, args.seed)
         self.device = device
 
-    def run(self, batch_size: int, settings: dict, limit: int | None = None) -> list[str]:
-        """All dialogues (or the first `limit`) through the evaluation code; the responses in input order."""
+    def prepare(self, batch_size: int, limit: int | None = None) -> list:
+        """The contexts as they are: the evaluation code tokenises inside the timed call, as `eval_dialogue.py` does."""
+        return self.contexts[:limit]
+
+    def generate(self, prepared: list, batch_size: int, settings: dict) -> list[str]:
+        """The dialogues through the evaluation code; the responses in input order."""
         from vikdf.evaluation import generate_responses
 
-        return generate_responses(self.model, self.processor, self.contexts[:limit], batch_size=batch_size,
-                                  progress=False, **settings)
+        return generate_responses(self.model, self.processor, prepared, batch_size=batch_size, progress=False, **settings)
 
     @property
     def pad_eos(self) -> tuple[int, int]:
@@ -133,16 +135,17 @@ class PaperPipeline:
         clip_mask = torch.tensor([[1] * len(e["clip"]) + [0] * (clip_width - len(e["clip"])) for e in chunk])
         return {"input_ids": ids, "attention_mask": mask, "clip_input_ids": clip, "clip_attention_mask": clip_mask}
 
-    def run(self, batch_size: int, settings: dict, limit: int | None = None) -> list[list[int]]:
-        """Longest contexts first in batches of similar length (as `vikdf.evaluation`); new ids in input order."""
+    def prepare(self, batch_size: int, limit: int | None = None) -> list[tuple[list[int], dict]]:
+        """Longest contexts first in batches of similar length (as `vikdf.evaluation`), already on the device."""
         examples = self.examples[:limit]
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["ids"]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        prepared = [(chunk, {k: v.to(self.device) for k, v in self._batch([examples[i] for i in chunk]).items()})
-                    for chunk in batches]
-        outputs: list[list[int] | None] = [None] * len(examples)
-        common.synchronize(self.device)
-        self._start = time.perf_counter()  # inputs are ready: the timer of `timed_run` restarts here
+        return [(chunk, {k: v.to(self.device) for k, v in self._batch([examples[i] for i in chunk]).items()})
+                for chunk in batches]
+
+    def generate(self, prepared: list[tuple[list[int], dict]], batch_size: int, settings: dict) -> list[list[int]]:
+        """New ids per dialogue, in input order."""
+        outputs: list[list[int] | None] = [None] * sum(len(chunk) for chunk, _ in prepared)
         with torch.no_grad():
             for chunk, batch in prepared:
                 generated = self.model.generate(**batch, **settings)
@@ -163,22 +166,19 @@ class PaperPipeline:
 
 
 def timed_run(pipeline, batch_size: int, settings: dict) -> tuple[float, float, list[list[int]]]:
-    """(seconds, peak GiB, outputs) of generating every dialogue at `batch_size`."""
-    pipeline._start = None
+    """(seconds, peak GiB, outputs) of generating every dialogue at `batch_size`, from inputs the pipeline prepared."""
+    prepared = pipeline.prepare(batch_size)
     with common.PeakMemory(pipeline.device) as memory:
         common.synchronize(pipeline.device)
         start = time.perf_counter()
-        outputs = pipeline.run(batch_size, settings)
+        outputs = pipeline.generate(prepared, batch_size, settings)
         common.synchronize(pipeline.device)
         end = time.perf_counter()
-    if getattr(pipeline, "_start", None) is not None:
-        start = pipeline._start
     return end - start, memory.peak_gib, outputs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(p, llm_layers_help="paper size: cut the LLM to this many layers")
+    p = common.argument_parser(__doc__, llm_layers_help="paper size: cut the LLM to this many layers")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16, 32])
     p.add_argument("--num_dialogues", type=int, default=64)
     p.add_argument("--num_beams", type=int, default=3)
@@ -220,7 +220,7 @@ def main(argv=None):
     # Warm-up: one batch of each size (kernels, allocator, tokenizers), not timed.
     for size in sizes:
         try:
-            pipeline.run(size, settings, limit=size)
+            pipeline.generate(pipeline.prepare(size, limit=size), size, settings)
         except Exception as error:  # noqa: BLE001 - the timed rounds report it
             common.free_memory(device)
             print(f"warm-up at batch {size} failed: {type(error).__name__}", flush=True)

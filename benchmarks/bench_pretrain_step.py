@@ -53,7 +53,7 @@ P = 1 + (image/patch)^2 vision tokens, S = LLM row length, H/F/V = LLM width/MLP
      4nT_e D. Trained (x3 except k,v). Run twice per sample: on text states (K_T) and on image states (K_I).
   TIM: two D->256 maps on query 0 + the BxB similarity (negligible); TAMIM block on P tokens against n knowledge
      vectors (q map x2, k,v,o, core, FFN x3) + 1x1 conv E -> 3p^2 on P-1 tokens; IAMTM block on L_c tokens + the
-     E -> 49408 vocabulary map on L_c tokens; language_projection D->H on n slots of 2B rows; IAKR head H->D on
+     E -> 49408 vocabulary map on the masked ones (0.15 (L_c - 2) expected); language_projection D->H on n slots of 2B rows; IAKR head H->D on
      n positions of B rows. All trained, x3.
   LLM (frozen, x2 / core x3): 2B rows of S tokens, per layer 2S(2H^2 + 2H H_kv + 3HF) + 4S^2 H; LM head 2SHV on the
      B IACI rows only (the logits of IAKR rows are computed by the current code but unused, so they do not count
@@ -66,14 +66,15 @@ MFU = FLOPs per step / step time / peak FLOP/s. The peak is `--peak_tflops`, els
 
 Ablations (`--ablations a b c d e f`, at `--ablation_micro_batch`, same machine, same run; ratio = before/after step
 time, > 1 means the "after" is faster): (a) one batched frozen vision pass for clean + masked images vs two passes;
-(b) IACI + IAKR rows in one LLM call vs two calls; (c) gradient checkpointing of the frozen LLM only, and of the
-whole model as `--gradient_checkpointing` in the Trainer does (memory vs time); (d) AdamW for-loop -> foreach ->
+(b) IACI + IAKR rows in one LLM call vs two calls; (c) gradient checkpointing of the frozen LLM only (the model's
+`activation_checkpointing_enable`, what the Trainer's flag calls), and of every layer (transformers' generic
+switch, which the model overrides) (memory vs time); (d) AdamW for-loop -> foreach ->
 fused; (e) `torch.compile` of the IQ-Former (skipped with the reason if it fails); (f) cached CLIP features of the
-clean image (precomputed vision states, copied from host memory each step) -> no clean vision forward; and two
-proposed model-side changes, measured with benchmark-side code: (g) LM head applied only to the labelled positions of
-the IACI rows (the current forward computes logits for every position of every row, IAKR rows included, and keeps
-them for backward), (h) the IAMTM vocabulary head applied only to the masked caption tokens. Variants are checked to
-give the same losses as the trainer's code (eval mode, before timing).
+clean image (precomputed vision states, copied from host memory each step) -> no clean vision forward; (g) a proposed
+model change: the LM head applied only to the labelled positions of the IACI rows (the current forward computes
+logits for every position of every row, IAKR rows included, and keeps them for backward); (h) the IAMTM vocabulary
+head on every caption token (the earlier code) -> on the masked tokens only (the trainer). Each variant overrides a
+stage of the trainer's step (`StepVariant`) and is checked to give the same losses (eval mode, before timing).
 
 Projection (`--projection --gpus G`): wall time of the paper's schedule, 100k steps x global batch 128, from the
 measured step time T(b) at micro-batch b on this device: (128 / (G*b)) * T(b) per step, assuming ideal data
@@ -86,7 +87,6 @@ holds every CPU tensor, sampled every 2 ms and at the end of each forward pass (
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import statistics
@@ -101,12 +101,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import Blip2Config, Blip2ForConditionalGeneration  # noqa: E402
+from transformers import Blip2Config, Blip2ForConditionalGeneration, PreTrainedModel  # noqa: E402
 
 from configuration_vikdf import LLAMA_2_7B, VIKDFConfig  # noqa: E402
 from modeling_vikdf import VIKDFForConditionalGeneration  # noqa: E402
-from vikdf.losses import IGNORE_INDEX, iaci_loss, iakr_loss, iamtm_loss, tamim_loss, tim_loss  # noqa: E402
-from vikdf.masking import apply_pixel_mask, mask_caption_tokens, tamim_pixel_mask  # noqa: E402
+from vikdf.losses import IGNORE_INDEX, iaci_loss, iamtm_loss  # noqa: E402
+from vikdf.masking import mask_caption_tokens, tamim_pixel_mask  # noqa: E402
 from vikdf.testing import tiny_llm_config, tiny_vikdf_config  # noqa: E402
 from vikdf.trainers import VIKDFPretrainTrainer, count_items, enabled_objectives, loss_weights  # noqa: E402
 
@@ -354,7 +354,8 @@ def vikdf_step_flops(config: VIKDFConfig, batch: int, rows: RowShape) -> FlopCou
         flops.add("heads (TIM, TAMIM, IAMTM, IAKR)", batch * _linear(P - 1, E, 3 * vision.patch_size**2), 3)
     if "iamtm" in objectives:
         knowledge_block_flops(flops, "heads (TIM, TAMIM, IAMTM, IAKR)", config, batch, L_c)
-        flops.add("heads (TIM, TAMIM, IAMTM, IAKR)", batch * _linear(L_c, E, clip.text_config.vocab_size), 3)
+        masked_tokens = config.text_mask_ratio * (L_c - 2)  # expected; start and end of text are never masked
+        flops.add("heads (TIM, TAMIM, IAMTM, IAKR)", batch * _linear(masked_tokens, E, clip.text_config.vocab_size), 3)
     llm_rows = 2 * batch if "iakr" in objectives else batch
     flops.add("language_projection", llm_rows * _linear(n, D, text.hidden_size), 3)
     llm_flops(flops, "LLM (frozen)", text, llm_rows, S, lm_head_rows=batch)
@@ -395,95 +396,61 @@ def counted_flops(step_fn) -> float | None:
 # =====================================================================================================================
 
 
-def objective_sums(model, batch, objectives, *, separate_vision=False, separate_llm=False, clean_image_states=None,
-                   lean_llm_logits=False, lean_iamtm_logits=False):
-    """`VIKDFPretrainTrainer._objective_sums` with the ablation switches; with every switch off it is the same
-    computation (checked against the trainer's code before timing).
+class StepVariant(VIKDFPretrainTrainer):
+    """The trainer's `_objective_sums` with ablation switches on its stages (`_image_states`, `_masked_token_sum`,
+    `_language_pass`); with every switch off it is the trainer's step itself. Only the step methods are used, so the
+    Trainer machinery is not set up.
 
     separate_vision: clean and masked images through the frozen vision tower in two calls instead of one.
-    separate_llm: IACI rows and IAKR rows through the LLM in two calls instead of one.
     clean_image_states: precomputed projected vision states of the clean images (B, P, E): only the masked images
         go through the vision tower.
+    full_iamtm_logits: the IAMTM vocabulary head on every caption token, as before the trainer applied it to the
+        masked tokens only.
+    separate_llm: IACI rows and IAKR rows through the LLM in two calls instead of one.
     lean_llm_logits: (proposed model change) run the LLM's decoder for hidden states and apply the LM head only to
         the labelled positions of the IACI rows, instead of computing logits for every position of every row.
-    lean_iamtm_logits: (proposed model change) apply the IAMTM vocabulary head only to the masked caption tokens.
     """
-    pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
-    images = pixel_values.shape[0]
-    losses = {}
-    clip_ids, clip_mask = batch["clip_input_ids"], batch["clip_attention_mask"]
-    if "iamtm" in objectives:
-        states = model.encode_text(torch.cat([clip_ids, batch["clip_masked_input_ids"]]), clip_mask.repeat(2, 1))
-        text_states, masked_text_states = states[:images], states[images:]
-    else:
-        text_states = model.encode_text(clip_ids, clip_mask)
-    text_knowledge = model.distill_knowledge(text_states, clip_mask)
 
-    if {"tim", "tamim", "iamtm"} & set(objectives):
-        masked_pixels = apply_pixel_mask(pixel_values, pixel_mask) if "tamim" in objectives else None
-        if clean_image_states is not None:
-            clean_states = clean_image_states
-            masked_states = model.encode_image(masked_pixels) if masked_pixels is not None else None
-        elif separate_vision:
-            clean_states = model.encode_image(pixel_values)
-            masked_states = model.encode_image(masked_pixels) if masked_pixels is not None else None
-        else:
-            pixels = pixel_values if masked_pixels is None else torch.cat([pixel_values, masked_pixels])
-            states = model.encode_image(pixels)
-            clean_states, masked_states = states[:images], states[images:]
-        image_knowledge = model.distill_knowledge(clean_states)
-    if "tim" in objectives:
-        text_embeddings, image_embeddings = model.tim_embeddings(text_knowledge, image_knowledge)
-        losses["tim"] = tim_loss(text_embeddings, image_embeddings, model.logit_scale)
-    if "tamim" in objectives:
-        reconstruction = model.reconstruct_image(masked_states, text_knowledge)
-        losses["tamim"] = tamim_loss(reconstruction, pixel_values, pixel_mask, reduction="sum")
-    if "iamtm" in objectives:
-        labels = batch["clip_mlm_labels"]
-        if lean_iamtm_logits:
-            selected = labels != IGNORE_INDEX
-            hidden = model.iamtm_block(masked_text_states, image_knowledge)
-            logits = model.iamtm_head(hidden[selected])
-            losses["iamtm"] = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
-        else:
-            logits = model.predict_masked_tokens(masked_text_states, image_knowledge)
-            losses["iamtm"] = iamtm_loss(logits, labels, reduction="sum")
+    def __init__(self, separate_vision=False, clean_image_states=None, full_iamtm_logits=False, separate_llm=False,
+                 lean_llm_logits=False):
+        self.separate_vision, self.clean_image_states = separate_vision, clean_image_states
+        self.full_iamtm_logits = full_iamtm_logits
+        self.separate_llm, self.lean_llm_logits = separate_llm, lean_llm_logits
 
-    llm_ids, llm_mask = batch["llm_input_ids"], batch["llm_attention_mask"]
-    rows_per_image = llm_ids.shape[0] // images
-    wants_iakr = "iakr" in objectives
-    if lean_llm_logits:
-        llm = model.language_model
-        embeddings = model.embed_with_knowledge(llm_ids, text_knowledge.repeat(rows_per_image, 1, 1))
-        hidden = llm.get_decoder()(inputs_embeds=embeddings, attention_mask=llm_mask, use_cache=False).last_hidden_state
-        targets = batch["llm_labels"][:images, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = llm.get_output_embeddings()(hidden[:images, :-1][selected])
-        losses["iaci"] = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
-        if wants_iakr:
-            reconstructed = model.reconstruct_knowledge(hidden[images:], llm_ids[images:])
-            losses["iakr"] = iakr_loss(reconstructed, text_knowledge, reduction="sum")
-        return losses
-    if separate_llm and wants_iakr:
-        iaci = model(input_ids=llm_ids[:images], attention_mask=llm_mask[:images], knowledge=text_knowledge)
-        iakr = model(input_ids=llm_ids[images:], attention_mask=llm_mask[images:], knowledge=text_knowledge,
-                     output_hidden_states=True)
-        iaci_logits, iakr_hidden = iaci.logits, iakr.hidden_states[-1]
-    else:
-        outputs = model(input_ids=llm_ids, attention_mask=llm_mask,
-                        knowledge=text_knowledge.repeat(rows_per_image, 1, 1), output_hidden_states=wants_iakr)
-        iaci_logits = outputs.logits[:images]
-        iakr_hidden = outputs.hidden_states[-1][images:] if wants_iakr else None
-    losses["iaci"] = iaci_loss(iaci_logits, batch["llm_labels"][:images], reduction="sum")
-    if wants_iakr:
-        reconstructed = model.reconstruct_knowledge(iakr_hidden, llm_ids[images:])
-        losses["iakr"] = iakr_loss(reconstructed, text_knowledge, reduction="sum")
-    return losses
+    def _image_states(self, vikdf, pixel_values, masked_pixels):
+        if self.clean_image_states is None and not self.separate_vision:
+            return super()._image_states(vikdf, pixel_values, masked_pixels)
+        clean = self.clean_image_states if self.clean_image_states is not None else vikdf.encode_image(pixel_values)
+        return clean, None if masked_pixels is None else vikdf.encode_image(masked_pixels)
+
+    def _masked_token_sum(self, vikdf, masked_text_states, image_knowledge, labels):
+        if not self.full_iamtm_logits:
+            return super()._masked_token_sum(vikdf, masked_text_states, image_knowledge, labels)
+        return iamtm_loss(vikdf.predict_masked_tokens(masked_text_states, image_knowledge), labels, reduction="sum")
+
+    def _language_pass(self, model, batch, text_knowledge, wants_iakr):
+        images = text_knowledge.shape[0]
+        llm_ids, llm_mask = batch["llm_input_ids"], batch["llm_attention_mask"]
+        if self.lean_llm_logits:
+            llm = model.language_model
+            embeddings = model.embed_with_knowledge(llm_ids, text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1))
+            hidden = llm.get_decoder()(inputs_embeds=embeddings, attention_mask=llm_mask, use_cache=False).last_hidden_state
+            targets = batch["llm_labels"][:images, 1:]
+            selected = targets != IGNORE_INDEX
+            logits = llm.get_output_embeddings()(hidden[:images, :-1][selected])
+            iaci = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+            return iaci, hidden[images:] if wants_iakr else None
+        if self.separate_llm and wants_iakr:
+            iaci = model(input_ids=llm_ids[:images], attention_mask=llm_mask[:images], knowledge=text_knowledge)
+            iakr = model(input_ids=llm_ids[images:], attention_mask=llm_mask[images:], knowledge=text_knowledge,
+                         output_hidden_states=True)
+            return iaci_loss(iaci.logits, batch["llm_labels"][:images], reduction="sum"), iakr.hidden_states[-1]
+        return super()._language_pass(model, batch, text_knowledge, wants_iakr)
 
 
-def trainer_objective_sums(model, batch, objectives):
-    """The trainer's own code path (what `train_pretrain.py` runs)."""
-    return VIKDFPretrainTrainer._objective_sums(None, model, model, batch, objectives)
+def objective_sums(model, batch, objectives, **switches):
+    """The step's per-objective sums, with `StepVariant`'s switches (none: what `train_pretrain.py` runs)."""
+    return StepVariant(**switches)._objective_sums(model, model, batch, objectives)
 
 
 def weighted_total(losses: dict, counts: dict, weights: dict) -> torch.Tensor:
@@ -598,11 +565,7 @@ class VIKDFBench:
             with common.autocast_context(self.device, self.dtype):
                 if cache is not None:
                     variant["clean_image_states"] = cache.to(self.device, non_blocking=True)
-                if variant:
-                    losses = objective_sums(self.model, batch, self.objectives, **variant)
-                else:
-                    losses = trainer_objective_sums(self.model, batch, self.objectives)
-                return weighted_total(losses, counts, self.weights)
+                return weighted_total(objective_sums(self.model, batch, self.objectives, **variant), counts, self.weights)
 
         return run
 
@@ -631,12 +594,11 @@ class VIKDFBench:
             with torch.no_grad():
                 reference = self.loss_fn(size)()
                 variants = {
-                    "own code, every switch off": {},
                     "(a) two vision passes": {"separate_vision": True},
                     "(b) two LLM calls": {"separate_llm": True},
                     "(f) cached clean-image states": {"cache": self.clean_image_cache(size)},
                     "(g) LM head on labelled IACI positions only": {"lean_llm_logits": True},
-                    "(h) IAMTM head on masked tokens only": {"lean_iamtm_logits": True},
+                    "(h) IAMTM head on every caption token": {"full_iamtm_logits": True},
                 }
                 for name, variant in variants.items():
                     value = self.loss_fn(size, **variant)()
@@ -742,8 +704,8 @@ def run_ablations(bench: VIKDFBench, size: int, which: list[str], gc_flag: bool,
     """Before/after rows. The variants of one ablation are measured interleaved, `rounds` times each, on the same
     model and micro-batch; (a, b, d, e, f) use the main rows' checkpointing setting."""
     device, model, rows = bench.device, bench.model, []
-    gc_on = (lambda: common.enable_checkpointing(model)) if gc_flag else (lambda: None)
-    gc_off = (lambda: common.disable_checkpointing(model)) if gc_flag else (lambda: None)
+    gc_on = model.activation_checkpointing_enable if gc_flag else (lambda: None)
+    gc_off = model.activation_checkpointing_disable if gc_flag else (lambda: None)
 
     def measure(**kwargs):
         return _switch(gc_on, gc_off, lambda: bench.measure_once(size, **kwargs))
@@ -767,13 +729,15 @@ def run_ablations(bench: VIKDFBench, size: int, which: list[str], gc_flag: bool,
         before, after = interleaved([measure(separate_llm=True), measure()], rounds, device)
         add("b", "IACI + IAKR rows through the LLM", "two LLM calls", "one LLM call", before, after)
     if "c" in which:
-        llm_gc = _switch(lambda: common.enable_checkpointing(model.language_model),
-                         lambda: common.disable_checkpointing(model.language_model), lambda: bench.measure_once(size))
-        all_gc = _switch(lambda: common.enable_checkpointing(model), lambda: common.disable_checkpointing(model),
+        # The model's own switch (what the Trainer's --activation_checkpointing calls) checkpoints the frozen LLM only;
+        # transformers' generic one, which it overrides, checkpoints every layer, the IQ-Former's included.
+        llm_gc = _switch(model.activation_checkpointing_enable, model.activation_checkpointing_disable,
                          lambda: bench.measure_once(size))
+        all_gc = _switch(lambda: PreTrainedModel.activation_checkpointing_enable(model),
+                         model.activation_checkpointing_disable, lambda: bench.measure_once(size))
         off, llm, whole = interleaved([lambda: bench.measure_once(size), llm_gc, all_gc], rounds, device)
-        add("c", "gradient checkpointing (memory vs time)", "off", "LLM only", off, llm)
-        add("c", "gradient checkpointing (memory vs time)", "off", "whole model (Trainer's flag)", off, whole)
+        add("c", "gradient checkpointing (memory vs time)", "off", "LLM only (the Trainer's flag)", off, llm)
+        add("c", "gradient checkpointing (memory vs time)", "off", "every layer (generic)", off, whole)
     if "d" in which:
         loop, foreach, fused = interleaved(
             [measure(optimizer_impl="forloop"), measure(optimizer_impl="foreach"), measure(optimizer_impl="fused")],
@@ -818,9 +782,8 @@ def run_ablations(bench: VIKDFBench, size: int, which: list[str], gc_flag: bool,
         add("g", "LLM logits (proposed model change)", "all rows, all positions", "IACI labelled positions only",
             before, after)
     if "h" in which:
-        before, after = interleaved([measure(), measure(lean_iamtm_logits=True)], rounds, device)
-        add("h", "IAMTM vocabulary logits (proposed model change)", "every caption token", "masked tokens only",
-            before, after)
+        before, after = interleaved([measure(full_iamtm_logits=True), measure()], rounds, device)
+        add("h", "IAMTM vocabulary logits", "every caption token", "masked tokens only (the trainer)", before, after)
     return rows
 
 
@@ -869,7 +832,7 @@ def render(args, info, meta, results, ablations, projections, checks, flops_b1) 
     out += [
         f"- dtype: {meta['dtype']} (autocast; IQ-Former/Q-Former fp32 weights), attention: {args.attn_implementation}, "
         f"optimizer: AdamW {args.optimizer}, grad clip 1.0, gradient checkpointing (main rows): "
-        f"{'whole model' if args.gradient_checkpointing else 'off'}",
+        f"{'as --activation_checkpointing (VIKDF: the LLM; BLIP-2: every layer)' if args.gradient_checkpointing else 'off'}",
         f"- rows: caption {args.caption_tokens} tokens, prompt {args.prompt_tokens}; VIKDF LLM rows 2B x "
         f"{meta['vikdf_llm_len']} tokens, CLIP captions {meta['clip_len']} tokens; BLIP-2 LLM rows B x "
         f"{meta['blip2_llm_len']} tokens",
@@ -991,12 +954,12 @@ def analytic_projection(args) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_arguments(p, llm_layers_help="cut the LLM to this many layers (e.g. 2 on CPU)")
+    p = common.argument_parser(__doc__, llm_layers_help="cut the LLM to this many layers (e.g. 2 on CPU)")
     p.add_argument("--micro_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--gradient_checkpointing", action="store_true", help="whole-model checkpointing in the main rows")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="checkpointing in the main rows, as the Trainer's --activation_checkpointing switches it on")
     p.add_argument("--caption_tokens", type=int, default=20, help="caption length in tokens (LLM and CLIP)")
     p.add_argument("--prompt_tokens", type=int, default=12, help="instruction prompt length in the LLM rows")
     p.add_argument("--optimizer", choices=("fused", "foreach", "forloop"), default="fused",
@@ -1065,12 +1028,12 @@ def main(argv=None):
 
     def main_rows(model_name, bench_obj, flop_fn, llm_tokens):
         if args.gradient_checkpointing:
-            common.enable_checkpointing(bench_obj.model)
+            bench_obj.model.activation_checkpointing_enable()
         try:
             summaries = interleaved([lambda s=size: bench_obj.measure_once(s) for size in sizes], rounds, device)
         finally:
             if args.gradient_checkpointing:
-                common.disable_checkpointing(bench_obj.model)
+                bench_obj.model.activation_checkpointing_disable()
         for size, result in zip(sizes, summaries):
             result = with_rates(result, size, llm_tokens(size), flop_fn(size).total, peak)
             result.update(model=model_name, micro_batch=size)

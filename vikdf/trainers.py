@@ -170,40 +170,55 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
             text_states = vikdf.encode_text(clip_ids, clip_mask)
         text_knowledge = vikdf.distill_knowledge(text_states, clip_mask)  # K_T: (B, n, D)
 
-        # Frozen vision tower: clean and masked images in one call.
         if {"tim", "tamim", "iamtm"} & set(objectives):
-            pixels = pixel_values
-            if "tamim" in objectives:
-                pixels = torch.cat([pixel_values, apply_pixel_mask(pixel_values, pixel_mask)])
-            image_states = vikdf.encode_image(pixels)
-            image_knowledge = vikdf.distill_knowledge(image_states[:images])  # K_I: (B, n, D)
+            masked_pixels = apply_pixel_mask(pixel_values, pixel_mask) if "tamim" in objectives else None
+            image_states, masked_image_states = self._image_states(vikdf, pixel_values, masked_pixels)
+            image_knowledge = vikdf.distill_knowledge(image_states)  # K_I: (B, n, D)
         if "tim" in objectives:
             text_embeddings, image_embeddings = vikdf.tim_embeddings(text_knowledge, image_knowledge)
             losses["tim"] = tim_loss(text_embeddings, image_embeddings, vikdf.logit_scale)
         if "tamim" in objectives:
-            reconstruction = vikdf.reconstruct_image(image_states[images:], text_knowledge)
+            reconstruction = vikdf.reconstruct_image(masked_image_states, text_knowledge)
             losses["tamim"] = tamim_loss(reconstruction, pixel_values, pixel_mask, reduction="sum")
         if "iamtm" in objectives:
-            labels = batch["clip_mlm_labels"]
-            masked = labels != IGNORE_INDEX
-            logits = vikdf.predict_masked_tokens(masked_text_states, image_knowledge, masked)  # (M, V)
-            losses["iamtm"] = iamtm_loss(logits, labels[masked], reduction="sum")
+            losses["iamtm"] = self._masked_token_sum(vikdf, masked_text_states, image_knowledge, batch["clip_mlm_labels"])
 
-        # IACI rows, then IAKR rows, in one LLM call through the (possibly distributed) model's forward.
+        losses["iaci"], iakr_states = self._language_pass(model, batch, text_knowledge, "iakr" in objectives)
+        if "iakr" in objectives:
+            reconstructed = vikdf.reconstruct_knowledge(iakr_states, batch["llm_input_ids"][images:])
+            losses["iakr"] = iakr_loss(reconstructed, text_knowledge, reduction="sum")
+        return losses
+
+    # The three stages below are where the step's speed-ups live; benchmarks/bench_pretrain_step.py overrides them
+    # to time each one against its slower alternative.
+    def _image_states(self, vikdf, pixel_values: torch.Tensor, masked_pixels: torch.Tensor | None):
+        """Frozen vision states (B, P, E) of the clean images and of the TAMIM-masked ones (None without TAMIM), in
+        one pass of the vision tower."""
+        images = pixel_values.shape[0]
+        pixels = pixel_values if masked_pixels is None else torch.cat([pixel_values, masked_pixels])
+        states = vikdf.encode_image(pixels)
+        return states[:images], None if masked_pixels is None else states[images:]
+
+    def _masked_token_sum(self, vikdf, masked_text_states, image_knowledge, labels: torch.Tensor) -> torch.Tensor:
+        """IAMTM (eq. 4) summed over the masked tokens; the vocabulary head runs on those tokens only."""
+        masked = labels != IGNORE_INDEX
+        logits = vikdf.predict_masked_tokens(masked_text_states, image_knowledge, masked)  # (M, V)
+        return iamtm_loss(logits, labels[masked], reduction="sum")
+
+    def _language_pass(self, model, batch: dict[str, torch.Tensor], text_knowledge: torch.Tensor, wants_iakr: bool):
+        """IACI (eq. 6) summed over caption tokens, and the IAKR rows' final LLM states (None without IAKR): IACI rows
+        then IAKR rows in one call through the (possibly distributed) model's forward."""
+        images = text_knowledge.shape[0]
         llm_ids = batch["llm_input_ids"]
-        rows_per_image = llm_ids.shape[0] // images
         outputs = model(
             input_ids=llm_ids,
             attention_mask=batch["llm_attention_mask"],
-            knowledge=text_knowledge.repeat(rows_per_image, 1, 1),
-            output_hidden_states="iakr" in objectives,
+            knowledge=text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1),
+            output_hidden_states=wants_iakr,
             use_cache=False,
         )
-        losses["iaci"] = iaci_loss(outputs.logits[:images], batch["llm_labels"][:images], reduction="sum")
-        if "iakr" in objectives:
-            reconstructed = vikdf.reconstruct_knowledge(outputs.hidden_states[-1][images:], llm_ids[images:])
-            losses["iakr"] = iakr_loss(reconstructed, text_knowledge, reduction="sum")
-        return losses
+        iaci = iaci_loss(outputs.logits[:images], batch["llm_labels"][:images], reduction="sum")
+        return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
 
 
 class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
