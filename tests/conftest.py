@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny component folders (written once per session) and models built from them."""
+"""Shared fixtures: tiny component folders and a small pair world (written once per session), models built from them."""
 
 import os
 
@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 from vikdf.components import build_vikdf_from_components  # noqa: E402
+from vikdf.data.synthetic import write_synthetic_world  # noqa: E402
 from vikdf.testing import TINY_HEADS, write_tiny_components  # noqa: E402
 
 TINY_OVERRIDES = {"num_query_tokens": 8, **TINY_HEADS}
@@ -46,3 +47,12 @@ def build_tiny(tiny_components):
         )
 
     return build
+
+
+@pytest.fixture(scope="session")
+def pair_world(tmp_path_factory):
+    """64 synthetic image–text pairs in two real webdataset shards (32 each)."""
+    return write_synthetic_world(
+        tmp_path_factory.mktemp("pair_world"), num_pairs=64, num_shards=2, num_heldout_pairs=4, num_dialogues=4,
+        num_eval_dialogues=6,
+    )

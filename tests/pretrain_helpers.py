@@ -1,23 +1,14 @@
-"""Shared pieces of the pre-training tests: tiny `train_pretrain.py` arguments, a small synthetic pair world,
-dropout switched off, and a callback that captures gradients just before the optimizer step.
-
-Test modules wrap `shared_pair_world` in a fixture of their own; the world is written once per session.
-"""
+"""Shared pieces of the pre-training tests: tiny `train_pretrain.py` arguments, dropout switched off, and a callback
+that captures gradients just before the optimizer step. The synthetic pair world is conftest's `pair_world`."""
 
 import json
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from vikdf.data.synthetic import iter_shard_pairs, write_synthetic_world
-
-# Fields of VIKDFConfig that make the heads fit the tiny components of `vikdf.testing`.
-TINY_CONFIG_OVERRIDES = {
-    "mask_patch_size": 8, "head_num_attention_heads": 4, "head_intermediate_size": 64, "tim_embed_dim": 16
-}
+from vikdf.data.synthetic import iter_shard_pairs
+from vikdf.testing import TINY_HEADS
 
 # Top-level parts that only one objective trains (the ablation switches of Table 3 remove them from the loss).
 HEAD_PARTS = {
@@ -36,7 +27,7 @@ def pretrain_argv(components, train_sources: str, output_dir, **options) -> list
         "bert_model": components.bert,
         "llm_model": components.llm,
         "num_query_tokens": 8,
-        "config_overrides": json.dumps(TINY_CONFIG_OVERRIDES),
+        "config_overrides": json.dumps(TINY_HEADS),
         "train_sources": train_sources,
         "output_dir": output_dir,
         "per_device_train_batch_size": 4,
@@ -51,19 +42,6 @@ def pretrain_argv(components, train_sources: str, output_dir, **options) -> list
     for name, value in arguments.items():
         argv += [f"--{name}", str(value)]
     return argv
-
-
-@contextmanager
-def one_torch_thread():
-    """Run torch ops on one thread. On a small shared machine (2 cores, other jobs running) torch's default of one
-    OpenMP thread per core makes training steps 20-40x slower from threads spinning against each other; one thread
-    costs ~20 % when the machine is idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def set_dropout(model: nn.Module, p: float) -> nn.Module:
@@ -105,16 +83,3 @@ class CaptureGradients(TrainerCallback):
             for name, p in self.model.named_parameters()
             if p.requires_grad
         })
-
-
-_SHARED: dict[str, object] = {}
-
-
-def shared_pair_world(tmp_path_factory):
-    """64 synthetic image–text pairs in two real webdataset shards (32 each), written once per test session."""
-    if "pair_world" not in _SHARED:
-        root: Path = tmp_path_factory.mktemp("pair_world")
-        _SHARED["pair_world"] = write_synthetic_world(
-            root, num_pairs=64, num_shards=2, num_heldout_pairs=4, num_dialogues=4, num_eval_dialogues=6
-        )
-    return _SHARED["pair_world"]

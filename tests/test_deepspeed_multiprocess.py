@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pretrain_helpers import pretrain_argv, shared_pair_world
+from pretrain_helpers import pretrain_argv
 
 from vikdf.data.pairs import Partition, SkipCounter, WebDatasetSource
 
@@ -29,11 +29,6 @@ pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 CORRUPT_KEY = "000000003"
-
-
-@pytest.fixture(scope="module")
-def pair_world(tmp_path_factory):
-    return shared_pair_world(tmp_path_factory)
 
 
 def _free_port() -> int:

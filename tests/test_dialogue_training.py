@@ -79,7 +79,11 @@ def test_every_cli_field_has_help():
     for cls in classes:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
-    assert DialogueTrainingArguments  # the training dataclass documents its own fields
+    # The training dataclass inherits TrainingArguments' documented fields; the ones it (re)declares need their own.
+    for cls in DialogueTrainingArguments.__mro__:
+        if cls.__module__ == "vikdf.arguments":
+            for name in vars(cls).get("__annotations__", {}):
+                assert cls.__dataclass_fields__[name].metadata.get("help"), f"{cls.__name__}.{name} has no help text"
 
 
 def test_vikdf_fine_tuning_saves_an_inference_checkpoint_that_fits_better(world, finetuned):

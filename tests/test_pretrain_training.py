@@ -12,10 +12,8 @@ from pretrain_helpers import (
     CaptureGradients,
     disable_dropout,
     load_pairs,
-    one_torch_thread,
     pretrain_argv,
     set_dropout,
-    shared_pair_world,
     trainable_state,
 )
 from torch.utils.data import DataLoader
@@ -30,17 +28,6 @@ from vikdf.losses import tim_similarity
 from vikdf.trainers import OBJECTIVES, VIKDFPretrainTrainer
 
 LOSS_KEYS = tuple(f"loss_{name}" for name in OBJECTIVES)
-
-
-@pytest.fixture(scope="module")
-def pair_world(tmp_path_factory):
-    return shared_pair_world(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
 
 
 def make_trainer(model, processor, output_dir, train_dataset, data_collator, callbacks=(), **arguments):
@@ -289,8 +276,7 @@ def trained(tiny_components, pair_world, tmp_path_factory):
         max_steps=TRAIN_STEPS, per_device_train_batch_size=32, learning_rate=5e-3, logging_steps=10,
         save_strategy="no", shuffle_buffer=32,
     )
-    with one_torch_thread():
-        return train_pretrain.main(argv)
+    return train_pretrain.main(argv)
 
 
 def test_every_objective_falls(trained):
