@@ -73,8 +73,11 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every stage."})
 
 
-def stage(message: str, started: float) -> None:
-    print(f"[{time.time() - started:6.1f}s] {message}", flush=True)
+def stage(message: str, started: float) -> float:
+    """Print a finished stage's line with the time since `started`; returns that time."""
+    elapsed = time.time() - started
+    print(f"[{elapsed:6.1f}s] {message}", flush=True)
+    return elapsed
 
 
 def prepare_components(world, root: Path, settings: dict, llm_family: str, seed: int):
@@ -216,21 +219,26 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     started = time.time()
+    stage_seconds: dict[str, float] = {}
 
     world = write_synthetic_world(
         out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_heldout_pairs=settings["num_heldout_pairs"],
         num_dialogues=settings["num_dialogues"],
         num_eval_dialogues=settings["num_eval_dialogues"],
     )
-    stage(f"1/6 synthetic world written: {settings['num_pairs']} image–text pairs, dialogues in Reddit and "
-          f"Image-Chat form ({out / 'world'})", started)
+    stage_seconds["world"] = stage(
+        f"1/6 synthetic world written: {settings['num_pairs']} image–text pairs, dialogues in Reddit and Image-Chat "
+        f"form ({out / 'world'})", started,
+    )
 
     components, clip_losses, llm_losses = prepare_components(world, out / "components", settings, args.llm_family, args.seed)
     described, plain = prompt_use(components.llm, load_dialogues(world.image_chat_test))
-    stage(f"2/6 stand-in pre-training of the tiny towers: CLIP contrastive loss {clip_losses[0]:.2f} → "
-          f"{clip_losses[-1]:.2f}, LLM LM loss {llm_losses[0]:.2f} → {llm_losses[-1]:.2f}; the LLM names the colour "
-          f"its prompt describes {100 * described:.0f} % of the time (without the description {100 * plain:.0f} %, "
-          f"chance 17 %)", started)
+    stage_seconds["stand_in_towers"] = stage(
+        f"2/6 stand-in pre-training of the tiny towers: CLIP contrastive loss {clip_losses[0]:.2f} → "
+        f"{clip_losses[-1]:.2f}, LLM LM loss {llm_losses[0]:.2f} → {llm_losses[-1]:.2f}; the LLM names the colour "
+        f"its prompt describes {100 * described:.0f} % of the time (without the description {100 * plain:.0f} %, "
+        f"chance 17 %)", started,
+    )
 
     common = ["--clip_model", str(components.clip), "--bert_model", str(components.bert), "--llm_model",
               str(components.llm), "--num_query_tokens", str(settings["num_query_tokens"]),
@@ -241,7 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--learning_rate", "1e-3", "--warmup_steps", "0.05", "--logging_steps", "10", "--save_strategy", "no",
         "--shuffle_buffer", "200", "--disable_tqdm", "true",
     ])
-    stage(f"3/6 VIKDF pre-training: {settings['pretrain_steps']} steps of the five objectives", started)
+    stage_seconds["pretrain"] = stage(
+        f"3/6 VIKDF pre-training: {settings['pretrain_steps']} steps of the five objectives", started
+    )
 
     dialogue_args = ["--train_file", str(world.reddit_train), "--num_train_epochs", str(settings["dialogue_epochs"]),
                      "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--save_strategy", "no",
@@ -260,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The fine-tuned text-only baseline (Table 4): LoRA on the LLM, same dialogues, no knowledge.
     train_dialogue.main(["--model_name_or_path", str(out / "no_pretrain_init"), "--output_dir", str(out / "lora"),
                          "--method", "lora", *dialogue_args])
-    stage("4/6 dialogue fine-tuning on Reddit-format dialogues: VIKDF, the no-pre-training ablation and LoRA", started)
+    stage_seconds["dialogue_fine_tuning"] = stage(
+        "4/6 dialogue fine-tuning on Reddit-format dialogues: VIKDF, the no-pre-training ablation and LoRA", started
+    )
 
     # name: (evaluation folder, checkpoint, eval_dialogue.py flags)
     systems = {
@@ -279,11 +291,13 @@ def main(argv: list[str] | None = None) -> dict:
         name: evaluate(checkpoint, world.reddit_valid, out / "eval_seen" / folder, settings, ["--skip_perplexity", *extra])
         for name, (folder, checkpoint, extra) in systems.items()
     }
-    stage(f"5/6 zero-resource evaluation on {settings['num_eval_dialogues']} Image-Chat-format test dialogues", started)
+    stage_seconds["evaluation"] = stage(
+        f"5/6 zero-resource evaluation on {settings['num_eval_dialogues']} Image-Chat-format test dialogues", started
+    )
 
     recall, chance = tim_recall_at_1(out / "pretrain", world.heldout_shard)
     plot_losses(pretrainer.state.log_history, out / "loss_curves.png")
-    stage("6/6 report", started)
+    stage_seconds["report"] = stage("6/6 report", started)
 
     accuracy = {name: prediction_accuracy(predictions) for name, (_, predictions) in results.items()}
     accuracy_seen = {name: prediction_accuracy(predictions) for name, (_, predictions) in seen.items()}
@@ -318,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "llm_prompt_use": {"described": described, "plain": plain},
         "tim_recall_at_1": recall,
         "tim_chance": chance,
+        "stage_seconds": stage_seconds,  # since the start, at the end of each stage
         "seconds": time.time() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -6,9 +6,15 @@ import math
 import demo
 
 
-def test_demo_smoke_preset_runs_end_to_end(tmp_path):
+def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     summary = demo.main(["--preset", "smoke", "--output_dir", str(tmp_path / "demo")])
     out = tmp_path / "demo"
+    printed = capsys.readouterr().out
+    assert "| System | PPL | BLEU-1 | ROUGE-L |" in printed and printed.count("| VIKDF") == 2  # VIKDF and its ablation
+    assert "TIM text→image recall@1 on 100 held-out pairs" in printed
+    assert [line for line in printed.splitlines() if line.startswith("[")][-1].endswith("6/6 report")
+    assert list(summary["stage_seconds"]) == ["world", "stand_in_towers", "pretrain", "dialogue_fine_tuning",
+                                              "evaluation", "report"]
     assert (out / "loss_curves.png").stat().st_size > 0
     for split in ("eval", "eval_seen"):
         for system in ("llm", "lora", "no_pretrain", "vikdf"):

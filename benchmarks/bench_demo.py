@@ -1,0 +1,68 @@
+"""Time the demo (`python demo.py`, the README's first command after the install) against its 5-minute budget.
+
+    python benchmarks/bench_demo.py                    # the full preset, as the README runs it
+    python benchmarks/bench_demo.py --preset smoke     # the tests' setting
+
+Runs `demo.main` in this process on the CPU and writes `results/demo_<preset>_cpu.{md,json}`: the time since the start
+at the end of each of the six stages, the total against the budget, and what the run measured (knowledge accuracy per
+system, TIM recall@1 against chance, whether the stand-in LLM uses its prompt), so that a timing always comes with
+the results it produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+import _bench_common as common  # puts the repository root on sys.path
+import torch
+
+import demo  # noqa: E402
+
+BUDGET_SECONDS = 300  # the demo's own part, install aside, on 2 CPU cores
+
+
+def report(summary: dict, preset: str, info: dict) -> str:
+    lines = [f"# Demo timing — {info['device']} — preset {preset} (CPU)", "", *common.machine_lines(info), ""]
+    previous = 0.0
+    rows = []
+    for stage, at in summary["stage_seconds"].items():
+        rows.append([stage, f"{at - previous:.1f}", f"{at:.1f}"])
+        previous = at
+    lines += [common.markdown_table(["stage", "seconds", "since start"], rows), ""]
+    total = summary["seconds"]
+    verdict = "within" if total <= BUDGET_SECONDS else "OVER"
+    lines += [f"Total **{total:.0f} s**, {verdict} the {BUDGET_SECONDS} s budget.", ""]
+    systems = [[name, f"{100 * m['knowledge_accuracy']:.1f}", f"{100 * m['knowledge_accuracy_seen']:.1f}"]
+               for name, m in summary["systems"].items()]
+    lines += [common.markdown_table(["system", "knowledge acc. (image-only objects)", "(seen objects)"], systems), ""]
+    recall, chance = summary["tim_recall_at_1"], summary["tim_chance"]
+    use = summary["llm_prompt_use"]
+    lines += [
+        f"TIM text→image recall@1: {100 * recall:.1f} % (chance {100 * chance:.1f} %, {recall / chance:.1f}×).",
+        f"Stand-in LLM names the colour its prompt describes: {100 * use['described']:.0f} % "
+        f"(without the description {100 * use['plain']:.0f} %).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(demo.PRESETS), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default=None, help="default benchmarks/results")
+    args = parser.parse_args(argv)
+    info = common.machine_info(torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="vikdf-demo-") as workdir:
+        summary = demo.main(["--preset", args.preset, "--seed", str(args.seed), "--output_dir", workdir])
+    markdown = report(summary, args.preset, info)
+    print(markdown)
+    paths = common.write_results(f"demo_{args.preset}_cpu", markdown, {"machine": info, "summary": summary},
+                                 args.output_dir)
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
