@@ -298,7 +298,7 @@ def test_text_to_image_retrieval_beats_chance(trained, pair_world):
     assert len(pairs) == 32
     transform = build_image_transform(model.config.clip_config.vision_config.image_size, train=False)
     with torch.no_grad():
-        clip = processor.clip_text_inputs([pair["caption"] for pair in pairs])
+        clip = processor.clip_text_inputs([pair["caption"] for pair in pairs], truncation_side="right")
         text_knowledge = model.get_text_knowledge(clip["clip_input_ids"], clip["clip_attention_mask"])
         image_knowledge = model.get_image_knowledge(torch.stack([transform(pair["image"]) for pair in pairs]))
         text, image = model.tim_embeddings(text_knowledge, image_knowledge)
