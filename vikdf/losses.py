@@ -94,7 +94,8 @@ def iaci_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     """Instruction-aware Contextual Inference, eq. 6: next-token NLL of the caption given K and the prompt.
 
     `labels` are aligned with the inputs (-100 on knowledge, prompt and padding); the shift happens here, so N_t
-    of eq. 6 counts the caption tokens and the end-of-sequence.
+    of eq. 6 counts the labelled tokens: the caption's, and its end-of-sequence only with
+    `config.caption_loss_on_eos` (the release leaves eos out).
     """
     shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
     selected = shifted_labels != IGNORE_INDEX
