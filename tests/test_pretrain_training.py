@@ -14,6 +14,7 @@ from pretrain_helpers import (
     load_pairs,
     pretrain_argv,
     set_dropout,
+    slice_batch,
     trainable_state,
 )
 from torch.utils.data import DataLoader
@@ -52,14 +53,6 @@ def make_trainer(model, processor, output_dir, train_dataset, data_collator, cal
         processing_class=processor,
         callbacks=list(callbacks),
     )
-
-
-def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Images start..stop of a collated batch: their CLIP rows, IACI rows and (with BVIF) IAKR rows."""
-    images = batch["pixel_values"].shape[0]
-    rows_per_image = batch["llm_input_ids"].shape[0] // images
-    llm_rows = torch.cat([torch.arange(start, stop) + r * images for r in range(rows_per_image)])
-    return {key: value[llm_rows] if key.startswith("llm_") else value[start:stop] for key, value in batch.items()}
 
 
 def logged_steps(trainer) -> list[dict]:
