@@ -182,8 +182,8 @@ def load_dialogues(
         path: a Reddit Conversation ``.json`` or ``.tsv``/``.txt`` file, or an Image-Chat ``.json`` file.
         format: ``"auto"`` (from the extension, and for JSON from the record fields) or one of
             ``"reddit_json"``, ``"reddit_tsv"``, ``"image_chat"``.
-        fraction: share of the dialogues to keep, in [0, 1] (paper: 1, 1/4, 1/8, 0 = zero-resource, which
-            returns an empty list); the subset is fixed by ``seed``.
+        fraction: share of the dialogues to keep, in [0, 1] (paper: 1, 1/4, 1/8; 0 = no training data,
+            which returns an empty list); the subset is fixed by ``seed``.
         max_context_turns: keep only the last N context turns of every dialogue; ``None`` keeps all. The
             release truncates nothing (see ``context_turns``).
         context_turns: keep only dialogues whose context has one of these numbers of turns, dropping (and
