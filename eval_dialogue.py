@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
 
     dialogues = load_dialogues(
-        args.test_file, format=args.test_format, max_context_turns=args.max_context_turns, skip_bad=args.skip_bad_records,
-        context_turns=parse_turn_counts(args.context_turns) if args.context_turns else None,
+        args.test_file, format=args.test_format, max_context_turns=args.max_context_turns,
+        skip_bad=args.skip_bad_records, context_turns=parse_turn_counts(args.context_turns) if args.context_turns else None,
     )
     if args.max_test_dialogues is not None:
         dialogues = dialogues[: args.max_test_dialogues]

@@ -56,7 +56,8 @@ def _load(folder: str):
 
 
 def _logged(trainer) -> list[dict]:
-    return [{key: entry[key] for key in ("loss", "grad_norm")} for entry in trainer.state.log_history if "loss" in entry]
+    history = trainer.state.log_history
+    return [{key: entry[key] for key in ("loss", "grad_norm")} for entry in history if "loss" in entry]
 
 
 def dialogue_run(folder: str, output_dir, per_device: int, accumulation: int) -> list[dict]:

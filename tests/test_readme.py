@@ -60,7 +60,9 @@ def test_paper_pretraining_command_parses_with_the_papers_towers_and_pair_source
     assert training_args.per_device_train_batch_size * 4 == 128 and training_args.max_steps == 100_000
 
 
-DIALOGUE_TRAINING = (train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, DialogueTrainingArguments)
+DIALOGUE_TRAINING = (
+    train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, DialogueTrainingArguments
+)
 
 
 def parsed_training_commands() -> list[tuple]:
@@ -81,7 +83,7 @@ def parsed_eval_commands() -> list:
 def test_paper_dialogue_commands_parse_and_chain_image_chat_after_reddit():
     """The paper's rows as the release's run_inference.sh made them: Reddit; Image-Chat fine-tuned from the Reddit
     checkpoint; Zero Data = the Reddit checkpoint tested on Image-Chat."""
-    runs = {data.train_file.split("/")[0]: (model, data, training) for model, data, training in parsed_training_commands()}
+    runs = {args[1].train_file.split("/")[0]: args for args in parsed_training_commands()}
     assert set(runs) == {"reddit", "image_chat"}, runs
     reddit_model, reddit_data, reddit_training = runs["reddit"]
     assert reddit_data.preset == "paper-reddit" and reddit_training.num_train_epochs == 5
