@@ -87,7 +87,8 @@ def _description(base_model: str | None, method: str, train_file: str | None, tr
             "needed at inference."
         )
     if train_fraction == 0:
-        tuning = "No dialogue fine-tuning: a fully zero-resource checkpoint (‡ in the paper's Table 1)."
+        # The paper's "Zero Data" row (‡) is the Reddit-tuned checkpoint tested on Image-Chat, not this one.
+        tuning = "No dialogue fine-tuning (`--train_fraction 0`): the given checkpoint, re-saved for inference."
     elif train_file is None:
         tuning = "Dialogue fine-tuning: not recorded in this card."
     else:

@@ -7,6 +7,12 @@ Gradient accumulation: the pixel- and token-level objectives are normalised by t
 accumulated batch (counted in `_get_num_items_in_batch`), so accumulating micro-batches gives the gradient of one
 large batch; TIM, whose negatives are the batch itself, is a per-micro-batch mean scaled by 1/accumulation. The
 logged per-objective values are plain micro-batch means, so they do not change with the accumulation setting.
+
+Several processes: with `average_tokens_across_devices` (transformers' default) the counts are summed over ranks,
+so a rank's loss is its local sum over the global count; it is then multiplied by the number of processes, as the
+base `Trainer.compute_loss` does, because DDP and DeepSpeed average (not sum) gradients over ranks. Without that
+factor the loss, the gradient and the `max_grad_norm` clipping threshold were 1/world_size of one process's on the
+same global batch.
 """
 
 from collections import defaultdict
@@ -127,15 +133,29 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
         for batch in batch_samples:
             for name, count in count_items(batch, n).items():
                 totals[name] = totals[name] + count.cpu()
-        return {name: count.to(device) for name, count in totals.items()}
+        if not totals:
+            return {}
+        counts = torch.stack([totals[name] for name in totals]).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # The items of the global batch, as `Trainer._get_num_items_in_batch` counts tokens.
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return dict(zip(totals, counts, strict=True))
+
+    def _rank_loss_scale(self) -> int:
+        """The factor `Trainer.compute_loss` applies to a loss normalised by counts summed over ranks: the number
+        of processes that see different data, since DDP and DeepSpeed average the ranks' gradients."""
+        if not self.args.average_tokens_across_devices:
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         vikdf = self.accelerator.unwrap_model(model)
         config = vikdf.config
         objectives = enabled_objectives(config)
         local_counts = count_items(inputs, config.num_query_tokens)
+        rank_scale = self._rank_loss_scale()
         if not model.training or not isinstance(num_items_in_batch, dict):
-            num_items_in_batch = local_counts
+            num_items_in_batch, rank_scale = local_counts, 1
         accumulation = self.current_gradient_accumulation_steps if model.training else 1
 
         means = self._objective_sums(model, vikdf, inputs, objectives)
@@ -146,8 +166,8 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
                 scaled = value / accumulation
                 logged["loss_tim"] = value
             else:
-                # value is a sum over this micro-batch's items: normalise by the accumulated batch's count.
-                scaled = value / num_items_in_batch[name].clamp(min=1)
+                # value is a sum over this micro-batch's items: normalise by the accumulated (global) batch's count.
+                scaled = value * rank_scale / num_items_in_batch[name].clamp(min=1)
                 logged[f"loss_{name}"] = value / local_counts[name].clamp(min=1)
             total = total + weights[name] * scaled
         self._record(logged)
@@ -225,8 +245,9 @@ class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
     """Dialogue fine-tuning of P(R | C, K) (§3.4.1): response NLL; the queries, IQ-Former and
     `language_projection` train, everything else stays frozen.
 
-    The LLM's loss is normalised by the response tokens of the whole accumulated batch (`num_items_in_batch`), so
-    accumulation gives the gradient of one large batch and the logged loss does not grow with it.
+    The LLM's loss is normalised by the response tokens of the whole accumulated batch, summed over ranks
+    (`num_items_in_batch`), and the base `Trainer.compute_loss` multiplies it by the number of processes; so neither
+    accumulation nor the number of processes changes the logged loss or the gradient of a given global batch.
     """
 
     def __init__(self, *args, model_card_writer: Callable[[str], None] | None = None, **kwargs):
@@ -234,10 +255,6 @@ class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
         self.model_card_writer = model_card_writer
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
-
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The VIKDF card of `model_card_writer` (see `vikdf.model_card`) when one was given, else Trainer's draft."""
