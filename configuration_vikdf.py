@@ -184,6 +184,8 @@ class VIKDFConfig(PreTrainedConfig):
                 f"mask_patch_size={self.mask_patch_size} must be a multiple of the vision patch size "
                 f"({vision.patch_size}) and divide the image size ({vision.image_size})."
             )
+        if not isinstance(self.num_query_tokens, int) or self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens={self.num_query_tokens!r}; it must be a positive number of queries (paper: 32).")
         if self.tim_pooling not in TIM_POOLINGS:
             raise ValueError(f"tim_pooling={self.tim_pooling!r}; choose one of {TIM_POOLINGS}.")
         if len(self.caption_prompts) == 0 or len(self.reconstruction_prompts) == 0:
@@ -193,6 +195,24 @@ class VIKDFConfig(PreTrainedConfig):
                 f"clip_max_length={self.clip_max_length} exceeds the CLIP text tower's "
                 f"max_position_embeddings={self.clip_config.text_config.max_position_embeddings}."
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "VIKDFConfig":
+        """A saved VIKDF config; another model's config, or one without the three sub-configs, is refused.
+
+        transformers only warns on a foreign `model_type`, and missing sub-configs fall back to the paper's 7B
+        shapes, so a wrong `config.json` would otherwise build (and run out of memory on) a model nobody saved.
+        """
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"config.json has model_type={model_type!r}, not {cls.model_type!r}: this folder is not a VIKDF "
+                "checkpoint (build one with train_pretrain.py or vikdf.components.build_vikdf_from_components)."
+            )
+        missing = [name for name in cls.sub_configs_defaults if not config_dict.get(name)]
+        if missing:
+            raise ValueError(f"VIKDF config.json lacks {', '.join(missing)}; it is incomplete, save the checkpoint again.")
+        return super().from_dict(config_dict, **kwargs)
 
 
 VIKDFConfig.register_for_auto_class()

@@ -101,7 +101,8 @@ class VIKDFProcessor(ProcessorMixin):
         """`clip_input_ids`/`clip_attention_mask` (B, ≤77), truncated from the left so the latest turn survives."""
         tokenizer = self.clip_tokenizer
         body = self.clip_max_length - 2
-        pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False)["input_ids"]
+        # verbose=False: contexts longer than CLIP's 77 tokens are expected; they are cut just below.
+        pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False, verbose=False)["input_ids"]
         rows = [[tokenizer.bos_token_id, *ids[len(ids) - body if len(ids) > body else 0 :], tokenizer.eos_token_id] for ids in pieces]
         batch = _batch(rows, tokenizer.pad_token_id, "right")
         return {"clip_input_ids": batch["input_ids"], "clip_attention_mask": batch["attention_mask"]}
@@ -110,7 +111,8 @@ class VIKDFProcessor(ProcessorMixin):
     # LLM layouts
     # ----------------------------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: over-long contexts are expected here; `_fit_context` cuts them to `max_length`.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _bos(self) -> list[int]:
         return [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
@@ -146,10 +148,11 @@ class VIKDFProcessor(ProcessorMixin):
                 "The LLM tokenizer has no chat template; VIKDF writes dialogue through the LLM's own template. Use a "
                 "chat model (e.g. meta-llama/Llama-2-7b-chat-hf) or set tokenizer.chat_template."
             )
-        text = self.join_context(context)
+        return self._ids(self._dialogue_prompt_text(self.join_context(context), with_knowledge))
+
+    def _dialogue_prompt_text(self, text: str, with_knowledge: bool) -> str:
         messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._ids(prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def dialogue_response_ids(self, response: str) -> list[int]:
         """Token ids of `response` as the chat template writes an assistant turn, ending with eos.
@@ -169,18 +172,25 @@ class VIKDFProcessor(ProcessorMixin):
         return (turn[: turn.index(eos_id)] if eos_id in turn else turn) + [eos_id]
 
     def _fit_context(self, context: Context, budget: int, with_knowledge: bool) -> list[int]:
-        """Prompt ids within `budget` tokens, dropping the oldest context tokens first."""
+        """Prompt ids within `budget` tokens, dropping the oldest context tokens first.
+
+        An over-long prompt is cut in its ids: the template before the context, the latest context tokens and the
+        template after it, tokenised apart, take exactly `budget` tokens (decoding a cut and re-encoding it could
+        come back longer).
+        """
         ids = self.dialogue_prompt_ids(context, with_knowledge)
         if len(ids) <= budget:
             return ids
-        context_ids = self._ids(self.join_context(context))
-        overflow = len(ids) - budget
-        if overflow >= len(context_ids):
+        marker = "\x00context\x00"
+        head, tail = self._dialogue_prompt_text(marker, with_knowledge).split(marker)
+        head_ids, tail_ids = self._ids(head), self._ids(tail)
+        keep = budget - len(head_ids) - len(tail_ids)
+        if keep < 1:
             raise ValueError(
                 f"max_length={self.max_length} leaves no room for the context after the template, "
                 f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
             )
-        return self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]), with_knowledge)
+        return head_ids + self._ids(self.join_context(context))[-keep:] + tail_ids
 
     def dialogue_inputs(
         self,

@@ -31,6 +31,7 @@ from transformers.utils import logging
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
+from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
 from vikdf.data.collators import DialogueCollator
 from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues
 from vikdf.evaluation import load_checkpoint
@@ -131,6 +132,11 @@ def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataA
         raise ValueError("--train_file is required unless --train_fraction 0 (fully zero-resource, no training).")
     if model_args.method not in METHODS:
         raise ValueError(f"--method {model_args.method!r}; choose one of {METHODS}.")
+    if model_args.method == "lora" and data_args.train_fraction == 0:
+        raise ValueError(
+            "--method lora with --train_fraction 0 trains no adapters, so the checkpoint would be the frozen LLM "
+            "under a LoRA label; evaluate that with eval_dialogue.py --baseline llm instead."
+        )
 
 
 def add_lora(model: VIKDFForConditionalGeneration, model_args: DialogueModelArguments):
@@ -169,6 +175,23 @@ def _load(path: str | None, fmt: str, data_args: DialogueDataArguments, fraction
     return dialogues
 
 
+def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> tuple[list[Dialogue], list[Dialogue]]:
+    """Everything checked before the model loads: the checkpoint's folder, config and weight files, the lengths,
+    and the data, read and validated; returns the training and validation dialogues."""
+    config = load_checkpoint_config(model_args.model_name_or_path)
+    check_max_length(config, data_args.max_length)
+    if data_args.max_length is not None:
+        processor = VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
+        processor.max_length = data_args.max_length
+        check_max_length_fits_layout(processor, with_knowledge=model_args.method == "vikdf")
+    if data_args.train_fraction > 0:
+        check_input_file(data_args.train_file, "--train_file")
+    check_input_file(data_args.validation_file, "--validation_file")
+    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
+    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
+    return train, validation
+
+
 def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str) -> None:
     """Weights, config, remote code and processor in `output_dir` (main process only)."""
     model.save_pretrained(output_dir)
@@ -193,14 +216,13 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
+    train, validation = preflight(model_args, data_args)
 
     model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
     model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
     if data_args.max_length is not None:
         processor.max_length = data_args.max_length
     model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
-    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
-    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
     output_dir = training_args.output_dir
 
     def write_card(directory: str) -> None:

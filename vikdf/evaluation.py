@@ -33,6 +33,7 @@ from transformers.utils import logging
 
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
+from vikdf.checks import load_checkpoint_config
 from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 from vikdf.stats import aggregate_runs, format_markdown_table
 
@@ -65,7 +66,11 @@ Context = str | Sequence[str]
 def load_checkpoint(
     path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
-    """A VIKDF checkpoint (folder or hub id) and its processor, with the local classes (no remote code runs)."""
+    """A VIKDF checkpoint (folder or hub id) and its processor, with the local classes (no remote code runs).
+
+    The folder, its config and its weight files are checked first (`vikdf.checks.load_checkpoint_config`).
+    """
+    load_checkpoint_config(os.fspath(path), flag="checkpoint")
     model = VIKDFForConditionalGeneration.from_pretrained(path, dtype=dtype)
     processor = VIKDFProcessor.from_pretrained(path)
     if processor.num_query_tokens != model.config.num_query_tokens:
