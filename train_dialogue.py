@@ -31,12 +31,13 @@ from transformers.utils import logging
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
+from vikdf.atomic import commit_folder, staging_folder
 from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
 from vikdf.data.collators import DialogueCollator
 from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues
 from vikdf.evaluation import load_checkpoint
 from vikdf.model_card import base_model_from_config, write_model_card
-from vikdf.trainers import VIKDFDialogueTrainer
+from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
 logger = logging.get_logger("train_dialogue")
 
@@ -193,9 +194,12 @@ def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArgumen
 
 
 def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str) -> None:
-    """Weights, config, remote code and processor in `output_dir` (main process only)."""
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    """Weights, config, remote code and processor in `output_dir` (main process only), written to a staging folder
+    first and moved in with config.json last, so that a kill never leaves a loadable-looking half checkpoint."""
+    staged = staging_folder(output_dir, "model")
+    model.save_pretrained(staged)
+    processor.save_pretrained(staged)
+    commit_folder(staged, output_dir)
 
 
 def push_folder(output_dir: str, training_args: DialogueTrainingArguments, message: str) -> None:
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
     train, validation = preflight(model_args, data_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
     model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
         processing_class=processor,
         model_card_writer=write_card,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     if model_args.method == "vikdf":
         trainer.save_model()  # also pushes (with our card) when --push_to_hub

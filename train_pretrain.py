@@ -28,7 +28,7 @@ from vikdf.checks import (
 from vikdf.components import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, build_vikdf_from_components
 from vikdf.data.collators import PretrainCollator
 from vikdf.data.pairs import build_pair_dataset
-from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives
+from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
 
 # Inside the transformers namespace, so that --log_level (set_verbosity) governs and prints these lines too.
 logger = logging.get_logger("transformers.train_pretrain")
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
     set_seed(training_args.seed)
     # Flags, checkpoint and data sources (shard patterns expanded, files opened) first: a typo costs no model load.
     check_model_arguments(model_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     dataset = build_pair_dataset(
         data_args.train_sources, data_args.source_probabilities, seed=training_args.seed,
         shuffle_buffer=data_args.shuffle_buffer,
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
         data_collator=PretrainCollator(processor, model.config, seed=training_args.seed + training_args.process_index),
         processing_class=processor,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     logger.info(f"Skipped pairs: {dataset.skips.summary()}")
     return trainer

@@ -17,6 +17,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.utils import logging
 
+from vikdf.atomic import write_text_atomic
 from vikdf.evaluation import TABLE1_COLUMNS, metrics_markdown
 
 logger = logging.get_logger(__name__)
@@ -148,11 +149,10 @@ python eval_dialogue.py --model_name_or_path {repo} --test_file image_chat/test.
 
 
 def write_model_card(directory: str | os.PathLike, **kwargs) -> Path:
-    """Write `build_model_card(**kwargs)` to `directory/README.md` and return the path."""
+    """Write `build_model_card(**kwargs)` to `directory/README.md` (whole or not at all) and return the path."""
     path = Path(directory) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_model_card(**kwargs).save(path)
-    return path
+    return write_text_atomic(path, str(build_model_card(**kwargs)))
 
 
 def _rows(block: str) -> dict[str, str]:
@@ -186,8 +186,7 @@ def update_model_card_metrics(
         rows = _rows(block)
         rows[test_name] = row
         text = f"{head}{METRICS_START}\n{metrics_block(rows)}\n{METRICS_END}{tail}"
-        path.write_text(text, encoding="utf-8")
-        return path
+        return write_text_atomic(path, text)
     if text:
         logger.warning(f"{path} has no VIKDF evaluation section; writing a new VIKDF card in its place.")
     method = getattr(config, "dialogue_method", "vikdf") if config is not None else "vikdf"
