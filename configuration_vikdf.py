@@ -1,10 +1,16 @@
 """Configuration of VIKDF (paper §3, §4.2; DESIGN.md §3).
 
-Hub remote code: this file travels with every checkpoint, so it imports only transformers.
+Hub remote code: this file travels with every checkpoint, so it imports only transformers and `pipeline_vikdf`
+(which it names in `custom_pipelines`; importing it here is what makes that file travel with the config).
 """
 
 from transformers import AutoConfig, Blip2QFormerConfig, CLIPConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from .pipeline_vikdf import VIKDFDialoguePipeline
+except ImportError:
+    from pipeline_vikdf import VIKDFDialoguePipeline
 
 # Instruction prompts of the two BVIF paths (paper §3.3). The paper quotes one of each; the released code samples
 # one of 11 per example, so we keep 11 of our own in the same spirit, the paper's sentence first.
@@ -162,6 +168,14 @@ class VIKDFConfig(PreTrainedConfig):
         auto_map = getattr(self, "auto_map", None) or {}
         auto_map.setdefault("AutoModelForCausalLM", "modeling_vikdf.VIKDFForConditionalGeneration")
         self.auto_map = auto_map
+        # `pipeline("text-generation", model=folder, trust_remote_code=True)` runs the whole VIKDF path.
+        self.custom_pipelines = {
+            "text-generation": {
+                "impl": f"pipeline_vikdf.{VIKDFDialoguePipeline.__name__}",
+                "pt": ["AutoModelForCausalLM"],
+                "type": "text",
+            }
+        }
         self.validate_shapes()
 
     def validate_shapes(self) -> None:

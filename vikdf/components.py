@@ -19,7 +19,7 @@ from transformers import (
 from transformers.utils import logging
 
 from configuration_vikdf import VIKDFConfig
-from modeling_vikdf import VIKDFForConditionalGeneration
+from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
 from processing_vikdf import VIKDFProcessor
 
 logger = logging.get_logger(__name__)
@@ -121,7 +121,7 @@ def build_vikdf_from_components(
         state.update(_prefixed(clip_model.vision_model.state_dict(), "vision_encoder."))
         state.update(_prefixed(clip_model.visual_projection.state_dict(), "visual_projection."))
     model = VIKDFForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-    model.generation_config = llm_model.generation_config
+    model.generation_config = paper_generation_config(llm_model.generation_config)  # its ids, the paper's decoding
     return model, processor
 
 
