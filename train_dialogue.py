@@ -36,7 +36,7 @@ from vikdf.checks import check_input_file, check_max_length, check_max_length_fi
 from vikdf.data.collators import DialogueCollator
 from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues
 from vikdf.evaluation import load_checkpoint
-from vikdf.model_card import base_model_from_config, write_model_card
+from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
 from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
 logger = logging.get_logger("train_dialogue")
@@ -66,6 +66,13 @@ class DialogueModelArguments:
         metadata={
             "help": "Comma-separated LLM module names to adapt, e.g. q_proj,k_proj,v_proj,o_proj (--method lora); "
             "default: peft's choice for the LLM family (q_proj,v_proj for Llama, Qwen2, Mistral)."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence name for the model card (default: the base LLM family's, e.g. llama2 for Llama-2, "
+            "apache-2.0 for Qwen2.5 and Mistral)."
         },
     )
     base_model_name: str | None = field(
@@ -202,6 +209,9 @@ def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str)
     commit_folder(staged, output_dir)
 
 
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "_*", "training_args.bin"]
+
+
 def push_folder(output_dir: str, training_args: DialogueTrainingArguments, message: str) -> None:
     """Upload a folder the Trainer did not push itself (zero-resource and merged LoRA checkpoints)."""
     from huggingface_hub import create_repo, upload_folder
@@ -210,7 +220,8 @@ def push_folder(output_dir: str, training_args: DialogueTrainingArguments, messa
     repo = create_repo(repo_id, private=training_args.hub_private_repo, token=training_args.hub_token, exist_ok=True)
     upload_folder(
         repo_id=repo.repo_id, folder_path=output_dir, commit_message=message, token=training_args.hub_token,
-        ignore_patterns=["checkpoint-*", "_*"],
+        # training_args.bin is a pickle of this run's arguments (paths, tokens): nothing a model user needs.
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
     )
 
 
@@ -234,6 +245,8 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
         write_model_card(
             directory,
             base_model=model_args.base_model_name or base_model_from_config(model.config),
+            **component_names_from_config(model.config),
+            license=model_args.license,
             method=model_args.method,
             train_file=data_args.train_file,
             train_fraction=data_args.train_fraction if train else 0.0,

@@ -101,9 +101,11 @@ def build_vikdf_from_components(
     if len(processor.tokenizer) > llm_model.get_input_embeddings().num_embeddings:
         llm_model.resize_token_embeddings(len(processor.tokenizer))
 
+    qformer_config = iq_former_config_from_bert(bert_model.config, clip_model.config.projection_dim)
+    qformer_config._name_or_path = bert  # for the model card's list of bases
     config = VIKDFConfig(
         clip_config=clip_model.config,
-        qformer_config=iq_former_config_from_bert(bert_model.config, clip_model.config.projection_dim),
+        qformer_config=qformer_config,
         text_config=llm_model.config,
         num_query_tokens=num_query_tokens,
         knowledge_token=processor.knowledge_token,
