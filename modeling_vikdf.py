@@ -9,6 +9,7 @@ E = CLIP projection width, H = LLM width.
 """
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,21 @@ def paper_generation_config(base: GenerationConfig | None = None) -> GenerationC
     config.update(**PAPER_GENERATION, temperature=None, top_p=None, top_k=None)
     config._from_model_config = False  # a setting of its own, saved as generation_config.json
     return config
+
+
+def _damaged_weights(folder) -> str:
+    """The first `*.safetensors` file of a local `folder` whose header cannot be read (the folder if none is)."""
+    from safetensors import safe_open  # a dependency of transformers; only needed on this error path
+
+    if folder is not None and os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(folder, name), framework="pt"):
+                        pass
+                except Exception:
+                    return os.path.join(folder, name)
+    return f"A weights file of {folder!r}"
 
 
 @dataclass
@@ -192,8 +208,16 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the frozen parts frozen again (loading replaces parameters)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, then the frozen parts frozen again (loading replaces parameters).
+
+        A damaged weights file is named (safetensors' own error names none).
+        """
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"{_damaged_weights(args[0] if args else None)} is damaged or truncated ({err}).") from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.set_trainable_stage(model.default_stage)
         return loaded

@@ -20,6 +20,7 @@ from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
 from vikdf.checks import (
     check_continued_query_count,
+    check_model_source,
     check_num_query_tokens,
     check_tim_pooling,
     load_checkpoint_config,
@@ -81,6 +82,9 @@ def check_model_arguments(model_args: PretrainModelArguments):
     check_tim_pooling(model_args.tim_pooling)
     parse_config_overrides(model_args.config_overrides)
     if model_args.model_name_or_path is None:
+        for flag, source in (("--clip_model", model_args.clip_model), ("--bert_model", model_args.bert_model),
+                             ("--llm_model", model_args.llm_model)):
+            check_model_source(source, flag)
         return None
     config = load_checkpoint_config(model_args.model_name_or_path)
     check_continued_query_count(config, model_args.num_query_tokens, model_args.model_name_or_path)

@@ -134,6 +134,8 @@ def test_a_missing_local_model_folder_says_no_such_folder(saved, no_model_load, 
         eval_dialogue.main(["--model_name_or_path", str(missing), "--test_file", str(saved["train"])])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         train_pretrain.main(_pretrain(saved, f"wds:{saved['root']}", model_name_or_path=str(missing)))
+    with pytest.raises(FileNotFoundError, match="--llm_model .*pretrain.*: no such folder"):
+        train_pretrain.main(_pretrain(saved, f"wds:{saved['root']}", llm_model=str(missing)))
     with pytest.raises(OSError, match="'runs/pretrain': no such folder, and the Hub has no model"):
         eval_dialogue.main(["--model_name_or_path", "runs/pretrain", "--test_file", str(saved["train"])])
     with pytest.raises(FileNotFoundError, match="no such folder"):
@@ -199,6 +201,8 @@ def test_a_truncated_weights_file_is_named(saved, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=r"broken/model.safetensors is damaged or truncated"):
         load_checkpoint(broken)
+    with pytest.raises(OSError, match=r"broken/model.safetensors is damaged or truncated"):
+        VIKDFForConditionalGeneration.from_pretrained(broken)
     with pytest.raises(OSError, match=r"model.safetensors is damaged or truncated"):
         eval_dialogue.main(["--model_name_or_path", str(broken), "--test_file", str(saved["train"])])
 

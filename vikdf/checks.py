@@ -37,18 +37,22 @@ def _could_be_hub_id(name: str) -> bool:
     return not os.path.isabs(name) and not name.startswith((".", "~")) and bool(_HUB_ID.match(name))
 
 
-def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIKDFConfig:
-    """The VIKDF config of checkpoint `path` (folder or hub id), checked as a whole: config and weight files.
-
-    A local path that does not exist says so instead of failing as a Hub download; another model's config or a
-    damaged weights file is refused before anything is built.
-    """
+def check_model_source(path: str, flag: str) -> None:
+    """A model folder or hub id: a local path that does not exist says so instead of failing as a Hub download."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{flag} {path!r} is a file; give the checkpoint folder that holds config.json.")
+        raise NotADirectoryError(f"{flag} {path!r} is a file; give the model folder that holds config.json.")
     if not os.path.isdir(path) and not _could_be_hub_id(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such folder.")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{flag} {path!r} has no config.json; is it a VIKDF checkpoint folder?")
+        raise FileNotFoundError(f"{flag} {path!r} has no config.json; is it a model folder?")
+
+
+def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIKDFConfig:
+    """The VIKDF config of checkpoint `path` (folder or hub id), checked as a whole: config and weight files.
+
+    Another model's config or a damaged weights file is refused before anything is built.
+    """
+    check_model_source(path, flag)
     try:
         config = VIKDFConfig.from_pretrained(path)
     except OSError as err:
@@ -196,6 +200,7 @@ def check_glove_file(path: str | None, flag: str = "--glove_path") -> None:
 
 __all__ = [
     "check_input_file",
+    "check_model_source",
     "load_checkpoint_config",
     "check_weight_files",
     "config_fields",
