@@ -28,7 +28,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from modeling_vikdf import VIKDFForConditionalGeneration
+from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
 from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
 from vikdf.atomic import commit_folder, staging_folder
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
 
     model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
     model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
+    # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
+    # generation config is the LLM's own (Llama-2-chat's samples).
+    model.generation_config = paper_generation_config(model.generation_config)
     if data_args.max_length is not None:
         processor.max_length = data_args.max_length
     model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge

@@ -8,6 +8,7 @@ import textwrap
 
 import torch
 
+import train_dialogue
 from modeling_vikdf import PAPER_GENERATION
 from pipeline_vikdf import textualise_knowledge
 from vikdf.evaluation import load_checkpoint
@@ -27,6 +28,16 @@ def test_saved_checkpoints_carry_the_papers_generation_config(build_tiny, tmp_pa
     saved = json.loads((folder / "generation_config.json").read_text())
     assert {key: saved.get(key) for key in PAPER_GENERATION} == PAPER_GENERATION
     assert saved.get("temperature") is None and saved.get("top_p") is None  # nothing of a sampling LLM's config
+
+
+def test_dialogue_checkpoints_decode_as_the_paper_even_from_a_sampling_checkpoint(build_tiny, tmp_path):
+    folder = _saved(build_tiny, tmp_path / "pretrained")
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    out = tmp_path / "zero"
+    train_dialogue.main(["--model_name_or_path", str(folder), "--train_fraction", "0", "--output_dir", str(out),
+                         "--report_to", "none", "--use_cpu", "true"])
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert {key: saved.get(key) for key in PAPER_GENERATION} == PAPER_GENERATION and saved.get("temperature") is None
 
 
 def test_bare_generate_follows_the_checkpoints_generation_config(build_tiny, tmp_path):
