@@ -153,8 +153,9 @@ class _AtomicSaveMixin:
         self.accelerator.wait_for_everyone()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if _internal_call:  # a checkpoint, already inside its staging folder
+        if getattr(self, "_checkpoint_staging", None) is not None:  # a checkpoint, already inside its staging folder
             return super().save_model(output_dir, _internal_call=True)
+        # The final save, or push_to_hub's re-save of the output folder (an internal call): staged, then moved in.
         target = output_dir or self.args.output_dir
         staged = os.path.join(target, STAGING_PREFIX + "model")
         if self.args.should_save:
@@ -165,7 +166,7 @@ class _AtomicSaveMixin:
         if self.args.should_save:
             commit_folder(staged, target)
         self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
+        if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
