@@ -35,6 +35,13 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from vikdf.arguments import PRECISIONS, resolve_dtype
+from vikdf.checks import (
+    check_glove_file,
+    check_input_file,
+    check_max_new_tokens,
+    fit_generation_length,
+    load_checkpoint_config,
+)
 from vikdf.data.dialogue import FORMATS, load_dialogues, parse_turn_counts
 from vikdf.evaluation import (
     aggregate_metrics,
@@ -163,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model_name_or_path is None or args.test_file is None:
         raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
 
+    # Everything that can be wrong with a path or a flag is found before the model loads and generates.
+    config = load_checkpoint_config(args.model_name_or_path)
+    check_max_new_tokens(config, args.max_new_tokens)
+    check_input_file(args.test_file, "--test_file")
+    check_glove_file(args.glove_path)
     dialogues = load_dialogues(
         args.test_file, format=args.test_format, max_context_turns=args.max_context_turns,
         skip_bad=args.skip_bad_records, context_turns=parse_turn_counts(args.context_turns) if args.context_turns else None,
@@ -175,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
     model.to(device).eval()
+    fit_generation_length(model.config, processor, args.max_new_tokens)
 
     method = getattr(model.config, "dialogue_method", "vikdf")
     with_knowledge = args.baseline is None and method != "lora"

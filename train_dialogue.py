@@ -36,14 +36,16 @@ from transformers import HfArgumentParser, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from modeling_vikdf import VIKDFForConditionalGeneration
+from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
 from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
+from vikdf.atomic import commit_folder, staging_folder
+from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
 from vikdf.data.collators import DialogueCollator
 from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues, parse_turn_counts
 from vikdf.evaluation import load_checkpoint
-from vikdf.model_card import base_model_from_config, write_model_card
-from vikdf.trainers import VIKDFDialogueTrainer
+from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
+from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
 logger = logging.get_logger("train_dialogue")
 
@@ -86,6 +88,13 @@ class DialogueModelArguments:
         metadata={
             "help": "Comma-separated LLM module names to adapt, e.g. q_proj,k_proj,v_proj,o_proj (--method lora); "
             "default: peft's choice for the LLM family (q_proj,v_proj for Llama, Qwen2, Mistral)."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence name for the model card (default: the base LLM family's, e.g. llama2 for Llama-2, "
+            "apache-2.0 for Qwen2.5 and Mistral)."
         },
     )
     base_model_name: str | None = field(
@@ -177,6 +186,11 @@ def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataA
         raise ValueError("--train_file is required unless --train_fraction 0 (no training).")
     if model_args.method not in METHODS:
         raise ValueError(f"--method {model_args.method!r}; choose one of {METHODS}.")
+    if model_args.method == "lora" and data_args.train_fraction == 0:
+        raise ValueError(
+            "--method lora with --train_fraction 0 trains no adapters, so the checkpoint would be the frozen LLM "
+            "under a LoRA label; evaluate that with eval_dialogue.py --baseline llm instead."
+        )
 
 
 def with_preset(argv: list[str]) -> list[str]:
@@ -231,10 +245,33 @@ def _load(path: str | None, fmt: str, data_args: DialogueDataArguments, fraction
     return dialogues
 
 
+def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> tuple[list[Dialogue], list[Dialogue]]:
+    """Everything checked before the model loads: the checkpoint's folder, config and weight files, the lengths,
+    and the data, read and validated; returns the training and validation dialogues."""
+    config = load_checkpoint_config(model_args.model_name_or_path)
+    check_max_length(config, data_args.max_length)
+    if data_args.max_length is not None:
+        processor = VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
+        processor.max_length = data_args.max_length
+        check_max_length_fits_layout(processor, with_knowledge=model_args.method == "vikdf")
+    if data_args.train_fraction > 0:
+        check_input_file(data_args.train_file, "--train_file")
+    check_input_file(data_args.validation_file, "--validation_file")
+    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
+    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
+    return train, validation
+
+
 def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str) -> None:
-    """Weights, config, remote code and processor in `output_dir` (main process only)."""
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    """Weights, config, remote code and processor in `output_dir` (main process only), written to a staging folder
+    first and moved in with config.json last, so that a kill never leaves a loadable-looking half checkpoint."""
+    staged = staging_folder(output_dir, "model")
+    model.save_pretrained(staged)
+    processor.save_pretrained(staged)
+    commit_folder(staged, output_dir)
+
+
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "_*", "training_args.bin"]
 
 
 def push_folder(output_dir: str, training_args: DialogueTrainingArguments, message: str) -> None:
@@ -245,7 +282,8 @@ def push_folder(output_dir: str, training_args: DialogueTrainingArguments, messa
     repo = create_repo(repo_id, private=training_args.hub_private_repo, token=training_args.hub_token, exist_ok=True)
     upload_folder(
         repo_id=repo.repo_id, folder_path=output_dir, commit_message=message, token=training_args.hub_token,
-        ignore_patterns=["checkpoint-*", "_*"],
+        # training_args.bin is a pickle of this run's arguments (paths, tokens): nothing a model user needs.
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
     )
 
 
@@ -256,20 +294,25 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
+    train, validation = preflight(model_args, data_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
     model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
+    # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
+    # generation config is the LLM's own (Llama-2-chat's samples).
+    model.generation_config = paper_generation_config(model.generation_config)
     if data_args.max_length is not None:
         processor.max_length = data_args.max_length
     model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
-    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
-    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
     output_dir = training_args.output_dir
 
     def write_card(directory: str) -> None:
         write_model_card(
             directory,
             base_model=model_args.base_model_name or base_model_from_config(model.config),
+            **component_names_from_config(model.config),
+            license=model_args.license,
             method=model_args.method,
             train_file=data_args.train_file,
             train_fraction=data_args.train_fraction if train else 0.0,
@@ -304,7 +347,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
         processing_class=processor,
         model_card_writer=write_card,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     if model_args.method == "vikdf":
         trainer.save_model()  # also pushes (with our card) when --push_to_hub

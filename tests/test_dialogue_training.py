@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def test_vikdf_fine_tuning_saves_an_inference_checkpoint_that_fits_better(world,
 
 def test_model_card_snippet_runs(world, finetuned, capsys):
     card = (world["root"] / "vikdf" / "README.md").read_text()
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace(PLACEHOLDER_REPO, finetuned.output_dir)
+    snippets = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+    snippet = next(s for s in snippets if "AutoModel" in s).replace(PLACEHOLDER_REPO, finetuned.output_dir)
     exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("[") and printed.count("'") + printed.count('"') >= 2  # one decoded response
@@ -141,7 +143,7 @@ def test_eval_writes_predictions_metrics_and_card_row(world, finetuned):
     assert json.loads((out / "eval_info.json").read_text())["with_knowledge"] is True
 
     card = (world["root"] / "vikdf" / "README.md").read_text()
-    assert world["llm"] in card  # names its base model
+    assert f"`{Path(world['llm']).name}` (a local folder)" in card and world["llm"] not in card  # no local path
     assert "| Test set | PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy | Dis-1 | Dis-2 |" in card
     assert f"| image_chat/test.json | {metrics['ppl']:.2f} |" in card
 

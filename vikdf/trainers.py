@@ -15,14 +15,25 @@ factor the loss, the gradient and the `max_grad_norm` clipping threshold were 1/
 same global batch.
 """
 
+import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from vikdf.atomic import (
+    STAGING_PREFIX,
+    TRAINER_STATE_NAME,
+    commit_folder,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    staging_folder,
+)
 from vikdf.losses import IGNORE_INDEX, iaci_loss, iakr_loss, iamtm_loss, tamim_loss, tim_loss
 from vikdf.masking import apply_pixel_mask
 
@@ -81,7 +92,91 @@ class _MetricsMixin:
         super().log(logs, *args, **kwargs)
 
 
-class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
+RESUME_LAST = "last"
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or "last" for the newest complete one in `output_dir`
+    (a fresh start when there is none yet). A folder that an interrupted save left incomplete is refused."""
+    if value is None:
+        return None
+    if value == RESUME_LAST:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            logger.info(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir} yet; starting fresh.")
+            return None
+        logger.info(f"--resume_from_checkpoint last: resuming from {checkpoint}.")
+        return str(checkpoint)
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such folder.")
+    if not is_complete_checkpoint(value):
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r} is incomplete (no readable {TRAINER_STATE_NAME}): its save was "
+            f"interrupted. Use --resume_from_checkpoint {RESUME_LAST} to take the newest complete checkpoint."
+        )
+    return value
+
+
+class _AtomicSaveMixin:
+    """Checkpoints and the final save written to a `_saving-*` folder and renamed once complete (`vikdf.atomic`).
+
+    `Trainer._save_checkpoint` writes the weights, the optimizer, scheduler and RNG states, then
+    `trainer_state.json` into `checkpoint-N`; a kill in between left a folder that looked loadable and that
+    `get_last_checkpoint` picked. Here the Trainer writes into `_saving-checkpoint-N/checkpoint-N` (its run folder
+    is redirected while it saves), and the folder is renamed to `checkpoint-N`, then rotated, once all is written.
+    """
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_checkpoint_staging", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial=trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        if self.args.should_save:
+            staging_folder(run_dir, name)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every rank's optimizer shards are written
+        if self.args.should_save:
+            staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+            if self.state.best_model_checkpoint == staged:  # the Trainer found this step the best, under its staged name
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            if os.path.isdir(final):  # saved again at the same step (e.g. after resuming from it)
+                os.replace(final, os.path.join(staging, "previous"))
+            os.replace(staged, final)
+            shutil.rmtree(staging)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if getattr(self, "_checkpoint_staging", None) is not None:  # a checkpoint, already inside its staging folder
+            return super().save_model(output_dir, _internal_call=True)
+        # The final save, or push_to_hub's re-save of the output folder (an internal call): staged, then moved in.
+        target = output_dir or self.args.output_dir
+        staged = os.path.join(target, STAGING_PREFIX + "model")
+        if self.args.should_save:
+            staging_folder(target, "model")
+        self.accelerator.wait_for_everyone()
+        super().save_model(staged, _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            commit_folder(staged, target)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
     """Joint knowledge distillation and integration on image–text pairs (paper §3.2–3.4.1).
 
     Batches come from `vikdf.data.collators.PretrainCollator`. Losses are logged as `loss_tim`, `loss_tamim`,
@@ -241,7 +336,7 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
         return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
 
 
-class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
+class VIKDFDialogueTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
     """Dialogue fine-tuning of P(R | C, K) (§3.4.1): response NLL; the queries, IQ-Former and
     `language_projection` train, everything else stays frozen.
 
@@ -264,4 +359,12 @@ class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
             self.model_card_writer(self.args.output_dir)
 
 
-__all__ = ["VIKDFPretrainTrainer", "VIKDFDialogueTrainer", "enabled_objectives", "loss_weights", "OBJECTIVES"]
+__all__ = [
+    "VIKDFPretrainTrainer",
+    "VIKDFDialogueTrainer",
+    "enabled_objectives",
+    "loss_weights",
+    "OBJECTIVES",
+    "RESUME_LAST",
+    "resolve_resume_checkpoint",
+]

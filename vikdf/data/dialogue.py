@@ -27,7 +27,7 @@ logger = logging.get_logger(__name__)
 
 FORMATS = ("reddit_json", "reddit_tsv", "image_chat")
 
-_FIX_HINT = "Fix or remove this record, or pass skip_bad=True to skip bad records."
+_FIX_HINT = "Fix or remove this record, or skip bad records with --skip_bad_records (skip_bad=True in Python)."
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ def _read_json(path: str) -> list[Any]:
 
 
 def _detect_json_format(path: str, records: list[Any]) -> str:
+    if not records:
+        raise ValueError(f"{path}: the JSON list is empty; the file holds no dialogues.")
     for record in records:
         if isinstance(record, dict):
             if "dialog" in record:
@@ -194,6 +196,8 @@ def load_dialogues(
         seed: seed of the subset drawn for ``fraction`` < 1.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Dialogue file {path!r} is a folder; give the .json or .tsv file inside it.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Dialogue file not found: {path!r}.")
     if not 0.0 <= fraction <= 1.0:
