@@ -21,7 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from vikdf.atomic import write_text_atomic
-from vikdf.evaluation import TABLE1_COLUMNS, metrics_markdown
+from vikdf.evaluation import EXTRA_COLUMNS, TABLE1_COLUMNS, metrics_markdown
 
 logger = logging.get_logger(__name__)
 
@@ -83,13 +83,14 @@ def _shown(name: str | None, missing: str) -> str:
 
 
 def eval_results(metrics: Mapping[str, float | None], test_name: str) -> list[EvalResult]:
-    """The Table-1 metrics of one test set as Hub `EvalResult`s (model-index); missing metrics are left out."""
+    """The metrics of one test set (Table 1 and the token-level PPL) as Hub `EvalResult`s (model-index); missing
+    metrics are left out."""
     return [
         EvalResult(
             task_type=TASK, dataset_type=test_name, dataset_name=test_name, metric_type=key, metric_name=title,
             metric_value=float(metrics[key]),
         )
-        for key, title in TABLE1_COLUMNS
+        for key, title in TABLE1_COLUMNS + EXTRA_COLUMNS
         if metrics.get(key) is not None
     ]
 
