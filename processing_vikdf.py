@@ -54,6 +54,10 @@ class VIKDFProcessor(ProcessorMixin):
         knowledge_token: the placeholder string.
         clip_max_length: CLIP's text context (77).
         max_length: the longest LLM sequence a dialogue example may take; longer contexts lose their oldest tokens.
+        max_response_length: when set, responses are cut to this many tokens and the prompt (template, knowledge
+            slots and context) always gets the other `max_length - max_response_length`, the release's separate
+            input and target budgets (128 and 32 tokens, plus the 32 slots); when None, the response takes up to half
+            of `max_length` and the prompt whatever the response leaves.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class VIKDFProcessor(ProcessorMixin):
         knowledge_token: str = "<knowledge>",
         clip_max_length: int = 77,
         max_length: int = 512,
+        max_response_length: int | None = None,
         **kwargs,
     ):
         if knowledge_token not in tokenizer.get_vocab():
@@ -76,11 +81,17 @@ class VIKDFProcessor(ProcessorMixin):
         self.knowledge_token = knowledge_token
         self.clip_max_length = clip_max_length
         self.max_length = max_length
+        self.max_response_length = max_response_length
         super().__init__(image_processor, tokenizer, clip_tokenizer, **kwargs)
 
     @property
     def knowledge_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.knowledge_token)
+
+    @property
+    def response_budget(self) -> int:
+        """The most tokens a training or PPL response keeps (its eos included)."""
+        return self.max_response_length if self.max_response_length is not None else self.max_length // 2
 
     @property
     def knowledge_slots(self) -> str:
@@ -269,8 +280,9 @@ class VIKDFProcessor(ProcessorMixin):
         rows, labels = [], []
         for index, context in enumerate(contexts):
             target = [] if responses is None else self.dialogue_response_ids(responses[index])
-            target = target[: self.max_length // 2]
-            prompt = self._fit_context(context, self.max_length - len(target), with_knowledge)
+            target = target[: self.response_budget]
+            reserved = len(target) if self.max_response_length is None else self.max_response_length
+            prompt = self._fit_context(context, self.max_length - reserved, with_knowledge)
             rows.append(prompt + target)
             labels.append([IGNORE_INDEX] * len(prompt) + target)
         side = padding_side or ("left" if responses is None else "right")

@@ -42,7 +42,7 @@ from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
 from vikdf.atomic import commit_folder, staging_folder
 from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
 from vikdf.data.collators import DialogueCollator
-from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues, parse_turn_counts
+from vikdf.data.dialogue import FORMATS, SUBSETS, Dialogue, load_dialogues, parse_turn_counts
 from vikdf.evaluation import load_checkpoint
 from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
 from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
@@ -60,6 +60,7 @@ FRACTIONS = (1.0, 0.25, 0.125, 0.0)
 _PAPER_FINE_TUNING = (
     "--learning_rate", "1e-4", "--weight_decay", "0", "--warmup_steps", "0", "--lr_scheduler_type", "linear",
     "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8", "--max_length", "192",
+    "--max_response_length", "32", "--subset", "first",
 )  # fmt: skip
 PRESETS = {
     "paper-reddit": (*_PAPER_FINE_TUNING, "--num_train_epochs", "5", "--context_turns", "2,3"),
@@ -160,6 +161,22 @@ class DialogueDataArguments:
     max_length: int | None = field(
         default=None, metadata={"help": "Longest LLM sequence per example (default: the processor's, 512)."}
     )
+    max_response_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cut responses to this many tokens and give the prompt always the rest of --max_length, the "
+            "release's separate budgets (--preset paper-*: 32, with --max_length 192 = 128 + 32 slots + 32). Default: "
+            "a response takes up to half of --max_length and the prompt what it leaves."
+        },
+    )
+    subset: str = field(
+        default="random",
+        metadata={
+            "help": "How --train_fraction picks its dialogues: random (a seeded nested subset, --subset_seed) or "
+            "first (the file's first floor(fraction x N), as the release; --preset paper-* sets it).",
+            "choices": list(SUBSETS),
+        },
+    )
     dataset_names: str | None = field(
         default=None, metadata={"help": "Comma-separated Hub dataset ids for the model card metadata."}
     )
@@ -237,7 +254,7 @@ def _load(path: str | None, fmt: str, data_args: DialogueDataArguments, fraction
         return []
     dialogues = load_dialogues(
         path, format=fmt, fraction=fraction, max_context_turns=data_args.max_context_turns,
-        skip_bad=data_args.skip_bad_records, seed=data_args.subset_seed,
+        skip_bad=data_args.skip_bad_records, seed=data_args.subset_seed, subset=data_args.subset,
         context_turns=parse_turn_counts(data_args.context_turns) if data_args.context_turns else None,
     )
     if not dialogues and fraction > 0:
@@ -245,14 +262,22 @@ def _load(path: str | None, fmt: str, data_args: DialogueDataArguments, fraction
     return dialogues
 
 
+def set_lengths(processor: VIKDFProcessor, data_args: DialogueDataArguments) -> VIKDFProcessor:
+    """The processor with the length flags that were given (the saved processor keeps them)."""
+    if data_args.max_length is not None:
+        processor.max_length = data_args.max_length
+    if data_args.max_response_length is not None:
+        processor.max_response_length = data_args.max_response_length
+    return processor
+
+
 def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> tuple[list[Dialogue], list[Dialogue]]:
     """Everything checked before the model loads: the checkpoint's folder, config and weight files, the lengths,
     and the data, read and validated; returns the training and validation dialogues."""
     config = load_checkpoint_config(model_args.model_name_or_path)
     check_max_length(config, data_args.max_length)
-    if data_args.max_length is not None:
-        processor = VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
-        processor.max_length = data_args.max_length
+    if data_args.max_length is not None or data_args.max_response_length is not None:
+        processor = set_lengths(VIKDFProcessor.from_pretrained(model_args.model_name_or_path), data_args)
         check_max_length_fits_layout(processor, with_knowledge=model_args.method == "vikdf")
     if data_args.train_fraction > 0:
         check_input_file(data_args.train_file, "--train_file")
@@ -302,8 +327,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
     # generation config is the LLM's own (Llama-2-chat's samples).
     model.generation_config = paper_generation_config(model.generation_config)
-    if data_args.max_length is not None:
-        processor.max_length = data_args.max_length
+    set_lengths(processor, data_args)
     model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
     output_dir = training_args.output_dir
 

@@ -252,3 +252,20 @@ def test_context_truncation_fills_max_length_exactly_without_the_indexing_warnin
     assert prompt_only["attention_mask"].sum(-1).tolist() == [96] * len(contexts)
     for row in prompt_only["input_ids"]:
         assert processor.tokenizer.decode(row).rstrip().endswith("final question? [/INST]")
+
+
+def test_max_response_length_gives_prompt_and_response_the_releases_separate_budgets(build_tiny):
+    # The release cuts the LLM input at 128 tokens and the response at 32, each on its own: a short response does not
+    # lend its room to the context, and a long one is cut to its budget.
+    _, processor = build_tiny("llama")
+    processor.max_length, processor.max_response_length = 96, 16
+    context = [" ".join(["dog", "park,", "sky!"] * 200), "final question?"]
+    short, long = "an answer", " ".join(["word"] * 60)
+    batch = processor.dialogue_inputs([context, context], [short, long])
+    labels = batch["labels"]
+    prompt_lengths = (labels == -100).logical_and(batch["attention_mask"].bool()).sum(-1).tolist()
+    assert prompt_lengths == [96 - 16, 96 - 16]
+    assert (labels[1] != -100).sum().item() == 16
+    assert (labels[0] != -100).sum().item() == len(processor.dialogue_response_ids(short))
+    processor.max_response_length = None  # the default: the response takes what it needs, the prompt the rest
+    assert processor.dialogue_inputs([context], [short])["attention_mask"].sum().item() == 96

@@ -166,3 +166,14 @@ def test_skip_bad_counts_and_logs(tmp_path, caplog):
         dialogues = load_dialogues(path, skip_bad=True)
     assert [d.response for d in dialogues] == ["Nice!", "what breed?"]
     assert "Skipped 2 bad record(s) in" in caplog.text and "mixed.json" in caplog.text
+
+
+def test_fraction_can_take_the_files_first_dialogues_as_the_release(tmp_path):
+    records = [{"context": [f"turn {i}"], "response": f"reply {i}"} for i in range(30)]
+    path = _write_json(tmp_path / "train.json", records)
+    full = load_dialogues(path)
+    assert load_dialogues(path, fraction=1 / 4, subset="first") == full[:7]  # floor(30 / 4), as the release's len // 4
+    assert load_dialogues(path, fraction=1 / 8, subset="first") == full[:3]
+    assert load_dialogues(path, fraction=1 / 4, subset="random", seed=0) != full[:7]
+    with pytest.raises(ValueError, match="subset rule 'last'"):
+        load_dialogues(path, fraction=1 / 4, subset="last")

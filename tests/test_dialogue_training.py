@@ -233,6 +233,7 @@ def test_paper_presets_set_the_released_fine_tuning_and_explicit_flags_win(world
     assert training.lr_scheduler_type == "linear"
     assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (4, 8)
     assert data.max_length == 128 + 32 + 32 and data.context_turns == "2,3" and data.max_context_turns is None
+    assert data.max_response_length == 32 and data.subset == "first"
     # The Reddit rule drops (not truncates) contexts of other sizes: of TRAIN's 1- and 2-turn contexts, the 2-turn ones.
     kept = train_dialogue._load(data.train_file, data.train_format, data)
     assert [d.context for d in kept] == [tuple(c) for c, _ in TRAIN if len(c) == 2]
@@ -250,5 +251,6 @@ def test_paper_presets_set_the_released_fine_tuning_and_explicit_flags_win(world
     # Without a preset nothing changes.
     _, data, training = _parse_dialogue_flags(required)
     assert training.num_train_epochs == 1 and training.weight_decay == 0.05 and data.context_turns is None
+    assert data.max_response_length is None and data.subset == "random"
     with pytest.raises(ValueError, match="paper-reddit"):
         train_dialogue.with_preset(["--preset", "paper", *required])

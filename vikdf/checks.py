@@ -138,14 +138,16 @@ def check_max_length(config: VIKDFConfig, max_length: int | None, flag: str = "-
 
 def check_max_length_fits_layout(processor, with_knowledge: bool, flag: str = "--max_length") -> None:
     """Refuse a `max_length` that leaves no room for a context token after the template, the knowledge slots and
-    the response (which may take up to half of it, `VIKDFProcessor.dialogue_inputs`)."""
+    the response (`VIKDFProcessor.response_budget`: `max_response_length`, or up to half of `max_length`)."""
     overhead = len(processor.dialogue_prompt_ids("", with_knowledge))
-    room = processor.max_length - processor.max_length // 2
-    if room <= overhead:
+    response = processor.response_budget
+    fixed = processor.max_response_length
+    least = 2 * (overhead + 1) if fixed is None else overhead + 1 + fixed
+    if processor.max_length - response <= overhead:
         raise ValueError(
             f"{flag} {processor.max_length} leaves no room for the context: the chat template and "
             f"{processor.num_query_tokens if with_knowledge else 0} knowledge slots take {overhead} tokens and the "
-            f"response up to {processor.max_length // 2}; use at least {2 * (overhead + 1)}."
+            f"response up to {response}; use at least {least}."
         )
 
 

@@ -15,6 +15,7 @@ truncation to the last N context turns, which the release does not do.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Collection, Iterator
@@ -26,6 +27,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 FORMATS = ("reddit_json", "reddit_tsv", "image_chat")
+# How a training fraction picks its dialogues: a seeded random subset, or the file's first ones (the release).
+SUBSETS = ("random", "first")
 
 _FIX_HINT = "Fix or remove this record, or skip bad records with --skip_bad_records (skip_bad=True in Python)."
 
@@ -155,14 +158,17 @@ def parse_turn_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
-def _subset(dialogues: list[Dialogue], fraction: float, seed: int) -> list[Dialogue]:
-    """A seeded subset of about ``fraction`` of the dialogues, kept in file order.
+def _subset(dialogues: list[Dialogue], fraction: float, seed: int, subset: str = "random") -> list[Dialogue]:
+    """About ``fraction`` of the dialogues, kept in file order.
 
-    The indices come from one seeded permutation, so with the same seed the 1/8 subset lies inside the 1/4
-    subset. A positive fraction keeps at least one dialogue.
+    ``"random"``: the indices come from one seeded permutation, so with the same seed the 1/8 subset lies inside the
+    1/4 subset. ``"first"``: the first ``floor(fraction × N)`` dialogues, as the release selects them. A positive
+    fraction keeps at least one dialogue.
     """
     if fraction >= 1.0:
         return dialogues
+    if subset == "first":
+        return dialogues[: max(1, math.floor(fraction * len(dialogues)))]
     keep = max(1, round(fraction * len(dialogues))) if dialogues else 0
     order = list(range(len(dialogues)))
     random.Random(seed).shuffle(order)
@@ -177,6 +183,7 @@ def load_dialogues(
     skip_bad: bool = False,
     seed: int = 0,
     context_turns: Collection[int] | None = None,
+    subset: str = "random",
 ) -> list[Dialogue]:
     """Read a dialogue file into a list of :class:`Dialogue`.
 
@@ -194,6 +201,7 @@ def load_dialogues(
         skip_bad: skip malformed records (missing field, non-string turn, empty context or response) and log
             how many were skipped, instead of raising ``ValueError``.
         seed: seed of the subset drawn for ``fraction`` < 1.
+        subset: ``"random"`` (a seeded nested subset) or ``"first"`` (the file's first dialogues, as released).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -206,6 +214,8 @@ def load_dialogues(
         raise ValueError(f"max_context_turns must be a positive number of turns or None, not {max_context_turns}.")
     if context_turns is not None and (not context_turns or min(context_turns) < 1):
         raise ValueError(f"context_turns must be positive numbers of turns, e.g. (2, 3), not {context_turns}.")
+    if subset not in SUBSETS:
+        raise ValueError(f"Unknown subset rule {subset!r}; use one of {SUBSETS}.")
     if format not in ("auto", *FORMATS):
         raise ValueError(f"Unknown dialogue format {format!r}; use 'auto' or one of {FORMATS}.")
     if fraction == 0.0:
@@ -244,4 +254,4 @@ def load_dialogues(
             f"Dropped {dropped} dialogue(s) of {path} whose context has a number of turns outside "
             f"{sorted(context_turns)} (the released Reddit reader's rule); {len(dialogues)} kept."
         )
-    return _subset(dialogues, fraction, seed)
+    return _subset(dialogues, fraction, seed, subset)
