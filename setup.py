@@ -33,6 +33,7 @@ setup(
         "timm",
         "pillow",
         "braceexpand",
+        "torchdata>=0.8",
         "nltk",
         "pycocoevalcap",
         "scipy",

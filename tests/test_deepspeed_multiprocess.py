@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from pretrain_helpers import pretrain_argv
 
-from vikdf.data.pairs import Partition, SkipCounter, WebDatasetSource
+from vikdf.data.pairs import MixedPairDataset, SkipCounter, WebDatasetSource
 
 pytest.importorskip("deepspeed")
 
@@ -63,7 +63,7 @@ def _seed_giving_the_corrupt_shard_to_rank_1(patterns: str) -> int:
     source = WebDatasetSource(patterns)
     for seed in range(100):
         skips = SkipCounter(warn_first=0)
-        for _ in source.examples(Partition(index=1, count=2), seed, 0, skips):
+        for _ in MixedPairDataset([source], seed=seed, infinite=False, rank=1, world_size=2, skips=skips):
             pass
         if skips.counts["unreadable_image"]:
             return seed
