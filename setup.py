@@ -40,5 +40,5 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "tensorboard"], "tensorboard": ["tensorboard"]},
 )
