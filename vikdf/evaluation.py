@@ -162,11 +162,13 @@ def response_nll(
     with_knowledge: bool = True,
     batch_size: int = 16,
     progress: bool = False,
+    per_dialogue: list | None = None,
 ) -> tuple[float, int]:
     """Summed NLL (nats) of the reference responses given their contexts, and the number of tokens scored.
 
     Scored tokens are those the processor labels: the response and the end-of-sequence token, never the prompt,
-    the knowledge slots or padding.
+    the knowledge slots or padding. `per_dialogue` (a list as long as `contexts`) receives each dialogue's
+    (NLL, tokens), as evaluation across processes gathers them.
     """
     if len(contexts) != len(responses):
         raise ValueError(f"Got {len(contexts)} contexts but {len(responses)} responses.")
@@ -187,6 +189,11 @@ def response_nll(
             nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
             total += nll.double().sum().item()
             count += int(scored.sum().item())
+            if per_dialogue is not None:
+                rows = torch.zeros(len(indices), dtype=torch.float64, device=nll.device)
+                rows.index_add_(0, scored.nonzero()[:, 0], nll.double())
+                for index, value, tokens in zip(indices, rows.tolist(), scored.sum(dim=1).tolist()):
+                    per_dialogue[index] = (value, tokens)
             bar.update(len(indices))
     return total, count
 
@@ -256,6 +263,17 @@ def evaluate_dialogues(
         ppl = perplexity(
             model, processor, contexts, references, with_knowledge=with_knowledge, batch_size=batch_size, progress=progress
         )
+    return score_responses(contexts, references, hypotheses, ppl, glove_path)
+
+
+def score_responses(
+    contexts: Sequence[Context],
+    references: Sequence[str],
+    hypotheses: Sequence[str],
+    ppl: float | None,
+    glove_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The result of :func:`evaluate_dialogues` from its parts: Table-1 metrics and the predictions."""
     scores = compute_dialogue_metrics(hypotheses, references, glove_path=glove_path)
     metrics = {"ppl": ppl, **{key: scores.get(key) for key in METRIC_KEYS if key != "ppl"}}
     predictions = [
@@ -374,6 +392,7 @@ __all__ = [
     "response_nll",
     "perplexity",
     "evaluate_dialogues",
+    "score_responses",
     "metrics_markdown",
     "write_evaluation",
     "normalise_metric_keys",
