@@ -105,8 +105,9 @@ def launch_world(tiny_components, pair_world, tmp_path_factory):
     return root, argv
 
 
-def _launch(commands: list[list[str]], root: Path, name: str, output_dir: Path) -> Run:
-    """Start the commands together (the nodes of one job) and wait for all; their logs end up in one string."""
+def _launch_together(jobs: dict[str, tuple[list[list[str]], Path]], root: Path) -> dict[str, Run]:
+    """Start every process of every job (name -> (commands, output_dir)) at once and wait for all. The jobs are
+    independent, and much of a launch is start-up, which overlaps; each job's logs end up in one string."""
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -115,18 +116,26 @@ def _launch(commands: list[list[str]], root: Path, name: str, output_dir: Path) 
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    logs = [root / f"{name}-{i}.log" for i in range(len(commands))]
-    processes = []
-    for command, log in zip(commands, logs, strict=True):
-        with open(log, "w") as handle:
-            processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT))
+    started = {}
+    for name, (commands, _) in jobs.items():
+        for i, command in enumerate(commands):
+            log = root / f"{name}-{i}.log"
+            with open(log, "w") as handle:
+                process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            started.setdefault(name, []).append((process, log))
     try:
-        returncodes = [process.wait(timeout=840) for process in processes]
+        returncodes = {name: [process.wait(timeout=840) for process, _ in runs] for name, runs in started.items()}
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    return Run(max(returncodes, key=abs), "\n".join(log.read_text() for log in logs), output_dir)
+        for runs in started.values():
+            for process, _ in runs:
+                if process.poll() is None:
+                    process.kill()
+    return {
+        name: Run(
+            max(returncodes[name], key=abs), "\n".join(log.read_text() for _, log in started[name]), jobs[name][1]
+        )
+        for name in jobs
+    }
 
 
 def _accelerate(machine_rank: int, num_machines: int, port: int, argv: list[str]) -> list[str]:
@@ -142,32 +151,47 @@ def _accelerate(machine_rank: int, num_machines: int, port: int, argv: list[str]
 
 
 @pytest.fixture(scope="module")
-def deepspeed_run(launch_world) -> Run:
-    """One node, two processes, TensorBoard logging on."""
+def runs(launch_world) -> dict[str, Run]:
+    """The same training launched three ways, all at once:
+
+    - "single-node": one node, two processes, TensorBoard logging on (the reference);
+    - "two-nodes": two `accelerate launch` processes as two nodes of one process each, meeting at 127.0.0.1;
+    - "deepspeed-launcher": the README's other form, `deepspeed train_pretrain.py --deepspeed ds_configs/zero2.json`.
+    """
     root, argv = launch_world
-    output_dir = root / "out"
-    command = _accelerate(0, 1, _free_port(), argv(output_dir, report_to="tensorboard"))
-    return _launch([command], root, "single-node", output_dir)
-
-
-@pytest.fixture(scope="module")
-def two_node_run(launch_world) -> Run:
-    """Two `accelerate launch` processes as two nodes of one process each, meeting at 127.0.0.1."""
-    root, argv = launch_world
-    output_dir, port = root / "two-nodes", _free_port()
-    return _launch([_accelerate(rank, 2, port, argv(output_dir)) for rank in (0, 1)], root, "two-nodes", output_dir)
-
-
-@pytest.fixture(scope="module")
-def deepspeed_launcher_run(launch_world) -> Run:
-    """The README's other form: `deepspeed train_pretrain.py --deepspeed ds_configs/zero2.json ...`."""
-    root, argv = launch_world
-    output_dir = root / "deepspeed-launcher"
-    command = [
+    outputs = {name: root / name for name in ("single-node", "two-nodes", "deepspeed-launcher")}
+    two_node_port = _free_port()
+    deepspeed_command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-        "train_pretrain.py", "--deepspeed", "ds_configs/zero2.json", *argv(output_dir),
+        "train_pretrain.py", "--deepspeed", "ds_configs/zero2.json", *argv(outputs["deepspeed-launcher"]),
     ]  # fmt: skip
-    return _launch([command], root, "deepspeed-launcher", output_dir)
+    jobs = {
+        "single-node": (
+            [_accelerate(0, 1, _free_port(), argv(outputs["single-node"], report_to="tensorboard"))],
+            outputs["single-node"],
+        ),
+        "two-nodes": (
+            [_accelerate(rank, 2, two_node_port, argv(outputs["two-nodes"])) for rank in (0, 1)],
+            outputs["two-nodes"],
+        ),
+        "deepspeed-launcher": ([deepspeed_command], outputs["deepspeed-launcher"]),
+    }
+    return _launch_together(jobs, root)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(runs) -> Run:
+    return runs["single-node"]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(runs) -> Run:
+    return runs["two-nodes"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_launcher_run(runs) -> Run:
+    return runs["deepspeed-launcher"]
 
 
 @pytest.mark.timeout(900)
