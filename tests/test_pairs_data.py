@@ -417,3 +417,30 @@ def test_stream_state_resumes_every_source_kind_in_every_worker(shard_dir, coco_
     other_layout.load_state_dict(state)
     with pytest.raises(ValueError, match=rf"this one is reader \d of {2 * max(workers, 1)}: resume with the same"):
         next(iter(other_layout))
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_resuming_inside_a_shard_skips_to_the_offset(tmp_path, suffix):
+    """Mid-shard: a plain tar is entered at the saved byte offset, a compressed one is read from its start and
+    passed over; both continue with the next sample."""
+    members = []
+    for i in range(6):
+        key = f"{i:05d}"
+        members += [(f"{key}.jpg", _image_bytes("JPEG", 20 * i)), (f"{key}.json", b"{}"), (f"{key}.txt", key.encode())]
+    with tarfile.open(tmp_path / f"shard{suffix}", "w:gz" if suffix.endswith("gz") else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    def dataset():
+        return build_pair_dataset(f"wds:{tmp_path}/shard{suffix}", infinite=False, rank=0, world_size=1)
+
+    first = dataset()
+    stream = iter(first)
+    consumed = [next(stream)["key"] for _ in range(2)]
+    state = first.state_dict()
+    assert state["cursors"][0][1] > 0  # a byte offset inside the shard
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    assert consumed + _keys(resumed) == [f"{i:05d}" for i in range(6)]
