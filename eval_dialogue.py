@@ -19,6 +19,12 @@ LLM (paper §5.4, Fig. 6). Evaluating a local checkpoint folder
 
 Generation defaults are the released ones: beam 3, no repeated 3-grams, 32 new tokens, greedy (no sampling);
 batches are left padded and give the same responses as batch size 1. The loop lives in `vikdf.evaluation`.
+
+    accelerate launch --num_processes 4 eval_dialogue.py ...   # the dialogues split over 4 processes / GPUs
+
+splits the test set by batches over the processes, each on its own device; rank 0 gathers the responses and
+per-dialogue NLLs, computes the metrics and alone writes the files and the model card, identical to one process
+(`vikdf.evaluation_processes`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
@@ -45,7 +52,6 @@ from vikdf.checks import (
 from vikdf.data.dialogue import FORMATS, load_dialogues, parse_turn_counts
 from vikdf.evaluation import (
     aggregate_metrics,
-    evaluate_dialogues,
     load_checkpoint,
     load_metrics_json,
     metrics_markdown,
@@ -54,6 +60,7 @@ from vikdf.evaluation import (
     tokenizer_of_run,
     write_evaluation,
 )
+from vikdf.evaluation_processes import evaluate_dialogues_across_processes
 from vikdf.knowledge import textualise_knowledge
 from vikdf.model_card import update_model_card_metrics
 
@@ -162,11 +169,14 @@ def _test_name(args: EvalArguments) -> str:
     return name if args.max_test_dialogues is None else f"{name} (first {args.max_test_dialogues})"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary)."""
+def main(argv: list[str] | None = None) -> dict | None:
+    """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
+    None on the other processes of a multi-process run."""
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    # Without a GPU, cpu=True lets accelerate join the launched processes over gloo (it finds no backend otherwise).
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     if args.aggregate:
-        return run_aggregate(args)
+        return run_aggregate(args) if state.is_main_process else None
     if args.model_name_or_path is None or args.test_file is None:
         raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
 
@@ -184,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not dialogues:
         raise ValueError(f"{args.test_file}: no test dialogues.")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Each process on its own device (cuda:LOCAL_RANK under accelerate launch; cpu without a GPU).
+    device = torch.device(args.device) if args.device else state.device
     model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
     model.to(device).eval()
     fit_generation_length(model.config, processor, args.max_new_tokens)
@@ -200,14 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
                   "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.do_sample:
         generation.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
-    result = evaluate_dialogues(
-        model, processor, dialogues, with_knowledge=with_knowledge, glove_path=args.glove_path,
+    result = evaluate_dialogues_across_processes(
+        model, processor, dialogues, state, with_knowledge=with_knowledge, glove_path=args.glove_path,
         batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
         seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
     )
+    if not state.is_main_process:
+        return None  # rank 0 alone writes the files and the model card
     metrics = result["metrics"]
     info = {**asdict(args), "system": system, "with_knowledge": with_knowledge, "num_dialogues": len(dialogues),
-            "generation": generation}
+            "num_processes": state.num_processes, "generation": generation}
     write_evaluation(args.output_dir, result, info)
     notes = metrics_notes(metrics, result["tokenizer"])
     logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}{notes}")

@@ -34,6 +34,7 @@ setup(
         "timm",
         "pillow",
         "braceexpand",
+        "torchdata>=0.8",
         "nltk",
         "pycocoevalcap",
         "scipy",
@@ -45,5 +46,8 @@ setup(
         "jinja2",
         "python-multipart",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "httpx", "selenium"]},
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "httpx", "selenium", "tensorboard"],
+        "tensorboard": ["tensorboard"],
+    },
 )

@@ -4,6 +4,7 @@ The synthetic pair world is conftest's `pair_world`."""
 
 import json
 import socket
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +45,26 @@ def pretrain_argv(components, train_sources: str, output_dir, **options) -> list
     for name, value in arguments.items():
         argv += [f"--{name}", str(value)]
     return argv
+
+
+def mixed_source_specs(world, root: Path, count: int = 8) -> str:
+    """`--train_sources` mixing all three kinds: the world's shards (`wds:`), and two more sets of `count` of its
+    pairs written as COCO captions (`coco:`) and as an imagefolder read by `datasets` in streaming mode (`hf:`)."""
+    pairs = load_pairs(world, 2 * count)
+    coco, folder = root / "coco", root / "folder"
+    (coco / "images").mkdir(parents=True)
+    folder.mkdir(parents=True)
+    images, annotations, rows = [], [], []
+    for i, pair in enumerate(pairs[:count]):
+        pair["image"].save(coco / "images" / f"{i:012d}.png")
+        images.append({"id": i, "file_name": f"{i:012d}.png"})
+        annotations.append({"id": 100 + i, "image_id": i, "caption": pair["caption"]})
+    (coco / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    for i, pair in enumerate(pairs[count:]):
+        pair["image"].save(folder / f"img{i}.png")
+        rows.append(json.dumps({"file_name": f"img{i}.png", "text": pair["caption"]}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(rows))
+    return f"wds:{world.train_shards};coco:{coco / 'captions.json'}:{coco / 'images'};hf:imagefolder:{folder}:image:text"
 
 
 def set_dropout(model: nn.Module, p: float) -> nn.Module:

@@ -1,6 +1,10 @@
-"""A real two-process DeepSpeed ZeRO-2 pre-training run on CPU, launched the documented way:
+"""Real two-process DeepSpeed ZeRO-2 pre-training runs on CPU, launched the three documented ways:
 
     accelerate launch --config_file ds_configs/accelerate_zero2.yaml --num_processes 2 train_pretrain.py ...
+    accelerate launch ... --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1 ...   (two "nodes")
+    deepspeed --num_gpus 2 train_pretrain.py --deepspeed ds_configs/zero2.json ...
+
+The first is the reference (and writes TensorBoard events); the other two must train exactly as it does.
 
 with DS_ACCELERATOR=cpu, fp32 and the gloo backend (`--ddp_backend gloo`: without it accelerate finds no backend
 on a CPU-only machine and reports one process although DeepSpeed started two). Data are real webdataset shards
@@ -15,18 +19,22 @@ import os
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 from pretrain_helpers import free_port, pretrain_argv
 
-from vikdf.data.pairs import Partition, SkipCounter, WebDatasetSource
+from vikdf.data.pairs import MixedPairDataset, SkipCounter, WebDatasetSource
+from vikdf.trainers import OBJECTIVES, stream_state_name
 
 pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 12
+STEPS = 6
 CORRUPT_KEY = "000000003"
 
 
@@ -56,15 +64,23 @@ def _seed_giving_the_corrupt_shard_to_rank_1(patterns: str) -> int:
     source = WebDatasetSource(patterns)
     for seed in range(100):
         skips = SkipCounter(warn_first=0)
-        for _ in source.examples(Partition(index=1, count=2), seed, 0, skips):
+        for _ in MixedPairDataset([source], seed=seed, infinite=False, rank=1, world_size=2, skips=skips):
             pass
         if skips.counts["unreadable_image"]:
             return seed
     raise AssertionError("no seed gives the corrupt shard to rank 1")
 
 
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    log: str
+    output_dir: Path
+
+
 @pytest.fixture(scope="module")
-def deepspeed_run(tiny_components, pair_world, tmp_path_factory):
+def launch_world(tiny_components, pair_world, tmp_path_factory):
+    """What every launch below shares: the shards (with the corrupt one), and a `train_pretrain.py` argv builder."""
     root = tmp_path_factory.mktemp("deepspeed")
     extra = root / "extra"
     extra.mkdir()
@@ -72,18 +88,19 @@ def deepspeed_run(tiny_components, pair_world, tmp_path_factory):
     patterns = f"{pair_world.train_shards}::{extra / '00000.tar'}"
     seed = _seed_giving_the_corrupt_shard_to_rank_1(patterns)
 
-    output_dir = root / "out"
-    argv = pretrain_argv(
-        tiny_components("llama"), "wds:" + patterns, output_dir,
-        max_steps=STEPS, logging_steps=2, save_steps=6, seed=seed, ddp_backend="gloo", learning_rate=1e-3,
-    )
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", "ds_configs/accelerate_zero2.yaml",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        "train_pretrain.py", *argv,
-    ]  # fmt: skip
+    def argv(output_dir: Path, **options) -> list[str]:
+        return pretrain_argv(
+            tiny_components("llama"), "wds:" + patterns, output_dir,
+            max_steps=STEPS, logging_steps=2, save_steps=STEPS // 2, seed=seed, ddp_backend="gloo", learning_rate=1e-3,
+            **options,
+        )
+
+    return root, argv
+
+
+def _launch_together(jobs: dict[str, tuple[list[list[str]], Path]], root: Path) -> dict[str, Run]:
+    """Start every process of every job (name -> (commands, output_dir)) at once and wait for all. The jobs are
+    independent, and much of a launch is start-up, which overlaps; each job's logs end up in one string."""
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -92,19 +109,91 @@ def deepspeed_run(tiny_components, pair_world, tmp_path_factory):
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
-    log = result.stdout + result.stderr
-    (root / "launch.log").write_text(log)
-    return result.returncode, log, output_dir
+    started = {}
+    for name, (commands, _) in jobs.items():
+        for i, command in enumerate(commands):
+            log = root / f"{name}-{i}.log"
+            with open(log, "w") as handle:
+                process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            started.setdefault(name, []).append((process, log))
+    try:
+        returncodes = {name: [process.wait(timeout=840) for process, _ in runs] for name, runs in started.items()}
+    finally:
+        for runs in started.values():
+            for process, _ in runs:
+                if process.poll() is None:
+                    process.kill()
+    return {
+        name: Run(
+            max(returncodes[name], key=abs), "\n".join(log.read_text() for _, log in started[name]), jobs[name][1]
+        )
+        for name in jobs
+    }
+
+
+def _accelerate(machine_rank: int, num_machines: int, port: int, argv: list[str]) -> list[str]:
+    """The README's command, one node of `num_machines` (2 processes in all)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "ds_configs/accelerate_zero2.yaml",
+        "--num_processes", "2", "--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "train_pretrain.py", *argv,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(launch_world) -> dict[str, Run]:
+    """The same training launched three ways, all at once:
+
+    - "single-node": one node, two processes, TensorBoard logging on (the reference);
+    - "two-nodes": two `accelerate launch` processes as two nodes of one process each, meeting at 127.0.0.1;
+    - "deepspeed-launcher": the README's other form, `deepspeed train_pretrain.py --deepspeed ds_configs/zero2.json`.
+    """
+    root, argv = launch_world
+    outputs = {name: root / name for name in ("single-node", "two-nodes", "deepspeed-launcher")}
+    two_node_port = free_port()
+    deepspeed_command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+        "train_pretrain.py", "--deepspeed", "ds_configs/zero2.json", *argv(outputs["deepspeed-launcher"]),
+    ]  # fmt: skip
+    jobs = {
+        "single-node": (
+            [_accelerate(0, 1, free_port(), argv(outputs["single-node"], report_to="tensorboard"))],
+            outputs["single-node"],
+        ),
+        "two-nodes": (
+            [_accelerate(rank, 2, two_node_port, argv(outputs["two-nodes"])) for rank in (0, 1)],
+            outputs["two-nodes"],
+        ),
+        "deepspeed-launcher": ([deepspeed_command], outputs["deepspeed-launcher"]),
+    }
+    return _launch_together(jobs, root)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(runs) -> Run:
+    return runs["single-node"]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(runs) -> Run:
+    return runs["two-nodes"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_launcher_run(runs) -> Run:
+    return runs["deepspeed-launcher"]
 
 
 @pytest.mark.timeout(900)
 def test_two_process_zero2_run_trains_logs_skips_and_saves(deepspeed_run):
-    returncode, log, output_dir = deepspeed_run
+    returncode, log, output_dir = deepspeed_run.returncode, deepspeed_run.log, deepspeed_run.output_dir
     assert returncode == 0, log[-6000:]
 
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert [p.name for p in checkpoints] == ["checkpoint-6", f"checkpoint-{STEPS}"]
+    assert [p.name for p in checkpoints] == [f"checkpoint-{STEPS // 2}", f"checkpoint-{STEPS}"]
     # Two processes saved their RNG state, and DeepSpeed (not DDP) wrote its sharded ZeRO state.
     final = checkpoints[-1]
     assert (final / "rng_state_0.pth").is_file() and (final / "rng_state_1.pth").is_file()
@@ -126,7 +215,7 @@ def test_two_process_zero2_run_trains_logs_skips_and_saves(deepspeed_run):
 
 @pytest.mark.timeout(900)  # may run the launch above when selected alone
 def test_final_checkpoint_loads_as_remote_code_in_a_fresh_process(deepspeed_run, tmp_path):
-    returncode, log, output_dir = deepspeed_run
+    returncode, log, output_dir = deepspeed_run.returncode, deepspeed_run.log, deepspeed_run.output_dir
     assert returncode == 0, log[-3000:]
     final = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     script = """
@@ -151,3 +240,59 @@ print("LOADED", sum(p.numel() for p in model.parameters()))
             env=env,
         )
         assert result.returncode == 0 and "LOADED" in result.stdout, result.stdout + result.stderr[-4000:]
+
+
+def _logged_objectives(output_dir: Path) -> list[dict]:
+    state = json.loads((output_dir / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    keys = ("step", "loss", "skipped_pairs", *(f"loss_{name}" for name in OBJECTIVES))
+    return [{key: entry[key] for key in keys} for entry in state["log_history"] if "loss" in entry]
+
+
+def _assert_same_training(run: Run, reference: Run) -> None:
+    """Same logged per-objective losses and skip counts, same final weights, same per-rank stream positions."""
+    assert run.returncode == 0, run.log[-6000:]
+    assert reference.returncode == 0, reference.log[-3000:]
+    assert _logged_objectives(run.output_dir) == _logged_objectives(reference.output_dir)
+    weights, expected = (load_file(d / "model.safetensors") for d in (run.output_dir, reference.output_dir))
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    for rank in (0, 1):
+        # Each rank read its own share: reader `rank` of 2 (1 DataLoader worker each), at the reference's position.
+        states = [
+            torch.load(d / f"checkpoint-{STEPS}" / stream_state_name(rank), weights_only=False)
+            for d in (run.output_dir, reference.output_dir)
+        ]
+        assert states[0] == states[1]
+        dataset_state = states[0]["dataset_state"]
+        assert (dataset_state["reader"], dataset_state["readers"]) == (rank, 2)
+
+
+@pytest.mark.timeout(900)
+def test_two_nodes_train_exactly_as_one_node(two_node_run, deepspeed_run):
+    """`--num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1`, one process per node: the same run as
+    two processes on one node."""
+    _assert_same_training(two_node_run, deepspeed_run)
+
+
+@pytest.mark.timeout(900)
+def test_deepspeed_launcher_trains_exactly_as_accelerate(deepspeed_launcher_run, deepspeed_run):
+    _assert_same_training(deepspeed_launcher_run, deepspeed_run)
+
+
+@pytest.mark.timeout(900)
+def test_tensorboard_events_hold_the_objectives_and_skip_counts(deepspeed_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert deepspeed_run.returncode == 0, deepspeed_run.log[-3000:]
+    (events,) = deepspeed_run.output_dir.glob("runs/*/events.out.tfevents.*")  # rank 0 alone writes
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = {entry["step"]: entry for entry in _logged_objectives(deepspeed_run.output_dir)}
+    for key in ("loss", "skipped_pairs", "skipped_unreadable_image", *(f"loss_{name}" for name in OBJECTIVES)):
+        scalars = accumulator.Scalars(f"train/{key}")
+        # Skip counts also go into the end-of-training summary, logged at the last step once more.
+        assert sorted({event.step for event in scalars}) == list(logged), key
+        if key in logged[STEPS]:
+            assert scalars[-1].value == pytest.approx(logged[STEPS][key], rel=1e-6), key
+    assert accumulator.Scalars("train/skipped_unreadable_image")[-1].value >= 1

@@ -372,3 +372,75 @@ def test_skip_counter_warns_first_few_then_reports_totals(caplog):
     assert skips.counts["empty_caption"] == 3 and skips.counts["unreadable_image"] == 3 and skips.total == 6
     with pytest.raises(ValueError):
         skips.add("no_such_reason", "cc", "cc/00007.tar", "key")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_state_resumes_every_source_kind_in_every_worker(shard_dir, coco_dir, image_folder, workers):
+    """A mix of wds, COCO, streaming and map-style `datasets` sources with a shuffle buffer, read by a
+    StatefulDataLoader: restored from its state after 5 batches, a new stream yields exactly the next batches
+    (keys, positions, pixels), and a different reader layout is refused."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    table = datasets.Dataset.from_dict(
+        {"image": [str(coco_dir / "train2017" / "000000000001.jpg")] * 3, "text": ["t0", "t1", "t2"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
+
+    def loader(world_size=1):
+        specs = [f"wds:{shard_dir}/{{00000..00003}}.tar", _coco_spec(coco_dir), f"hf:imagefolder:{image_folder}:image:text"]
+        dataset = build_pair_dataset(
+            specs, seed=3, shuffle_buffer=4, rank=0, world_size=world_size, image_transform=build_image_transform(8, train=False)
+        )
+        dataset.sources.append(HFPairSource(table, name="table"))
+        dataset.probabilities = [0.25] * 4
+
+        def collate(examples):
+            return [(e["source"], e["key"], e["stream_position"]) for e in examples], torch.stack(
+                [e["pixel_values"] for e in examples]
+            )
+
+        return StatefulDataLoader(dataset, batch_size=3, collate_fn=collate, num_workers=workers)
+
+    first = loader()
+    batches = iter(first)
+    consumed = [next(batches) for _ in range(5)]
+    state = first.state_dict()
+    expected = [next(batches) for _ in range(6)]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    got = list(itertools.islice(resumed, 6))
+    assert {source for batch, _ in consumed + expected for source, _, _ in batch} == {"cc", "coco", "folder", "table"}
+    for (keys, pixels), (expected_keys, expected_pixels) in zip(got, expected, strict=True):
+        assert keys == expected_keys and torch.equal(pixels, expected_pixels)
+
+    other_layout = loader(world_size=2)
+    other_layout.load_state_dict(state)
+    with pytest.raises(ValueError, match=rf"this one is reader \d of {2 * max(workers, 1)}: resume with the same"):
+        next(iter(other_layout))
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_resuming_inside_a_shard_skips_to_the_offset(tmp_path, suffix):
+    """Mid-shard: a plain tar is entered at the saved byte offset, a compressed one is read from its start and
+    passed over; both continue with the next sample."""
+    members = []
+    for i in range(6):
+        key = f"{i:05d}"
+        members += [(f"{key}.jpg", _image_bytes("JPEG", 20 * i)), (f"{key}.json", b"{}"), (f"{key}.txt", key.encode())]
+    with tarfile.open(tmp_path / f"shard{suffix}", "w:gz" if suffix.endswith("gz") else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    def dataset():
+        return build_pair_dataset(f"wds:{tmp_path}/shard{suffix}", infinite=False, rank=0, world_size=1)
+
+    first = dataset()
+    stream = iter(first)
+    consumed = [next(stream)["key"] for _ in range(2)]
+    state = first.state_dict()
+    assert state["cursors"][0][1] > 0  # a byte offset inside the shard
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    assert consumed + _keys(resumed) == [f"{i:05d}" for i in range(6)]

@@ -12,6 +12,7 @@ from pretrain_helpers import (
     CaptureGradients,
     disable_dropout,
     load_pairs,
+    mixed_source_specs,
     pretrain_argv,
     set_dropout,
     slice_batch,
@@ -22,11 +23,12 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import train_pretrain
 from vikdf.arguments import PretrainTrainingArguments
+from vikdf.data import pairs
 from vikdf.data.collators import PretrainCollator
 from vikdf.data.pairs import build_image_transform, build_pair_dataset
 from vikdf.data.synthetic import iter_shard_pairs
 from vikdf.losses import tim_similarity
-from vikdf.trainers import OBJECTIVES, VIKDFPretrainTrainer
+from vikdf.trainers import OBJECTIVES, VIKDFPretrainTrainer, stream_state_name
 
 LOSS_KEYS = tuple(f"loss_{name}" for name in OBJECTIVES)
 
@@ -219,57 +221,96 @@ class _CountSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def _main_with_callbacks(monkeypatch, argv, *callbacks):
+BATCH_KEYS = ("pixel_values", "pixel_mask", "clip_input_ids", "clip_masked_input_ids", "llm_input_ids", "llm_labels")
+
+
+def _main_with_callbacks(monkeypatch, argv, *callbacks, batches: list | None = None, decoded: list | None = None):
     """`train_pretrain.main(argv)` with extra callbacks on the trainer it builds, and dropout 0.1 in the IQ-Former
-    (BERT's rate; the tiny components have none) so that resuming must also restore the dropout RNG."""
+    (BERT's rate; the tiny components have none) so that resuming must also restore the dropout RNG. `batches`
+    collects each training step's inputs, `decoded` the (source, key) of every image the pair stream decodes."""
     build_model = train_pretrain.build_model
+    make_pair = pairs._make_pair
 
     def build_with_dropout(*args, **kwargs):
         model, processor = build_model(*args, **kwargs)
         set_dropout(model.iq_former, 0.1)
         return model, processor
 
+    def counting_make_pair(record, skips):
+        pair = make_pair(record, skips)
+        if pair is not None and decoded is not None:
+            decoded.append((record.source, record.key))
+        return pair
+
     class Trainer(VIKDFPretrainTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, callbacks=list(callbacks), **kwargs)
 
+        def training_step(self, model, inputs, *args, **kwargs):
+            if batches is not None:
+                batches.append({key: inputs[key].clone() for key in BATCH_KEYS})
+            return super().training_step(model, inputs, *args, **kwargs)
+
     with monkeypatch.context() as patch:
         patch.setattr(train_pretrain, "build_model", build_with_dropout)
         patch.setattr(train_pretrain, "VIKDFPretrainTrainer", Trainer)
+        patch.setattr(pairs, "_make_pair", counting_make_pair)
         return train_pretrain.main(argv)
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_components, pair_world, tmp_path, monkeypatch):
+def test_resumed_run_continues_the_stream_without_reading_it_again(tiny_components, pair_world, tmp_path, monkeypatch):
+    """Resume at step 4 of 8 on a wds + coco + hf mix with a shuffle buffer: steps 5-8 get exactly the batches of
+    the uninterrupted run, the resumed stream decodes only its saved buffer and what the uninterrupted stream
+    decoded after step 4 (no consumed pair), and the final weights are bit-identical."""
+    buffer = 10
+    sources = mixed_source_specs(pair_world, tmp_path / "data")
+
     def argv(output_dir, **extra):
         return pretrain_argv(
-            tiny_components("llama"), "wds:" + pair_world.train_shards, output_dir,
-            max_steps=8, save_steps=4, logging_steps=2, learning_rate=1e-3, **extra,
+            tiny_components("llama"), sources, output_dir,
+            max_steps=8, save_steps=4, logging_steps=2, learning_rate=1e-3, shuffle_buffer=buffer, **extra,
         )
 
-    uninterrupted = _main_with_callbacks(monkeypatch, argv(tmp_path / "a"))
+    batches_a, decoded_a = [], []
+    uninterrupted = _main_with_callbacks(monkeypatch, argv(tmp_path / "a"), batches=batches_a, decoded=decoded_a)
 
-    stopped = _main_with_callbacks(monkeypatch, argv(tmp_path / "b"), _StopAt(4))
-    assert stopped.state.global_step == 4 and (tmp_path / "b" / "checkpoint-4").is_dir()
+    decoded_b = []
+    stopped = _main_with_callbacks(monkeypatch, argv(tmp_path / "b"), _StopAt(4), decoded=decoded_b)
+    checkpoint = tmp_path / "b" / "checkpoint-4"
+    assert stopped.state.global_step == 4 and (checkpoint / stream_state_name(0)).is_file()
     weights_at_4 = trainable_state(stopped.model)
 
-    counter = _CountSteps()
+    counter, batches_r, decoded_r = _CountSteps(), [], []
     resumed = _main_with_callbacks(
-        monkeypatch, argv(tmp_path / "b", resume_from_checkpoint=tmp_path / "b" / "checkpoint-4"), counter
+        monkeypatch, argv(tmp_path / "b", resume_from_checkpoint=checkpoint), counter,
+        batches=batches_r, decoded=decoded_r,
     )
     assert counter.steps == [5, 6, 7, 8]  # it really resumed: only the last four steps ran
+
+    assert {source for source, _ in decoded_b} == {"train", "coco", "folder"}  # every kind was read before step 4
+    assert len(batches_r) == 4
+    for step, (expected, got) in enumerate(zip(batches_a[4:], batches_r, strict=True), start=5):
+        for key in BATCH_KEYS:
+            assert torch.equal(got[key], expected[key]), (step, key)
+    # Re-decoded: the saved buffer (pairs decoded before the checkpoint, not yet yielded), then exactly what the
+    # uninterrupted stream decoded after step 4. Reading the stream again would decode all of decoded_b first.
+    assert decoded_a[: len(decoded_b)] == decoded_b
+    assert decoded_r[buffer:] == decoded_a[len(decoded_b) :]
+    assert set(decoded_r[:buffer]) <= set(decoded_b) and len(decoded_r) < len(decoded_a)
+    assert len(decoded_r) == buffer + len(decoded_a) - len(decoded_b)
 
     final_a, final_b = trainable_state(uninterrupted.model), trainable_state(resumed.model)
     assert final_a.keys() == final_b.keys()
     moved = max((final_a[name] - weights_at_4[name]).abs().max().item() for name in final_a)
     assert moved > 1e-4, "steps 5-8 did not change the weights: the comparison below would prove nothing"
     for name, weight in final_a.items():
-        assert torch.allclose(final_b[name], weight, rtol=0, atol=1e-6), name
+        assert torch.equal(final_b[name], weight), name
     # The resumed half also logged what the uninterrupted run logged at the same steps.
     logged_a = {e["step"]: e for e in logged_steps(uninterrupted)}
     for entry in logged_steps(resumed):
         if entry["step"] > 4:
             for key in ("loss", *LOSS_KEYS):
-                assert entry[key] == pytest.approx(logged_a[entry["step"]][key], rel=1e-5), (entry["step"], key)
+                assert entry[key] == logged_a[entry["step"]][key], (entry["step"], key)
 
 
 # --------------------------------------------------------------------------------------------------- learning

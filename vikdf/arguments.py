@@ -1,9 +1,12 @@
 """Training arguments shared by the entry points: `TrainingArguments` with the paper's defaults and a precision
 switch that picks bf16 on GPUs that have it and fp32 elsewhere (paper §4.2 trains in bf16)."""
 
+import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+from accelerate import PartialState
 from transformers import TrainingArguments
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -27,7 +30,23 @@ class VIKDFTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.bf16 = self.bf16 or resolve_dtype(self.precision) == torch.bfloat16
+        if self.deepspeed and self.ddp_backend and "LOCAL_RANK" in os.environ and self.accelerator_config is None:
+            _start_deepspeed_processes(self.ddp_backend, self.ddp_timeout)
+            self.accelerator_config = {"use_configured_state": True}  # else TrainingArguments resets it
         super().__post_init__()
+
+
+def _start_deepspeed_processes(backend: str, timeout: int) -> None:
+    """Join the `deepspeed` launcher's processes with `--ddp_backend`: on that path transformers hands accelerate no
+    backend, and accelerate finds none on CPU (gloo), so each process would train alone. The shared state started
+    here is the one TrainingArguments then uses."""
+    set_here = "ACCELERATE_USE_DEEPSPEED" not in os.environ
+    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
+    try:
+        PartialState(backend=backend, timeout=timedelta(seconds=timeout))
+    finally:
+        if set_here:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
 @dataclass

@@ -180,7 +180,7 @@ def response_nll(
     number of tokens scored.
 
     Scored tokens are those the processor labels: the response and the end-of-sequence token, never the prompt,
-    the knowledge slots or padding.
+    the knowledge slots or padding. Evaluation across processes gathers these per-dialogue values.
     """
     if len(contexts) != len(responses):
         raise ValueError(f"Got {len(contexts)} contexts but {len(responses)} responses.")
@@ -298,6 +298,18 @@ def evaluate_dialogues(
             model, processor, contexts, references, with_knowledge=with_knowledge, batch_size=batch_size, progress=progress
         )
         ppl = perplexities(*nll)
+    return score_responses(contexts, references, hypotheses, ppl, glove_path)
+
+
+def score_responses(
+    contexts: Sequence[Context],
+    references: Sequence[str],
+    hypotheses: Sequence[str],
+    ppl: Mapping[str, float | None],
+    glove_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The result of :func:`evaluate_dialogues` from its parts (`ppl`: :func:`perplexities`, or None values): the
+    metrics and the predictions."""
     scores = compute_dialogue_metrics(hypotheses, references, glove_path=glove_path)
     metrics = {key: ppl[key] if key in ppl else scores.get(key) for key in METRIC_KEYS}
     predictions = [
@@ -467,6 +479,7 @@ __all__ = [
     "perplexities",
     "perplexity",
     "evaluate_dialogues",
+    "score_responses",
     "metrics_markdown",
     "metrics_notes",
     "write_evaluation",

@@ -15,6 +15,7 @@ factor the loss, the gradient and the `max_grad_norm` clipping threshold were 1/
 same global batch.
 """
 
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -22,8 +23,9 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from vikdf.atomic import (
@@ -68,6 +70,11 @@ def count_items(batch: dict[str, torch.Tensor], num_query_tokens: int) -> dict[s
         "iaci": (batch["llm_labels"][:images, 1:] != IGNORE_INDEX).sum(),
         "iakr": torch.tensor(images * num_query_tokens),
     }
+
+
+def stream_state_name(process_index: int) -> str:
+    """A checkpoint's file holding one process's pair-stream position (`MixedPairDataset.state_dict` per worker)."""
+    return f"pair_stream_{process_index}.pt"
 
 
 class _MetricsMixin:
@@ -193,21 +200,61 @@ class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
         self.args.prediction_loss_only = True
 
     def get_train_dataloader(self) -> DataLoader:
-        """A plain DataLoader when the dataset splits itself across ranks and workers (`vikdf.data.pairs`).
+        """A `StatefulDataLoader` of its own when the dataset splits itself across ranks and workers
+        (`vikdf.data.pairs`), restored to the checkpoint's stream position when resuming.
 
         accelerate would otherwise either read on rank 0 only and dispatch, or make every rank read everything and
         keep 1/N of it; the pair stream already gives each rank its own share.
         """
         if not hasattr(self.train_dataset, "skips"):
             return super().get_train_dataloader()
-        return DataLoader(
+        loader = StatefulDataLoader(
             self.train_dataset,
             batch_size=self.args.per_device_train_batch_size,
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_num_workers > 0 and self.args.dataloader_persistent_workers,
+            snapshot_every_n_steps=self._stream_snapshot_interval(),
+            # Starting an iterator draws its base seed from this generator, not from the global RNG, whose state
+            # the resumed run has just restored for dropout.
+            generator=torch.Generator().manual_seed(self.args.seed),
         )
+        if getattr(self, "_stream_state", None) is not None:
+            loader.load_state_dict(self._stream_state)
+        self._pair_loader = loader
+        return loader
+
+    def _stream_snapshot_interval(self) -> int:
+        """Batches between the workers' state snapshots: one per checkpoint, since a snapshot carries the shuffle
+        buffer. A checkpoint off this grid still resumes exactly, by reading the batches since the last snapshot."""
+        save_steps = self.args.save_steps
+        if self.args.save_strategy != "steps" or not save_steps:
+            return 1
+        steps = math.ceil(self.args.max_steps * save_steps) if save_steps < 1 else int(save_steps)
+        return max(1, steps * self.args.gradient_accumulation_steps)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Trainer.train; resuming restores the pair stream's saved position (no batch is read to skip it)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._stream_state = None
+        if resume_from_checkpoint and hasattr(self.train_dataset, "skips") and not self.args.ignore_data_skip:
+            path = os.path.join(resume_from_checkpoint, stream_state_name(self.args.process_index))
+            if os.path.isfile(path):
+                self._stream_state = torch.load(path, weights_only=False)
+                # The loader starts where the checkpoint left off: Trainer must not skip batches again.
+                self.args.ignore_data_skip = True
+            else:
+                logger.warning(f"{path} not found: skipping the consumed batches by reading them again.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The stream position is saved with the RNG state, one file per process."""
+        super()._save_rng_state(output_dir)
+        loader = getattr(self, "_pair_loader", None)
+        if loader is not None:
+            torch.save(loader.state_dict(), os.path.join(output_dir, stream_state_name(self.args.process_index)))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         skips = getattr(self.train_dataset, "skips", None)

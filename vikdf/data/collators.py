@@ -1,9 +1,10 @@
 """Collators that turn examples into the batches the VIKDF trainers take.
 
 Every random choice of the pre-training collator (crop, pixel mask, caption mask, prompts) is drawn from a
-generator seeded by (seed, DataLoader worker, batch number, position in batch), so a run is reproducible whatever
+generator seeded by (seed, the example's `stream_position` in the pair stream), so a run is reproducible whatever
 the global RNG does, and a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have
-seen.
+seen without the collator keeping any state. Examples without a stream position (plain lists) are seeded by
+(seed, DataLoader worker, batch number, position in batch).
 """
 
 import random
@@ -71,11 +72,12 @@ class PretrainCollator:
         # Each DataLoader worker holds its own copy of this collator and so its own batch counter: the worker id
         # keeps two workers' n-th batches from drawing the same crops and masks.
         worker = get_worker_info()
-        stream = (self.seed,) if worker is None else (self.seed, worker.id)
+        stream = () if worker is None else (worker.id,)
         generators = []
         pixels = []
         for position, example in enumerate(examples):
-            example_seed = hash((*stream, batch_number, position)) % (2**63)
+            where = example["stream_position"] if "stream_position" in example else (*stream, batch_number, position)
+            example_seed = hash((self.seed, *where)) % (2**63)
             generators.append(torch.Generator().manual_seed(example_seed))
             if "pixel_values" in example:
                 pixels.append(example["pixel_values"])

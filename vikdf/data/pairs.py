@@ -11,6 +11,10 @@ deterministically given a seed, and splits the work over distributed ranks × Da
 readers see the same pair. Broken pairs are skipped and counted, never fatal; a wrong path is a user error and
 fails at construction.
 
+The stream is resumable without reading it again: `MixedPairDataset.state_dict()` holds each reader's position
+(shard and byte offset, COCO/`datasets` row, the `datasets` streaming state), the shuffle buffer's undecoded
+records and the mixing RNG; `torchdata`'s `StatefulDataLoader` collects it from every DataLoader worker.
+
 Command-line source specs (see `PairSourceSpec.parse`)::
 
     [NAME=]wds:PATTERN[::PATTERN...]
@@ -30,7 +34,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -111,16 +115,24 @@ class SkipCounter:
 
     def add(self, reason: str, source: str, location: str, key: str, detail: str = "") -> None:
         """Record one skipped pair (or shard) and log it if it is among the first few or a reporting point."""
-        column = SKIP_REASONS.index(reason)
-        worker = get_worker_info()
-        row = 0 if worker is None else 1 + worker.id % (self._table.shape[0] - 1)
-        self._table[row, column] += 1
+        self._table[self._row(), SKIP_REASONS.index(reason)] += 1
         self._seen_here += 1
         if self._seen_here <= self.warn_first:
             because = f" ({detail})" if detail else ""
             logger.warning(f"Skipping pair {key!r} of source {source!r} in {location}: {reason}{because}")
         if self._seen_here % self.report_every == 0:
             logger.warning(f"Skipped image-text pairs so far: {self.summary()}")
+
+    def _row(self) -> int:
+        worker = get_worker_info()
+        return 0 if worker is None else 1 + worker.id % (self._table.shape[0] - 1)
+
+    def row_state(self) -> list[int]:
+        """This process's counts (part of a resumable stream's state, so that the logged totals carry on)."""
+        return self._table[self._row()].tolist()
+
+    def load_row_state(self, counts: Sequence[int]) -> None:
+        self._table[self._row()] = torch.tensor(counts, dtype=torch.int64)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -155,15 +167,22 @@ def _open_binary(path: str):
     return fsspec.open(path, "rb").open() if "://" in path else open(path, "rb")
 
 
-def _make_pair(
-    image_data: bytes | str | Image.Image | None,
-    caption: str | None,
-    source: str,
-    location: str,
-    key: str,
-    skips: SkipCounter,
-) -> Example | None:
+@dataclass(frozen=True)
+class PairRecord:
+    """One pair as a source reads it, image not yet decoded: what a checkpoint keeps of the shuffle buffer."""
+
+    image: bytes | str | Image.Image | None
+    caption: str | None
+    source: str
+    location: str
+    key: str
+
+
+def _make_pair(record: PairRecord, skips: SkipCounter) -> Example | None:
     """Validate and decode one pair, or count the reason it is skipped and return None."""
+    image_data, caption, source, location, key = (
+        record.image, record.caption, record.source, record.location, record.key
+    )
     if image_data is None:
         skips.add("missing_image", source, location, key)
         return None
@@ -208,12 +227,18 @@ def _permutation(n: int, *seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(n).tolist()
 
 
+Cursor = Any  # a source's position within one pass, small and picklable; None = the start of the pass
+
+
 class PairSource(Protocol):
-    """A source of pairs. `examples` yields this reader's share, in an order that depends on (seed, epoch)."""
+    """A source of pairs. `records` yields this reader's share, in an order that depends on (seed, epoch), each
+    record with the cursor just after it; given that cursor it starts there without reading what came before."""
 
     name: str
 
-    def examples(self, part: Partition, seed: int, epoch: int, skips: SkipCounter) -> Iterator[Example]: ...
+    def records(
+        self, part: Partition, seed: int, epoch: int, skips: SkipCounter, cursor: Cursor = None
+    ) -> Iterator[tuple[Cursor, PairRecord]]: ...
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -261,56 +286,67 @@ class WebDatasetSource:
         self.shards = expand_shards(patterns)
         self.name = name or Path(self.shards[0]).parent.name or "wds"
 
-    def examples(self, part: Partition, seed: int, epoch: int, skips: SkipCounter) -> Iterator[Example]:
+    def records(
+        self, part: Partition, seed: int, epoch: int, skips: SkipCounter, cursor: Cursor = None
+    ) -> Iterator[tuple[Cursor, PairRecord]]:
+        """Cursor: (shard number in this pass, byte offset of the next sample in it, samples seen this pass)."""
         order = [self.shards[i] for i in _permutation(len(self.shards), seed)]
         if len(order) >= part.count:
             mine = order[part.index :: part.count]
-            for i in _permutation(len(mine), seed, epoch, part.index):
-                for key, members in self._samples(mine[i], skips):
-                    yield from self._to_pair(mine[i], key, members, skips)
-            return
-        position = 0
-        for shard in order:
+            shards = [mine[i] for i in _permutation(len(mine), seed, epoch, part.index)]
+            stride, reporter = 1, skips
+        else:
             # every reader reads every shard here: only reader 0 reports an unreadable shard, once
-            for key, members in self._samples(shard, skips if part.index == 0 else None):
-                if position % part.count == part.index:
-                    yield from self._to_pair(shard, key, members, skips)
+            shards, stride, reporter = order, part.count, skips if part.index == 0 else None
+        first, offset, position = cursor or (0, 0, 0)
+        for number in range(first, len(shards)):
+            shard = shards[number]
+            for key, members, next_offset in self._samples(shard, offset if number == first else 0, reporter):
                 position += 1
+                if (position - 1) % stride == part.index % stride:
+                    after = (number, next_offset, position) if next_offset is not None else (number + 1, 0, position)
+                    yield after, self._to_record(shard, key, members)
 
-    def _samples(self, shard: str, skips: SkipCounter | None) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """(key, {extension: bytes}) per sample; a shard that cannot be read is counted and left, not fatal."""
+    def _samples(
+        self, shard: str, start: int, skips: SkipCounter | None
+    ) -> Iterator[tuple[str, dict[str, bytes], int | None]]:
+        """(key, {extension: bytes}, byte offset of the next sample or None) per sample from byte `start` on; a
+        shard that cannot be read is counted and left, not fatal."""
         key, members = None, {}
         try:
-            with _open_binary(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, _, file_name = member.name.rpartition("/")
-                    stem, _, extension = file_name.partition(".")
-                    extension = extension.lower()
-                    if extension not in IMAGE_EXTENSIONS and extension != "txt":
-                        continue
-                    member_key = f"{folder}/{stem}" if folder else stem
-                    if member_key != key:
-                        if key is not None:
-                            yield key, members
-                        key, members = member_key, {}
-                    members[extension] = tar.extractfile(member).read()
+            with _open_binary(shard) as f:
+                # An uncompressed tar (what img2dataset writes) is entered at the offset; a compressed one is read
+                # from its start, its earlier members passed over undecoded.
+                base = start if start and shard.endswith(".tar") else 0
+                f.seek(base)
+                with tarfile.open(fileobj=f, mode="r|*") as tar:
+                    for member in tar:
+                        if not member.isfile() or base + member.offset < start:
+                            continue
+                        folder, _, file_name = member.name.rpartition("/")
+                        stem, _, extension = file_name.partition(".")
+                        extension = extension.lower()
+                        if extension not in IMAGE_EXTENSIONS and extension != "txt":
+                            continue
+                        member_key = f"{folder}/{stem}" if folder else stem
+                        if member_key != key:
+                            if key is not None:
+                                yield key, members, base + member.offset
+                            key, members = member_key, {}
+                        members[extension] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             if skips is not None:
                 detail = f"rest of shard dropped, {type(error).__name__}: {error}"
                 skips.add("unreadable_shard", self.name, shard, key or "(first member)", detail)
             return  # the sample being read when the error hit is incomplete: drop it
         if key is not None:
-            yield key, members
+            yield key, members, None
 
-    def _to_pair(self, shard: str, key: str, members: dict[str, bytes], skips: SkipCounter) -> Iterator[Example]:
+    def _to_record(self, shard: str, key: str, members: dict[str, bytes]) -> PairRecord:
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
         text = members.get("txt")
         caption = None if text is None else text.decode("utf-8", errors="replace")
-        pair = _make_pair(image, caption, self.name, shard, key, skips)
-        if pair is not None:
-            yield pair
+        return PairRecord(image, caption, self.name, shard, key)
 
 
 class CocoCaptionSource:
@@ -339,14 +375,16 @@ class CocoCaptionSource:
         self.location = str(annotation_file)
         self.name = name
 
-    def examples(self, part: Partition, seed: int, epoch: int, skips: SkipCounter) -> Iterator[Example]:
+    def records(
+        self, part: Partition, seed: int, epoch: int, skips: SkipCounter, cursor: Cursor = None
+    ) -> Iterator[tuple[Cursor, PairRecord]]:
+        """Cursor: captions taken this pass."""
         mine = _permutation(len(self.pairs), seed)[part.index :: part.count]
-        for i in _permutation(len(mine), seed, epoch, part.index):
-            file_name, caption, key = self.pairs[mine[i]]
+        order = _permutation(len(mine), seed, epoch, part.index)
+        for position in range(cursor or 0, len(order)):
+            file_name, caption, key = self.pairs[mine[order[position]]]
             image = None if file_name is None else str(self.image_dir / file_name)
-            pair = _make_pair(image, caption, self.name, self.location, key, skips)
-            if pair is not None:
-                yield pair
+            yield position + 1, PairRecord(image, caption, self.name, self.location, key)
 
 
 class HFPairSource:
@@ -391,23 +429,37 @@ class HFPairSource:
         dataset = datasets.load_dataset(path, data_dir=data_dir, split=split, streaming=streaming, **load_kwargs)
         return cls(dataset, image_column, text_column, name or Path(data_dir or path).name)
 
-    def examples(self, part: Partition, seed: int, epoch: int, skips: SkipCounter) -> Iterator[Example]:
+    def records(
+        self, part: Partition, seed: int, epoch: int, skips: SkipCounter, cursor: Cursor = None
+    ) -> Iterator[tuple[Cursor, PairRecord]]:
+        """Cursor: (rows taken, the streaming dataset's own `state_dict` after them or None, captions of the next
+        row already taken)."""
+        taken, stream_state, first_caption = cursor or (0, None, 0)
         if isinstance(self.dataset, datasets.Dataset):
             indices = range(part.index, len(self.dataset), part.count)
-            rows: Iterable[tuple[str, dict]] = ((str(i), self.dataset[i]) for i in indices)
+            rows: Iterable[tuple[str, dict, Any]] = (
+                (str(indices[n]), self.dataset[indices[n]], None) for n in range(taken, len(indices))
+            )
         else:
             shard = split_dataset_by_node(self.dataset, rank=part.index, world_size=part.count)
+            if stream_state is not None:
+                shard.load_state_dict(stream_state)  # datasets resumes at its shard and offset
             # .iter() rather than iter(): the latter would split again by DataLoader worker, which `part` already does
             batches = shard.iter(batch_size=1)
-            rows = ((f"{part.index}:{i}", {k: v[0] for k, v in b.items()}) for i, b in enumerate(batches))
-        for row_key, row in rows:
+            rows = (
+                (f"{part.index}:{n}", {k: v[0] for k, v in batch.items()}, shard.state_dict())
+                for n, batch in enumerate(batches, start=taken)
+            )
+        for row_key, row, state_after in rows:
             image, key = self._image_and_key(row[self.image_column], row_key)
             texts = row[self.text_column]
             captions = [(f"{key}#{j}", t) for j, t in enumerate(texts)] if isinstance(texts, list) else [(key, texts)]
-            for caption_key, caption in captions:
-                pair = _make_pair(image, caption, self.name, self.name, caption_key, skips)
-                if pair is not None:
-                    yield pair
+            for j in range(first_caption, len(captions)):
+                caption_key, caption = captions[j]
+                done = j + 1 == len(captions)
+                after = (taken + 1, state_after, 0) if done else (taken, stream_state, j + 1)
+                yield after, PairRecord(image, caption, self.name, self.name, caption_key)
+            taken, stream_state, first_caption = taken + 1, state_after, 0
 
     @staticmethod
     def _image_and_key(cell: Any, row_key: str) -> tuple[bytes | str | Image.Image | None, str]:
@@ -516,8 +568,9 @@ class MixedPairDataset(IterableDataset):
     deterministic function of the seed and the reader layout. `infinite=True` restarts exhausted sources (a new
     pass reshuffles them), the usual setting for step-based pre-training (paper §4.2: 100k steps);
     `infinite=False` reads every source once, drawing among those not yet exhausted. Each yielded example is
-    `{"image": PIL RGB, "caption", "source", "key"}`, or with `image_transform` `{"pixel_values": tensor, …}`
-    (the transform then runs in the DataLoader workers).
+    `{"image": PIL RGB, "caption", "source", "key", "stream_position": (reader, n)}`, or with `image_transform`
+    `{"pixel_values": tensor, …}` (the transform then runs in the DataLoader workers). `state_dict` and
+    `load_state_dict` make it resumable (see the module docstring).
     """
 
     def __init__(
@@ -548,64 +601,139 @@ class MixedPairDataset(IterableDataset):
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.skips = skips if skips is not None else SkipCounter()
         self.epoch = 0
+        self._reader: _ReaderState | None = None
+        self._resume_from: dict[str, Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating, on every rank)."""
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, Any]:
+        """This reader's position (called in each DataLoader worker by `torchdata`'s `StatefulDataLoader`).
+
+        Per source the pass and the cursor within it (shard and byte offset, row, `datasets` state), the mixing
+        and shuffling RNG, the shuffle buffer as undecoded records, the examples yielded so far (which seed their
+        crops and masks, see `PretrainCollator`) and this process's skip counts. Before iterating: the state
+        about to be resumed from, or a fresh start.
+        """
+        if self._reader is None:
+            return self._resume_from or {"reader": None}
+        reader = self._reader
+        return {
+            "reader": reader.part.index,
+            "readers": reader.part.count,
+            "epoch": self.epoch,
+            "rng": reader.rng.bit_generator.state,
+            "passes": list(reader.passes),
+            "cursors": list(reader.cursors),
+            "active": list(reader.active),
+            "buffer": [record for record, _ in reader.buffer],
+            "yielded": reader.yielded,
+            "skips": self.skips.row_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration continue from `state` (a `state_dict()` of the same stream and reader layout)."""
+        self._resume_from = state if state.get("reader") is not None else None
+        self._reader = None
+
     def __iter__(self) -> Iterator[Example]:
         part = current_partition(self.rank, self.world_size)
-        rng = np.random.default_rng((self.seed, self.epoch, part.index))
-        stream = self._mix(part, rng)
+        reader = self._start_reader(part)
+        self._reader = reader
+        streams = [self._source_stream(i, reader) for i in range(len(self.sources))]
+        stream = self._mix(streams, reader)
         if self.shuffle_buffer > 1:
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
-        for example in stream:
+            stream = self._buffer_shuffle(stream, reader)
+        for _, example in stream:
+            # The position seeds this example's crop and masks (PretrainCollator): resumable without any counter.
+            example = {**example, "stream_position": (part.index, reader.yielded)}
+            reader.yielded += 1
             if self.image_transform is not None:
                 example = {"pixel_values": self.image_transform(example.pop("image")), **example}
             yield example
 
-    def _mix(self, part: Partition, rng: np.random.Generator) -> Iterator[Example]:
-        streams = [self._source_stream(source, part) for source in self.sources]
-        active = list(range(len(streams)))
-        while active:
-            weights = np.array([self.probabilities[i] for i in active])
-            chosen = active[rng.choice(len(active), p=weights / weights.sum())]
-            example = next(streams[chosen], None)
-            if example is None:
-                active.remove(chosen)
-            else:
-                yield example
+    def _start_reader(self, part: Partition) -> _ReaderState:
+        state, self._resume_from = self._resume_from, None
+        if state is None:
+            return _ReaderState(
+                part, np.random.default_rng((self.seed, self.epoch, part.index)), [0] * len(self.sources),
+                [None] * len(self.sources), list(range(len(self.sources))),
+            )
+        if (state["reader"], state["readers"]) != (part.index, part.count):
+            raise ValueError(
+                f"The saved pair stream was read as reader {state['reader']} of {state['readers']} (ranks × DataLoader "
+                f"workers), this one is reader {part.index} of {part.count}: resume with the same number of processes "
+                "and --dataloader_num_workers, or pass --ignore_data_skip to start the stream afresh."
+            )
+        self.epoch = state["epoch"]
+        self.skips.load_row_state(state["skips"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        # Buffered records were decodable when saved; decoding them again is the only image work of a resume.
+        buffer = [(record, pair) for record in state["buffer"] if (pair := _make_pair(record, self.skips)) is not None]
+        return _ReaderState(
+            part, rng, list(state["passes"]), list(state["cursors"]), list(state["active"]), buffer, state["yielded"]
+        )
 
-    def _source_stream(self, source: PairSource, part: Partition) -> Iterator[Example]:
-        passes = 0
+    def _mix(self, streams: list[Iterator[tuple[PairRecord, Example]]], reader: _ReaderState):
+        while reader.active:
+            weights = np.array([self.probabilities[i] for i in reader.active])
+            chosen = reader.active[reader.rng.choice(len(reader.active), p=weights / weights.sum())]
+            item = next(streams[chosen], None)
+            if item is None:
+                reader.active.remove(chosen)
+            else:
+                yield item
+
+    def _source_stream(self, index: int, reader: _ReaderState) -> Iterator[tuple[PairRecord, Example]]:
+        source = self.sources[index]
         while True:
-            produced = False
-            for example in source.examples(part, self.seed, self.epoch + passes, self.skips):
-                produced = True
-                yield example
+            fresh_pass, produced = reader.cursors[index] is None, False
+            epoch = self.epoch + reader.passes[index]
+            for cursor, record in source.records(reader.part, self.seed, epoch, self.skips, reader.cursors[index]):
+                reader.cursors[index] = cursor
+                pair = _make_pair(record, self.skips)
+                if pair is not None:
+                    produced = True
+                    yield record, pair
             if not self.infinite:
                 return
-            if not produced:
+            if fresh_pass and not produced:
                 # restarting would spin forever: every pair was skipped, or this reader's share is empty
                 raise RuntimeError(
-                    f"Source {source.name!r} gave no usable pair to reader {part.index} of {part.count} "
-                    f"(skips so far: {self.skips.summary()})"
+                    f"Source {source.name!r} gave no usable pair to reader {reader.part.index} of "
+                    f"{reader.part.count} (skips so far: {self.skips.summary()})"
                 )
-            passes += 1
+            reader.passes[index] += 1
+            reader.cursors[index] = None
+
+    def _buffer_shuffle(self, stream: Iterator[tuple[PairRecord, Example]], reader: _ReaderState):
+        """Approximate shuffle of a stream with a `shuffle_buffer`-element buffer (sources are read shard by
+        shard). The buffer lives in the reader's state, so a checkpoint holds it."""
+        buffer, size = reader.buffer, self.shuffle_buffer
+        for item in stream:
+            if len(buffer) < size:
+                buffer.append(item)
+                continue
+            i = int(reader.rng.integers(size))
+            out, buffer[i] = buffer[i], item
+            yield out
+        while buffer:
+            yield buffer.pop(int(reader.rng.integers(len(buffer))))
 
 
-def _buffer_shuffle(stream: Iterator[Example], size: int, rng: np.random.Generator) -> Iterator[Example]:
-    """Approximate shuffle of a stream with a `size`-element buffer (sources are read shard by shard)."""
-    buffer: list[Example] = []
-    for example in stream:
-        if len(buffer) < size:
-            buffer.append(example)
-            continue
-        i = int(rng.integers(size))
-        yield buffer[i]
-        buffer[i] = example
-    for i in rng.permutation(len(buffer)):
-        yield buffer[i]
+@dataclass
+class _ReaderState:
+    """What one reader of a `MixedPairDataset` has consumed; `MixedPairDataset.state_dict` saves it."""
+
+    part: Partition
+    rng: np.random.Generator
+    passes: list[int]
+    cursors: list[Cursor]
+    active: list[int]
+    buffer: list[tuple[PairRecord, Example]] = field(default_factory=list)
+    yielded: int = 0
 
 
 def parse_probabilities(text: str | Sequence[float] | None) -> list[float] | None:
