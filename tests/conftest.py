@@ -50,6 +50,22 @@ def build_tiny(tiny_components):
 
 
 @pytest.fixture(scope="session")
+def save_tiny_vikdf(tiny_components):
+    """Write a freshly built tiny Llama VIKDF (seed 0), weights and processor, into a folder, as train_pretrain.py
+    leaves one; returns the folder."""
+
+    def save(folder):
+        torch.manual_seed(0)
+        paths = tiny_components("llama")
+        model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return folder
+
+    return save
+
+
+@pytest.fixture(scope="session")
 def pair_world(tmp_path_factory):
     """64 synthetic image–text pairs in two real webdataset shards (32 each)."""
     return write_synthetic_world(

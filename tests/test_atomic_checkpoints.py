@@ -14,10 +14,8 @@ from transformers.trainer_utils import get_last_checkpoint
 import train_dialogue
 import train_pretrain
 import vikdf.trainers
-from conftest import TINY_OVERRIDES
 from pretrain_helpers import pretrain_argv
 from vikdf.atomic import last_complete_checkpoint, write_text_atomic
-from vikdf.components import build_vikdf_from_components
 from vikdf.model_card import update_model_card_metrics
 from vikdf.trainers import resolve_resume_checkpoint
 
@@ -35,13 +33,9 @@ MAX_STEPS, KILL_STEP = 8, 6
 
 
 @pytest.fixture(scope="module")
-def world(tiny_components, tmp_path_factory):
+def world(save_tiny_vikdf, tmp_path_factory):
     root = tmp_path_factory.mktemp("atomic")
-    paths = tiny_components("llama")
-    torch.manual_seed(0)
-    model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
-    model.save_pretrained(root / "pretrained")
-    processor.save_pretrained(root / "pretrained")
+    save_tiny_vikdf(root / "pretrained")
     train = root / "train.json"
     train.write_text(json.dumps([{"context": c, "response": r} for c, r in DIALOGUES]))
     return {"root": root, "pretrained": root / "pretrained", "train": train}

@@ -12,9 +12,7 @@ from transformers import AutoModel, HfArgumentParser
 
 import eval_dialogue
 import train_dialogue
-from conftest import TINY_OVERRIDES
 from vikdf.arguments import DialogueTrainingArguments
-from vikdf.components import build_vikdf_from_components
 from vikdf.evaluation import METRIC_KEYS, load_checkpoint, perplexity
 from vikdf.model_card import PLACEHOLDER_REPO
 
@@ -37,14 +35,11 @@ QUICK = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true
 
 
 @pytest.fixture(scope="module")
-def world(tiny_components, tmp_path_factory):
+def world(tiny_components, save_tiny_vikdf, tmp_path_factory):
     """A saved tiny VIKDF (as train_pretrain.py leaves it), a Reddit JSON train file and an Image-Chat test file."""
     root = tmp_path_factory.mktemp("dialogue")
     paths = tiny_components("llama")
-    torch.manual_seed(0)
-    model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
-    model.save_pretrained(root / "pretrained")
-    processor.save_pretrained(root / "pretrained")
+    save_tiny_vikdf(root / "pretrained")
     train_file = root / "reddit" / "train.json"
     train_file.parent.mkdir()
     train_file.write_text(json.dumps([{"context": c, "response": r} for c, r in TRAIN]))

@@ -12,11 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import eval_dialogue
-from conftest import TINY_OVERRIDES
-from vikdf.components import build_vikdf_from_components
 from vikdf.data.dialogue import load_dialogues
 from vikdf.evaluation import load_checkpoint, perplexity
 from vikdf.evaluation_processes import rank_share
@@ -42,13 +39,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_components, tmp_path_factory):
+def checkpoint(save_tiny_vikdf, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_processes")
-    paths = tiny_components("llama")
-    torch.manual_seed(0)
-    model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    save_tiny_vikdf(root / "model")
     test_file = root / "image_chat" / "test.json"
     test_file.parent.mkdir()
     test_file.write_text(

@@ -4,13 +4,10 @@ import json
 
 import huggingface_hub
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
 import train_dialogue
-from conftest import TINY_OVERRIDES
-from vikdf.components import build_vikdf_from_components
 from vikdf.evaluation import EXTRA_COLUMNS, METRIC_KEYS, TABLE1_COLUMNS
 from vikdf.model_card import PAPER_URL, build_model_card, default_license, update_model_card_metrics
 
@@ -18,14 +15,11 @@ QUICK = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true
 
 
 @pytest.fixture(scope="module")
-def zero_resource(tiny_components, tmp_path_factory):
+def zero_resource(tiny_components, save_tiny_vikdf, tmp_path_factory):
     """A zero-resource dialogue checkpoint written by train_dialogue.py from tiny local component folders."""
     root = tmp_path_factory.mktemp("card")
     paths = tiny_components("llama")
-    torch.manual_seed(0)
-    model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
-    model.save_pretrained(root / "pretrained")
-    processor.save_pretrained(root / "pretrained")
+    save_tiny_vikdf(root / "pretrained")
     out = root / "zero"
     train_dialogue.main(["--model_name_or_path", str(root / "pretrained"), "--train_fraction", "0", "--output_dir",
                          str(out), "--license", "mit", *QUICK])
