@@ -5,7 +5,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 from transformers import HfArgumentParser
 
 import demo
