@@ -312,6 +312,7 @@ class SyntheticWorldPaths:
     train_shards: str  # brace pattern, e.g. ".../pairs/train/{00000..00003}.tar"
     train_shard_files: tuple[Path, ...]
     heldout_shard: Path
+    clip_shard: Path  # the stand-in CLIP's own pairs: image-only kinds in random colours
     reddit_train: Path
     reddit_valid: Path
     image_chat_test: Path
@@ -402,11 +403,17 @@ class SyntheticWorld:
     seed: int = 0
     image_size: int = 32
     usual_colour_prob: float = 0.85
-    colour_mention_prob: float = 0.25
+    colour_mention_prob: float = 0.6
+    image_only_weight: float = 2.0
+    clip_recoloured: str = "image_only"
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.clip_recoloured not in ("image_only", "all"):
+            raise ValueError(f"clip_recoloured must be 'image_only' or 'all', got {self.clip_recoloured!r}")
+        if self.image_only_weight <= 0:
+            raise ValueError(f"image_only_weight must be positive, got {self.image_only_weight}")
         for name in ("usual_colour_prob", "colour_mention_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -426,11 +433,21 @@ class SyntheticWorld:
         # Seeding with a str hashes it with SHA-512: stable across processes, unlike hash().
         return random.Random(f"vikdf-synthetic/{self.seed}/{stream}")
 
-    def sample_attributes(self, rng: random.Random) -> PairAttributes:
-        """Draw an object, its look and the caption template to describe it."""
-        kind = rng.choice(OBJECT_KINDS)
+    def sample_attributes(self, rng: random.Random, for_clip: bool = False) -> PairAttributes:
+        """Draw an object, its look and the caption template to describe it.
+
+        ``for_clip`` draws the pairs the stand-in CLIP learns from: the kinds of ``clip_recoloured`` ("image_only"
+        or "all") appear in a uniformly random colour, so that its text tower knows their names but not their usual
+        colours (module docstring), and every kind is equally frequent.
+        """
+        # VIKDF's pairs show image-only kinds `image_only_weight` times as often as the others: they are the links
+        # pre-training has to learn from pixels alone.
+        weights = [1.0 if for_clip or not k.image_only else self.image_only_weight for k in OBJECT_KINDS]
+        kind = rng.choices(OBJECT_KINDS, weights)[0]
         colour = kind.usual_colour
-        if rng.random() >= self.usual_colour_prob:
+        if for_clip and (kind.image_only or self.clip_recoloured == "all"):
+            colour = rng.choice(list(COLOURS))
+        elif rng.random() >= self.usual_colour_prob:
             colour = rng.choice([c for c in COLOURS if c != kind.usual_colour])
         size, position, background = rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), rng.choice(list(BACKGROUNDS))
         diameter = SIZES[size] * rng.uniform(0.9, 1.1)
@@ -493,9 +510,9 @@ class SyntheticWorld:
             shape=attrs.shape,
         )
 
-    def sample_pair(self, rng: random.Random) -> tuple[Image.Image, str, PairAttributes]:
-        """One image–caption pair and its ground truth."""
-        attrs = self.sample_attributes(rng)
+    def sample_pair(self, rng: random.Random, for_clip: bool = False) -> tuple[Image.Image, str, PairAttributes]:
+        """One image–caption pair and its ground truth (``for_clip``: see ``sample_attributes``)."""
+        attrs = self.sample_attributes(rng, for_clip)
         return self.render(attrs), self.write_caption(attrs, rng), attrs
 
     def sample_dialogue(self, rng: random.Random, kind: ObjectKind) -> Dialogue:
@@ -533,14 +550,16 @@ def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(world: SyntheticWorld, rng: random.Random, path: Path, shard_index: int, count: int) -> list[str]:
+def _write_shard(
+    world: SyntheticWorld, rng: random.Random, path: Path, shard_index: int, count: int, for_clip: bool = False
+) -> list[str]:
     """Write ``count`` pairs as one img2dataset-style shard; returns the captions."""
     if count > _MAX_PER_SHARD:
         raise ValueError(f"at most {_MAX_PER_SHARD} pairs per shard, got {count}; use more shards")
     captions = []
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for index in range(count):
-            image, caption, attrs = world.sample_pair(rng)
+            image, caption, attrs = world.sample_pair(rng, for_clip)
             key = f"{shard_index * _MAX_PER_SHARD + index:09d}"
             meta = {
                 "key": key,
@@ -594,9 +613,11 @@ def write_synthetic_world(
     num_pairs: int = 2000,
     num_shards: int = 4,
     num_heldout_pairs: int = 200,
+    num_clip_pairs: int | None = None,
     num_dialogues: int = 1000,
     num_eval_dialogues: int = 120,
     image_size: int = 32,
+    clip_recoloured: str = "image_only",
 ) -> SyntheticWorldPaths:
     """Write the whole world under ``out_dir`` (layout in the module docstring) and say where it is.
 
@@ -606,7 +627,7 @@ def write_synthetic_world(
     """
     if num_shards < 1 or num_pairs < num_shards:
         raise ValueError(f"need 1 <= num_shards <= num_pairs, got {num_shards} shards for {num_pairs} pairs")
-    world = SyntheticWorld(seed=seed, image_size=image_size)
+    world = SyntheticWorld(seed=seed, image_size=image_size, clip_recoloured=clip_recoloured)
     root = Path(out_dir)
     train_dir, heldout_dir = root / "pairs" / "train", root / "pairs" / "heldout"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -621,6 +642,10 @@ def write_synthetic_world(
         train_files.append(path)
     heldout_shard = heldout_dir / "00000.tar"
     heldout_captions = _write_shard(world, world.rng("heldout-pairs"), heldout_shard, 0, num_heldout_pairs)
+    clip_shard = root / "pairs" / "clip" / "00000.tar"
+    clip_shard.parent.mkdir(parents=True, exist_ok=True)
+    clip_captions = _write_shard(world, world.rng("clip-pairs"), clip_shard, 0,
+                                 num_pairs if num_clip_pairs is None else num_clip_pairs, for_clip=True)
 
     train = world.dialogues("train-dialogues", num_dialogues, world.dialogue_objects)
     valid = world.dialogues("valid-dialogues", num_eval_dialogues, world.dialogue_objects)
@@ -640,7 +665,7 @@ def write_synthetic_world(
     lm_corpus.write_text("\n".join(lm_lines) + "\n", encoding="utf-8")
 
     dialogue_turns = [turn for d in train + valid + test for turn in (*d.context, d.response)]
-    all_texts = train_captions + heldout_captions + dialogue_turns
+    all_texts = train_captions + heldout_captions + clip_captions + dialogue_turns
     world_words = [k.name for k in OBJECT_KINDS] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
     vocabulary = tuple(sorted({word for text in all_texts + world_words for word in tokenize_words(text)}))
     vocab_file = root / "vocab.txt"
@@ -657,6 +682,7 @@ def write_synthetic_world(
             "counts": {
                 "train_pairs": num_pairs,
                 "heldout_pairs": num_heldout_pairs,
+                "clip_pairs": num_pairs if num_clip_pairs is None else num_clip_pairs,
                 "train_dialogues": num_dialogues,
                 "valid_dialogues": num_eval_dialogues,
                 "test_dialogues": num_eval_dialogues,
@@ -668,6 +694,7 @@ def write_synthetic_world(
         train_shards=str(train_dir / f"{{00000..{num_shards - 1:05d}}}.tar"),
         train_shard_files=tuple(train_files),
         heldout_shard=heldout_shard,
+        clip_shard=clip_shard,
         reddit_train=reddit_train,
         reddit_valid=reddit_valid,
         image_chat_test=image_chat_test,
