@@ -4,6 +4,7 @@ Hub remote code: this file travels with every checkpoint, so it imports only tra
 """
 
 from transformers import AutoConfig, Blip2QFormerConfig, CLIPConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 # Instruction prompts of the two BVIF paths (paper §3.3). The paper quotes one of each; the released code samples
@@ -99,10 +100,24 @@ class VIKDFConfig(PreTrainedConfig):
         tim_pooling: how a set of n knowledge vectors becomes one TIM embedding: `"first"` (query 0, as released) or
             `"max"` (BLIP-2: maximum similarity over queries).
         tim_init_temperature: initial value of the learnable temperature τ.
-        mask_patch_size, mask_ratio, mask_keep_ratio: TAMIM pixel masking (28×28 patches, ratio 0.6; the release
-            leaves 20 % of the chosen patches unmasked).
-        text_mask_ratio: IAMTM caption token masking ratio (0.15).
-        head_num_attention_heads, head_intermediate_size: the transformer blocks of the TAMIM and IAMTM heads.
+        mask_patch_size, mask_ratio: TAMIM chooses ⌈mask_ratio · patches⌉ square patches of `mask_patch_size`
+            pixels (28, 0.6: 39 of 64 at 224, as released) and scores the L1 loss on all of them.
+        mask_keep_ratio: probability that a vision-patch-sized sub-patch (14×14) of a chosen patch is left
+            unchanged instead of set to 0; it is scored all the same. 0.2 as released; 0 is the paper's plain
+            masking of every chosen pixel.
+        text_mask_ratio: IAMTM chooses each caption token with this probability (0.15) and scores all chosen.
+        text_mask_keep_ratio: probability that a chosen caption token is left unchanged instead of replaced by
+            CLIP's end-of-text id; it is scored all the same. 0.2 as released; 0 replaces every chosen token.
+        vision_post_layernorm: apply the vision tower's `post_layernorm` to every image token before the
+            projection, as BLIP-2's `ln_vision` does. False (the release): the raw `last_hidden_state` is
+            projected; HF CLIP normalises only the pooled token.
+        head_num_attention_heads, head_intermediate_size, head_hidden_act, head_dropout: the transformer blocks of
+            the TAMIM and IAMTM heads (released: 4 heads, 4× feed-forward with ReLU, dropout 0.1 on the attention
+            weights and on both residual branches).
+        caption_max_length: the most LLM tokens a caption keeps (its start) in the IACI and IAKR rows; the release
+            cuts its LLM caption rows at 256 tokens.
+        caption_loss_on_eos: also score the end-of-sequence after the caption in IACI. False as released, whose
+            LLM pads with eos and so drops eos from the labels with the padding.
         loss_weight_tim, loss_weight_tamim, loss_weight_iamtm, loss_weight_iaci, loss_weight_iakr: λ1..λ5 of eq. 5
             and eq. 9.
         use_tim, use_tamim, use_iamtm, use_bvif: ablation switches of Table 3. Without BVIF the integration stage is
@@ -133,8 +148,14 @@ class VIKDFConfig(PreTrainedConfig):
     mask_ratio: float = 0.6
     mask_keep_ratio: float = 0.2
     text_mask_ratio: float = 0.15
-    head_num_attention_heads: int = 12
+    text_mask_keep_ratio: float = 0.2
+    vision_post_layernorm: bool = False
+    head_num_attention_heads: int = 4
     head_intermediate_size: int = 3072
+    head_hidden_act: str = "relu"
+    head_dropout: float = 0.1
+    caption_max_length: int = 256
+    caption_loss_on_eos: bool = False
     loss_weight_tim: float = 0.5
     loss_weight_tamim: float = 0.2
     loss_weight_iamtm: float = 0.2
@@ -183,6 +204,11 @@ class VIKDFConfig(PreTrainedConfig):
             raise ValueError(
                 f"mask_patch_size={self.mask_patch_size} must be a multiple of the vision patch size "
                 f"({vision.patch_size}) and divide the image size ({vision.image_size})."
+            )
+        if self.head_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"head_hidden_act={self.head_hidden_act!r} is not a transformers activation; choose one of "
+                f"{sorted(ACT2FN)}."
             )
         if self.tim_pooling not in TIM_POOLINGS:
             raise ValueError(f"tim_pooling={self.tim_pooling!r}; choose one of {TIM_POOLINGS}.")

@@ -210,7 +210,7 @@ def tim_recall_at_1(checkpoint: Path, heldout_shard: Path) -> tuple[float, float
     pairs = list(iter_shard_pairs([heldout_shard]))
     transform = build_image_transform(model.config.clip_config.vision_config.image_size, train=False)
     pixels = torch.stack([transform(image) for _, image, _ in pairs])
-    clip = processor.clip_text_inputs([caption for _, _, caption in pairs])
+    clip = processor.clip_text_inputs([caption for _, _, caption in pairs], truncation_side="right")
     with torch.no_grad():
         text = model.get_text_knowledge(clip["clip_input_ids"], clip["clip_attention_mask"])
         text_embeddings, image_embeddings = model.tim_embeddings(text, model.get_image_knowledge(pixels))

@@ -5,11 +5,12 @@
     python eval_dialogue.py ... --baseline llm        # the frozen LLM alone, same chat template, no knowledge
     python eval_dialogue.py ... --knowledge_ablation shuffle   # each dialogue gets another's knowledge (or: zero)
     python eval_dialogue.py --aggregate s1/metrics.json s2/metrics.json ... --reference_json best_baseline.json \
-        --output_dir runs/eval-5-seeds                 # mean ± std and one-sample t-tests (paper §5.1)
+        --output_dir runs/eval-5-seeds                 # mean ± std, one-sided one-sample t-tests (paper §5.1)
 
-Writes `predictions.jsonl` (context, reference, hypothesis), `metrics.json`, `metrics.md` (one Table-1 row) and
-`eval_info.json` into `--output_dir`; with `--textualise N` also `knowledge.jsonl`, the knowledge distilled from
-the first N contexts put into words by the LLM (paper §5.4, Fig. 6). Evaluating a local checkpoint folder
+Writes `predictions.jsonl` (context, reference, hypothesis), `metrics.json`, `metrics.md` (one Table-1 row, then
+the PPL convention, the token-level PPL and the word tokeniser) and `eval_info.json` into `--output_dir`; with
+`--textualise N` also `knowledge.jsonl`, the knowledge distilled from the first N contexts put into words by the
+LLM (paper §5.4, Fig. 6). Evaluating a local checkpoint folder
 (not a baseline run) also writes the metrics row into its model card (README.md).
 
 Generation defaults are the released ones: beam 3, no repeated 3-grams, 32 new tokens, greedy (no sampling);
@@ -37,7 +38,9 @@ from vikdf.evaluation import (
     load_checkpoint,
     load_metrics_json,
     metrics_markdown,
+    metrics_notes,
     summary_markdown,
+    tokenizer_of_run,
     write_evaluation,
 )
 from vikdf.knowledge import textualise_knowledge
@@ -123,10 +126,15 @@ def run_aggregate(args: EvalArguments) -> dict:
     runs = [load_metrics_json(path) for path in args.aggregate]
     reference = load_metrics_json(args.reference_json) if args.reference_json else None
     summary = aggregate_metrics(runs, reference)
+    tokenizers = [tokenizer_of_run(path) for path in args.aggregate]
+    if len(set(tokenizers)) > 1:
+        logger.warning(f"The runs were scored with different word tokenisers ({sorted(map(str, set(tokenizers)))}); "
+                       "their BLEU/ROUGE/embedding numbers are not comparable.")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "aggregate.json").write_text(json.dumps({"runs": args.aggregate, "summary": summary}, indent=2) + "\n")
-    (out / "aggregate.md").write_text(summary_markdown(summary), encoding="utf-8")
+    record = {"runs": args.aggregate, "tokenizers": tokenizers, "summary": summary}
+    (out / "aggregate.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "aggregate.md").write_text(summary_markdown(summary, tokenizers=tokenizers), encoding="utf-8")
     logger.info(f"Aggregated {len(runs)} runs into {out / 'aggregate.md'}")
     return summary
 
@@ -187,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     info = {**asdict(args), "system": system, "with_knowledge": with_knowledge, "num_dialogues": len(dialogues),
             "generation": generation}
     write_evaluation(args.output_dir, result, info)
-    logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}")
+    notes = metrics_notes(metrics, result["tokenizer"])
+    logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}{notes}")
 
     if args.textualise > 0:
         chosen = dialogues[: args.textualise]
@@ -203,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.update_model_card and os.path.isdir(args.model_name_or_path):
         if args.baseline is None and args.knowledge_ablation == "none":
-            card = update_model_card_metrics(args.model_name_or_path, metrics, _test_name(args), config=model.config)
+            card = update_model_card_metrics(
+                args.model_name_or_path, metrics, _test_name(args), config=model.config, tokenizer=result["tokenizer"]
+            )
             logger.info(f"Model card updated: {card}")
         else:
             logger.info("Baseline or ablation run: the checkpoint's model card is left unchanged.")

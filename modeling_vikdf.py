@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -73,24 +74,34 @@ class VIKDFKnowledgeAssistedBlock(nn.Module):
     """One transformer block in which the tokens of a masked modality attend to the other modality's knowledge.
 
     TAMIM (§3.2.2) uses it with masked-image tokens against `K_T`, IAMTM (§3.2.3) with masked-caption tokens
-    against `K_I`: multi-head attention and a feed-forward network, each with a residual and post-LayerNorm.
+    against `K_I`. As released: multi-head attention and a feed-forward network, each with a residual and a
+    post-LayerNorm; dropout on the attention weights and on each branch before its residual sum.
     """
 
-    def __init__(self, hidden_size: int, knowledge_size: int, num_heads: int, intermediate_size: int):
+    def __init__(
+        self,
+        hidden_size: int,
+        knowledge_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        hidden_act: str = "relu",
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.attention = nn.MultiheadAttention(
-            hidden_size, num_heads, kdim=knowledge_size, vdim=knowledge_size, batch_first=True
+            hidden_size, num_heads, dropout=dropout, kdim=knowledge_size, vdim=knowledge_size, batch_first=True
         )
         self.attention_norm = nn.LayerNorm(hidden_size)
         self.feed_forward = nn.Sequential(
-            nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
+            nn.Linear(hidden_size, intermediate_size), ACT2FN[hidden_act], nn.Linear(intermediate_size, hidden_size)
         )
         self.feed_forward_norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden_states: torch.Tensor, knowledge: torch.Tensor) -> torch.Tensor:
         attended, _ = self.attention(hidden_states, knowledge, knowledge, need_weights=False)
-        hidden_states = self.attention_norm(hidden_states + attended)
-        return self.feed_forward_norm(hidden_states + self.feed_forward(hidden_states))
+        hidden_states = self.attention_norm(hidden_states + self.dropout(attended))
+        return self.feed_forward_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
 
 
 class VIKDFPreTrainedModel(PreTrainedModel):
@@ -157,13 +168,20 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         self.tim_image_projection = nn.Linear(iq_width, config.tim_embed_dim)
         # Shape (1,), not 0-dim: DeepSpeed's broadcast of rank 0's weights cannot view a 0-dim tensor as bytes.
         self.logit_scale = nn.Parameter(torch.zeros(1))
-        block = (clip.projection_dim, iq_width, config.head_num_attention_heads, config.head_intermediate_size)
-        self.tamim_block = VIKDFKnowledgeAssistedBlock(*block)
+        block = dict(
+            hidden_size=clip.projection_dim,
+            knowledge_size=iq_width,
+            num_heads=config.head_num_attention_heads,
+            intermediate_size=config.head_intermediate_size,
+            hidden_act=config.head_hidden_act,
+            dropout=config.head_dropout,
+        )
+        self.tamim_block = VIKDFKnowledgeAssistedBlock(**block)
         # Conv decoder of §3.2.2: each patch token becomes patch²·3 pixel values, rearranged by a pixel shuffle.
         self.tamim_decoder = nn.Sequential(
             nn.Conv2d(clip.projection_dim, patch * patch * 3, kernel_size=1), nn.PixelShuffle(patch)
         )
-        self.iamtm_block = VIKDFKnowledgeAssistedBlock(*block)
+        self.iamtm_block = VIKDFKnowledgeAssistedBlock(**block)
         self.iamtm_head = nn.Linear(clip.projection_dim, clip.text_config.vocab_size)
         self.iakr_head = nn.Linear(config.text_config.hidden_size, iq_width)
 
@@ -237,11 +255,18 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """CLIP image states `H_I` (CLS + patches), post-LayerNormed and projected: (B, P, E)."""
+        """CLIP image states `H_I` (CLS + patches), projected: (B, P, E).
+
+        As released, the tower's raw `last_hidden_state` is projected (HF CLIP's `post_layernorm` normalises the
+        pooled token only); `config.vision_post_layernorm` normalises every token first, as BLIP-2's `ln_vision`.
+        """
         if self.vision_encoder is None:
             raise ValueError("This model has no vision tower (include_pretraining_heads=False); images cannot be encoded.")
-        hidden = self.vision_encoder(pixel_values=pixel_values.to(self.visual_projection.weight.dtype))
-        return self.visual_projection(self.vision_encoder.post_layernorm(hidden.last_hidden_state))
+        pixel_values = pixel_values.to(self.visual_projection.weight.dtype)
+        hidden = self.vision_encoder(pixel_values=pixel_values).last_hidden_state
+        if self.config.vision_post_layernorm:
+            hidden = self.vision_encoder.post_layernorm(hidden)
+        return self.visual_projection(hidden)
 
     # ----------------------------------------------------------------------------------------------------------
     # IQ-Former (§3.1.2): the same queries and weights distil K_T from text states and K_I from image states.

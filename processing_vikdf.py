@@ -5,11 +5,12 @@ Layouts (DESIGN.md §3), `<k>×n` being n copies of the knowledge placeholder:
 - dialogue (§3.4): the LLM's own chat template, the knowledge slots right after the template's opening (the start
   of the user turn), the context turns joined by newlines; the response written as the template writes an
   assistant turn, labels on it and its end-of-sequence only;
-- IACI caption (eq. 6): `[bos] <k>×n {caption prompt} {caption}[eos]`, labels on the caption and eos only;
+- IACI caption (eq. 6): `[bos] <k>×n {caption prompt} {caption}[eos]`, labels on the caption (and, by choice,
+  eos);
 - IAKR reconstruction (eq. 7–8): `[bos] {reconstruction prompt} {caption} <k>×n`, no labels.
 
-The CLIP text side joins the context turns and truncates from the *left* to 77 tokens, so that the latest turn,
-which the response answers, survives.
+The CLIP text side joins the context turns and truncates them from the *left* to 77 tokens, so that the latest
+turn, which the response answers, survives; captions keep their start, as CLIP truncates.
 
 Hub remote code: imports only torch and transformers.
 """
@@ -97,12 +98,21 @@ class VIKDFProcessor(ProcessorMixin):
                 raise TypeError(f"Context turns must be strings, got {type(turn).__name__}: {turn!r}.")
         return "\n".join(turn.strip() for turn in turns)
 
-    def clip_text_inputs(self, texts: Sequence[Context]) -> dict[str, torch.Tensor]:
-        """`clip_input_ids`/`clip_attention_mask` (B, ≤77), truncated from the left so the latest turn survives."""
+    def clip_text_inputs(self, texts: Sequence[Context], truncation_side: str = "left") -> dict[str, torch.Tensor]:
+        """`clip_input_ids`/`clip_attention_mask` (B, ≤77) with CLIP's start and end-of-text around the text.
+
+        `truncation_side="left"` (dialogue contexts) drops the oldest tokens so that the latest turn, which the
+        response answers, survives; `"right"` (captions) keeps the start, as CLIP and the release truncate.
+        """
+        if truncation_side not in ("left", "right"):
+            raise ValueError(
+                f"truncation_side={truncation_side!r}; use 'left' (dialogue contexts) or 'right' (captions)."
+            )
         tokenizer = self.clip_tokenizer
         body = self.clip_max_length - 2
         pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False)["input_ids"]
-        rows = [[tokenizer.bos_token_id, *ids[len(ids) - body if len(ids) > body else 0 :], tokenizer.eos_token_id] for ids in pieces]
+        kept = [ids[max(len(ids) - body, 0) :] if truncation_side == "left" else ids[:body] for ids in pieces]
+        rows = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in kept]
         batch = _batch(rows, tokenizer.pad_token_id, "right")
         return {"clip_input_ids": batch["input_ids"], "clip_attention_mask": batch["attention_mask"]}
 
@@ -115,30 +125,72 @@ class VIKDFProcessor(ProcessorMixin):
     def _bos(self) -> list[int]:
         return [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
 
-    def caption_inputs(self, captions: Sequence[str], prompts: Sequence[str], padding_side: str = "right") -> dict:
-        """IACI (eq. 6): `[bos] <k>×n {prompt} {caption}[eos]`, labels on the caption and eos only.
+    def _slot_ids(self) -> list[int]:
+        return [self.knowledge_token_id] * self.num_query_tokens
 
-        An empty prompt gives the plain BLIP-2 style generative loss of the −BVIF ablation.
+    def _split_ids(self, head: str, tail: str) -> tuple[list[int], list[int]]:
+        """Ids of the plain text `head + tail`, split where `head`'s own ids stop agreeing with them.
+
+        Tokenising the pieces apart would be wrong at the seam: a trailing space of `head` becomes a lone `▁` with
+        SentencePiece (Llama-2, Mistral) and a lone `Ġ` with byte-level BPE, and `tail`'s first word loses its
+        word-start marker. Here every token is the one plain text gets; a token that spans the seam goes to `tail`.
         """
+        whole, own = self._ids(head + tail), self._ids(head)
+        split = 0
+        while split < min(len(whole), len(own)) and whole[split] == own[split]:
+            split += 1
+        return whole[:split], whole[split:]
+
+    def _prompt_and_caption_ids(
+        self, prompt: str, caption: str, max_caption_tokens: int | None
+    ) -> tuple[list[int], list[int]]:
+        """Ids of `{prompt} {caption}` as plain text, split into prompt and caption; the caption keeps its start."""
+        caption = caption.strip()
+        prompt_ids, caption_ids = self._split_ids(prompt, f" {caption}" if prompt and caption else caption)
+        return prompt_ids, caption_ids[:max_caption_tokens]
+
+    def caption_inputs(
+        self,
+        captions: Sequence[str],
+        prompts: Sequence[str],
+        padding_side: str = "right",
+        max_caption_tokens: int | None = None,
+        score_eos: bool = True,
+    ) -> dict:
+        """IACI (eq. 6): `[bos] <k>×n {prompt} {caption}[eos]`, labels on the caption (and eos with `score_eos`).
+
+        The text after the slots is tokenised as the plain text `{prompt} {caption}` (see `_split_ids`). An empty
+        prompt gives the plain BLIP-2 style generative loss of the −BVIF ablation. `max_caption_tokens` cuts long
+        (web) captions, keeping their start.
+        """
+        eos = self.tokenizer.eos_token_id
         rows, labels = [], []
         for caption, prompt in zip(captions, prompts, strict=True):
-            prefix = self._bos() + self._ids(self.knowledge_slots + (prompt + " " if prompt else ""))
-            target = self._ids(caption.strip()) + [self.tokenizer.eos_token_id]
-            rows.append(prefix + target)
-            labels.append([IGNORE_INDEX] * len(prefix) + target)
+            prompt_ids, caption_ids = self._prompt_and_caption_ids(prompt, caption, max_caption_tokens)
+            prefix = self._bos() + self._slot_ids() + prompt_ids
+            rows.append(prefix + caption_ids + [eos])
+            labels.append([IGNORE_INDEX] * len(prefix) + caption_ids + [eos if score_eos else IGNORE_INDEX])
         return _batch(rows, self.tokenizer.pad_token_id, padding_side, labels)
 
-    def reconstruction_inputs(self, captions: Sequence[str], prompts: Sequence[str], padding_side: str = "right") -> dict:
+    def reconstruction_inputs(
+        self,
+        captions: Sequence[str],
+        prompts: Sequence[str],
+        padding_side: str = "right",
+        max_caption_tokens: int | None = None,
+    ) -> dict:
         """IAKR (eq. 7–8): `[bos] {prompt} {caption} <k>×n`; the model reads the states before each slot."""
-        rows = [
-            self._bos() + self._ids(f"{prompt} {caption.strip()}") + self._ids(self.knowledge_slots)
-            for caption, prompt in zip(captions, prompts, strict=True)
-        ]
+        rows = []
+        for caption, prompt in zip(captions, prompts, strict=True):
+            prompt_ids, caption_ids = self._prompt_and_caption_ids(prompt, caption, max_caption_tokens)
+            rows.append(self._bos() + prompt_ids + caption_ids + self._slot_ids())
         return _batch(rows, self.tokenizer.pad_token_id, padding_side)
 
     def dialogue_prompt_ids(self, context: Context, with_knowledge: bool = True) -> list[int]:
         """Token ids of the chat-templated prompt: knowledge slots, then the context, ready for the response.
 
+        The slots go where the template puts the user's content, and every other token is the one the template's
+        plain text (without slots) gets, so the context's first word keeps its word-start marker (`_split_ids`).
         `with_knowledge=False` gives the same template without slots, for the plain-LLM and LoRA baselines.
         """
         if self.tokenizer.chat_template is None:
@@ -149,7 +201,11 @@ class VIKDFProcessor(ProcessorMixin):
         text = self.join_context(context)
         messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._ids(prompt)
+        if not with_knowledge:
+            return self._ids(prompt)
+        start = prompt.index(self.knowledge_slots)
+        before, after = self._split_ids(prompt[:start], prompt[start + len(self.knowledge_slots) :])
+        return before + self._slot_ids() + after
 
     def dialogue_response_ids(self, response: str) -> list[int]:
         """Token ids of `response` as the chat template writes an assistant turn, ending with eos.
@@ -174,13 +230,17 @@ class VIKDFProcessor(ProcessorMixin):
         if len(ids) <= budget:
             return ids
         context_ids = self._ids(self.join_context(context))
-        overflow = len(ids) - budget
-        if overflow >= len(context_ids):
-            raise ValueError(
-                f"max_length={self.max_length} leaves no room for the context after the template, "
-                f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
-            )
-        return self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]), with_knowledge)
+        overflow = 0
+        while len(ids) > budget:
+            # Decoded and re-tokenised, the cut context can gain a token at its new start: cut again until it fits.
+            overflow += len(ids) - budget
+            if overflow >= len(context_ids):
+                raise ValueError(
+                    f"max_length={self.max_length} leaves no room for the context after the template, "
+                    f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
+                )
+            ids = self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]), with_knowledge)
+        return ids
 
     def dialogue_inputs(
         self,

@@ -38,6 +38,11 @@ setup(
         "scipy",
         "matplotlib",
         "tqdm",
+        "statsmodels",
+        "fastapi",
+        "uvicorn",
+        "jinja2",
+        "python-multipart",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "httpx", "selenium"]},
 )

@@ -106,7 +106,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, PreTrainedM
 from configuration_vikdf import LLAMA_2_7B, VIKDFConfig  # noqa: E402
 from modeling_vikdf import VIKDFForConditionalGeneration  # noqa: E402
 from vikdf.losses import IGNORE_INDEX, iaci_loss, iamtm_loss  # noqa: E402
-from vikdf.masking import mask_caption_tokens, tamim_pixel_mask  # noqa: E402
+from vikdf.masking import mask_caption_tokens, tamim_pixel_masks  # noqa: E402
 from vikdf.testing import tiny_llm_config, tiny_vikdf_config  # noqa: E402
 from vikdf.trainers import VIKDFPretrainTrainer, count_items, enabled_objectives, loss_weights  # noqa: E402
 
@@ -189,9 +189,9 @@ def make_vikdf_batch(config: VIKDFConfig, batch: int, rows: RowShape, seed: int 
     vision = config.clip_config.vision_config
     size = vision.image_size
     pixel_values = torch.randn(batch, 3, size, size, generator=g)
-    pixel_mask = tamim_pixel_mask(
-        size, size, batch_size=batch, patch_size=config.mask_patch_size, mask_ratio=config.mask_ratio,
-        keep_ratio=config.mask_keep_ratio, generator=g,
+    pixel_masks = tamim_pixel_masks(
+        size, size, batch_size=batch, patch_size=config.mask_patch_size, subpatch_size=vision.patch_size,
+        mask_ratio=config.mask_ratio, keep_ratio=config.mask_keep_ratio, generator=g,
     )
 
     text = config.clip_config.text_config
@@ -201,7 +201,7 @@ def make_vikdf_batch(config: VIKDFConfig, batch: int, rows: RowShape, seed: int 
     clip_mask = torch.ones_like(clip_ids)
     masked_ids, mlm_labels = mask_caption_tokens(
         clip_ids, eos, attention_mask=clip_mask, special_token_ids={bos, eos, pad},
-        mask_ratio=config.text_mask_ratio, generator=g,
+        mask_ratio=config.text_mask_ratio, keep_ratio=config.text_mask_keep_ratio, generator=g,
     )
 
     n, k = config.num_query_tokens, config.knowledge_token_id
@@ -222,7 +222,8 @@ def make_vikdf_batch(config: VIKDFConfig, batch: int, rows: RowShape, seed: int 
         labels.append(torch.full((batch, width), IGNORE_INDEX))
     return {
         "pixel_values": pixel_values,
-        "pixel_mask": pixel_mask,
+        "pixel_mask": pixel_masks.scored,
+        "pixel_replaced_mask": pixel_masks.replaced,
         "clip_input_ids": clip_ids,
         "clip_attention_mask": clip_mask,
         "clip_masked_input_ids": masked_ids,

@@ -129,7 +129,8 @@ def test_eval_writes_predictions_metrics_and_card_row(world, finetuned):
     assert all(math.isfinite(value) for value in metrics.values())
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
     table = (out / "metrics.md").read_text().splitlines()
-    assert table[0] == "| PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy | Dis-1 | Dis-2 |" and len(table) == 3
+    assert table[0] == "| PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy | Dis-1 | Dis-2 |" and table[3] == ""
+    assert table[4].startswith("PPL: exp of the mean over dialogues") and table[5].startswith("Word tokeniser")
 
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["context"] for p in predictions] == [[a] for _, a, _ in TEST]  # Image-Chat: lowercased turns

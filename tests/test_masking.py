@@ -8,8 +8,8 @@ from vikdf.masking import (
     apply_pixel_mask,
     mask_caption_tokens,
     mask_images,
-    num_masked_patches,
-    tamim_pixel_mask,
+    num_chosen_patches,
+    tamim_pixel_masks,
 )
 
 CLIP_BOS, CLIP_EOS = 49406, 49407  # CLIP's pad id is its end-of-text id too
@@ -22,48 +22,65 @@ def _patch_grid(mask: torch.Tensor, patch: int) -> torch.Tensor:
     return grid.reshape(*lead, h // patch, w // patch, patch * patch)
 
 
-def test_paper_setting_masks_exactly_31_of_64_patches():
-    # §4.2: 28×28 patches at ratio 0.6 on 224 (8×8 grid); the release leaves 20 % of the chosen unmasked
-    assert num_masked_patches(64, 0.6, 0.2) == 31
-    mask = tamim_pixel_mask(224, 224, generator=torch.Generator().manual_seed(0))
-    assert mask.shape == (224, 224) and mask.dtype == torch.bool
-    patches = _patch_grid(mask, 28)
-    # every patch is wholly masked or wholly kept
-    assert torch.all(patches.all(-1) | ~patches.any(-1))
-    assert int(patches.all(-1).sum()) == 31
-    assert int(mask.sum()) == 31 * 28 * 28
+def _whole_patches(mask: torch.Tensor, patch: int) -> bool:
+    patches = _patch_grid(mask, patch)
+    return bool(torch.all(patches.all(-1) | ~patches.any(-1)))
+
+
+def test_release_setting_scores_39_of_64_patches_and_replaces_about_80_percent_of_their_sub_patches():
+    # §4.2: 28×28 patches at ratio 0.6 on 224 (8×8 grid); the release chooses ceil(0.6·64) = 39 and scores them all
+    assert num_chosen_patches(64, 0.6) == 39
+    scored, replaced = tamim_pixel_masks(224, 224, batch_size=64, generator=torch.Generator().manual_seed(0))
+    assert scored.shape == replaced.shape == (64, 224, 224) and scored.dtype == replaced.dtype == torch.bool
+    assert _whole_patches(scored, 28) and _whole_patches(replaced, 14)
+    assert torch.all(_patch_grid(scored, 28).all(-1).sum(dim=(1, 2)) == 39)
+    assert int(scored.sum()) == 64 * 39 * 28 * 28
+    assert not (replaced & ~scored).any()  # only chosen pixels are replaced
+    # each 14-px sub-patch of a chosen patch stays unchanged with probability 0.2, independently
+    replaced_share = replaced.sum().item() / scored.sum().item()
+    assert 0.77 < replaced_share < 0.83
+    partly_kept = _patch_grid(replaced, 28).any(-1) & ~_patch_grid(replaced, 28).all(-1)
+    assert partly_kept.any()
+
+
+def test_keep_ratio_zero_is_the_plain_recipe_and_scored_equals_replaced():
+    scored, replaced = tamim_pixel_masks(224, 224, keep_ratio=0.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(scored, replaced) and int(scored.sum()) == 39 * 28 * 28
 
 
 def test_batched_masks_are_independent_exact_and_seeded():
-    masks = tamim_pixel_mask(224, 224, batch_size=16, generator=torch.Generator().manual_seed(1))
-    assert masks.shape == (16, 224, 224)
-    assert torch.all(_patch_grid(masks, 28).all(-1).sum(dim=(1, 2)) == 31)
-    assert len({tuple(m[::28, ::28].flatten().tolist()) for m in masks}) > 1
-    again = tamim_pixel_mask(224, 224, batch_size=16, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(masks, again)
-    other = tamim_pixel_mask(224, 224, batch_size=16, generator=torch.Generator().manual_seed(2))
-    assert not torch.equal(masks, other)
+    masks = tamim_pixel_masks(224, 224, batch_size=16, generator=torch.Generator().manual_seed(1))
+    assert torch.all(_patch_grid(masks.scored, 28).all(-1).sum(dim=(1, 2)) == 39)
+    assert len({tuple(m[::28, ::28].flatten().tolist()) for m in masks.scored}) > 1
+    again = tamim_pixel_masks(224, 224, batch_size=16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(masks.scored, again.scored) and torch.equal(masks.replaced, again.replaced)
+    other = tamim_pixel_masks(224, 224, batch_size=16, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(masks.scored, other.scored)
 
 
-def test_masked_pixels_are_zero_and_others_unchanged():
+def test_replaced_pixels_are_zero_and_others_unchanged():
     images = torch.randn(4, 3, 224, 224)
-    masked, mask = mask_images(images, generator=torch.Generator().manual_seed(3))
-    assert mask.shape == (4, 224, 224)
-    channel_mask = mask.unsqueeze(1).expand_as(images)
+    masked, masks = mask_images(images, generator=torch.Generator().manual_seed(3))
+    assert masks.scored.shape == (4, 224, 224)
+    channel_mask = masks.replaced.unsqueeze(1).expand_as(images)
     assert torch.all(masked[channel_mask] == 0)
     assert torch.equal(masked[~channel_mask], images[~channel_mask])
     assert torch.equal(images, images.clone())  # input untouched
-    single = apply_pixel_mask(images[0], mask[0])
+    single = apply_pixel_mask(images[0], masks.replaced[0])
     assert torch.equal(single, masked[0])
 
 
 def test_mask_edge_cases():
     with pytest.raises(ValueError, match="multiple of the mask patch size"):
-        tamim_pixel_mask(224, 224, patch_size=30)
-    assert num_masked_patches(4, 0.1, 0.2) == 1  # eq. 3 needs at least one masked pixel
-    assert num_masked_patches(64, 0.0, 0.2) == 0
-    assert not tamim_pixel_mask(56, 56, mask_ratio=0.0).any()
-    assert int(tamim_pixel_mask(56, 56, mask_ratio=1.0, keep_ratio=0.0).sum()) == 56 * 56
+        tamim_pixel_masks(224, 224, patch_size=30)
+    with pytest.raises(ValueError, match="sub-patch size"):
+        tamim_pixel_masks(224, 224, patch_size=28, subpatch_size=8)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        tamim_pixel_masks(224, 224, keep_ratio=1.5)
+    assert num_chosen_patches(4, 0.1) == 1  # ceil: eq. 3 always has pixels to score
+    assert num_chosen_patches(64, 0.0) == 0
+    assert not tamim_pixel_masks(56, 56, mask_ratio=0.0).scored.any()
+    assert int(tamim_pixel_masks(56, 56, mask_ratio=1.0, keep_ratio=0.0).replaced.sum()) == 56 * 56
 
 
 def _captions():
@@ -91,6 +108,7 @@ def test_special_and_pad_tokens_never_masked_and_every_caption_gets_one():
             CLIP_EOS,
             attention_mask=attention,
             special_tokens_mask=special,
+            keep_ratio=0.0,
             generator=torch.Generator().manual_seed(seed),
         )
         chosen = labels != IGNORE_INDEX
@@ -124,3 +142,21 @@ def test_token_mask_ratio_is_fifteen_percent_and_seeded():
     assert 0.14 < ratio < 0.16
     _, again = mask_caption_tokens(ids, 0, special_tokens_mask=special, generator=torch.Generator().manual_seed(0))
     assert torch.equal(labels, again)
+
+
+def test_release_keeps_a_fifth_of_chosen_tokens_unchanged_but_scores_them():
+    ids = torch.randint(100, 1000, (512, 64))
+    special = torch.zeros_like(ids)
+    generator = torch.Generator().manual_seed(5)
+    masked, labels = mask_caption_tokens(ids, CLIP_EOS, special_tokens_mask=special, generator=generator)
+    chosen = labels != IGNORE_INDEX
+    replaced = masked != ids
+    assert torch.all(masked[replaced] == CLIP_EOS)  # end-of-text, never a random token
+    assert not (replaced & ~chosen).any()
+    assert torch.equal(labels[chosen], ids[chosen])  # unchanged chosen tokens are scored too
+    kept_share = (chosen & ~replaced).sum().item() / chosen.sum().item()
+    assert 0.17 < kept_share < 0.23
+    plain, plain_labels = mask_caption_tokens(
+        ids, CLIP_EOS, special_tokens_mask=special, keep_ratio=0.0, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(plain != ids, plain_labels != IGNORE_INDEX)  # keep_ratio=0: every chosen token replaced

@@ -39,15 +39,139 @@ def test_rouge_l_beta_1_2():
 
 
 def test_distinct_after_normalisation():
-    # Lowercase, drop punctuation, drop a/an/the:
+    # Lowercase, ASCII punctuation -> space, drop a/an/the (the release's normalize_answer):
     #   "The dog, the DOG!" -> dog dog      "a dog runs" -> dog runs
-    #   "An apple's pie"    -> apples pie   "dog runs."  -> dog runs
-    # Unigrams: 8 in all, unique {dog, runs, apples, pie} = 4 -> 50.
-    # Bigrams: (dog dog) (dog runs) (apples pie) (dog runs) = 4, unique 3 -> 75.
+    #   "An apple's pie"    -> apple s pie  "dog runs."  -> dog runs
+    # Unigrams: 9 in all, unique {dog, runs, apple, s, pie} = 5.
+    # Bigrams: (dog dog) (dog runs) (apple s) (s pie) (dog runs) = 5, unique 4 -> 80.
     predictions = ["The dog, the DOG!", "a dog runs", "An apple's pie", "dog runs."]
     result = compute_dialogue_metrics(predictions, ["x"] * 4)
-    assert result["distinct_1"] == pytest.approx(50.0)
-    assert result["distinct_2"] == pytest.approx(75.0)
+    assert result["distinct_1"] == pytest.approx(100 * 5 / 9)
+    assert result["distinct_2"] == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("Don't!", ["don", "t"]),  # punctuation becomes a space, not nothing
+        ("the-dog", ["dog"]),  # ... so an article joined by a hyphen is still an article
+        ("a_b", ["b"]),  # "_" is ASCII punctuation too
+        ("an... apple", ["apple"]),
+        ("it\u2019s \u00bfqu\u00e9?", ["it\u2019s", "\u00bfqu\u00e9"]),  # non-ASCII punctuation stays, as released
+        ("theatre and anthem", ["theatre", "and", "anthem"]),  # \b: only whole articles go
+        ("THE Cat #1", ["cat", "1"]),
+    ],
+)
+def test_distinct_normalisation_is_the_released_one(text, words):
+    assert dm.normalize_for_distinct(text) == words
+
+
+def test_distinct_counts_split_contractions():
+    # "don't stop" -> don t stop (3 unigrams, all distinct); "do not stop" -> do not stop.
+    # Unigrams {don, t, stop, do, not} = 5 of 6; bigrams (don t) (t stop) (do not) (not stop) = 4 of 4.
+    result = compute_dialogue_metrics(["don't stop", "do not stop"], ["x", "x"])
+    assert result["distinct_1"] == pytest.approx(100 * 5 / 6)
+    assert result["distinct_2"] == pytest.approx(100.0)
+
+
+# word_tokenize outputs documented by NLTK (nltk/test/tokenize.doctest and the nltk.tokenize docstring), on the
+# lowercased strings the metrics tokenise; in lowercased text Punkt's decisions on them are those of the
+# capitalised originals (no capital letter is needed for any of these breaks or non-breaks).
+DOCUMENTED_WORD_TOKENIZE = [
+    (
+        "good muffins cost $3.88\nin new york.  please buy me\ntwo of them.\n\nthanks.",
+        ["good", "muffins", "cost", "$", "3.88", "in", "new", "york", ".", "please", "buy", "me", "two", "of",
+         "them", ".", "thanks", "."],
+    ),
+    (
+        "i called dr. jones. i called dr. jones.",
+        ["i", "called", "dr.", "jones", ".", "i", "called", "dr.", "jones", "."],
+    ),
+    (
+        "ich muss unbedingt daran denken, mehl, usw. fur einen kuchen einzukaufen. ich muss.",
+        ["ich", "muss", "unbedingt", "daran", "denken", ",", "mehl", ",", "usw", ".", "fur", "einen", "kuchen",
+         "einzukaufen", ".", "ich", "muss", "."],
+    ),
+    # The example: Punkt ends the sentence at "it." although "the" is lowercase.
+    ("i love it. the sky is blue", ["i", "love", "it", ".", "the", "sky", "is", "blue"]),
+]
+
+
+@pytest.mark.parametrize(("text", "tokens"), DOCUMENTED_WORD_TOKENIZE)
+def test_fallback_matches_documented_word_tokenize(text, tokens):
+    assert dm.fallback_word_tokenize(text) == tokens
+    # Treebank alone keeps a sentence-final period inside a string on its word ("it." misses GloVe).
+    assert dm.NLTKWordTokenizer().tokenize(text) != tokens
+
+
+def test_fallback_sentences_match_the_punkt_docstring():
+    # nltk/tokenize/punkt.py module docstring (PunktTokenizer on English), lowercased: abbreviations and
+    # initials do not end sentences; closing brackets and quotes stay with the sentence they close.
+    text = (
+        "punkt knows that the periods in mr. smith and johann s. bach\ndo not mark sentence boundaries.  and "
+        "sometimes sentences\ncan start with non-capitalized words.  i is a good variable\nname."
+    )
+    assert dm._FALLBACK_SENTENCES.tokenize(text) == [
+        "punkt knows that the periods in mr. smith and johann s. bach\ndo not mark sentence boundaries.",
+        "and sometimes sentences\ncan start with non-capitalized words.",
+        "i is a good variable\nname.",
+    ]
+    text = (
+        '(how does it deal with this parenthesis?)  "it should be part of the\nprevious sentence." '
+        '"(and the same with this one.)" (\'and this one!\')\n"(\'(and (this)) \'?)" [(and this. )]'
+    )
+    assert dm._FALLBACK_SENTENCES.tokenize(text) == [
+        "(how does it deal with this parenthesis?)",
+        '"it should be part of the\nprevious sentence."',
+        '"(and the same with this one.)"',
+        "('and this one!')",
+        '"(\'(and (this)) \'?)"',
+        "[(and this. )]",
+    ]
+
+
+@pytest.fixture
+def fresh_warnings():
+    dm.logger.warning_once.cache_clear()
+    yield
+    dm.logger.warning_once.cache_clear()
+
+
+def test_metrics_use_the_fallback_and_warn_once_without_punkt(monkeypatch, fresh_warnings):
+    monkeypatch.setattr(dm, "punkt_available", lambda: False)
+    warnings = []
+    monkeypatch.setattr(dm.logger, "warning", lambda message, *args, **kwargs: warnings.append(message))
+    assert dm.tokenize("I love it. The sky is blue") == "i love it . the sky is blue"
+    result = compute_dialogue_metrics(["I love it. The sky is blue"], ["i love it . the sky is blue"])
+    assert result["tokenizer"] == dm.FALLBACK_TOKENIZER
+    assert result["bleu_1"] == pytest.approx(100.0)
+    assert len(warnings) == 1 and 'nltk.download("punkt_tab")' in warnings[0]
+
+
+def test_word_tokenize_is_used_when_punkt_is_installed(monkeypatch, fresh_warnings):
+    calls = []
+
+    def fake_word_tokenize(text):
+        calls.append(text)
+        return text.split()
+
+    monkeypatch.setattr(dm, "punkt_available", lambda: True)
+    monkeypatch.setattr(dm, "word_tokenize", fake_word_tokenize)
+    monkeypatch.setattr(dm.logger, "warning", lambda *args, **kwargs: pytest.fail("warned although punkt_tab is there"))
+    result = compute_dialogue_metrics(["  I love it. The sky"], ["i love it ."])
+    assert result["tokenizer"] == dm.PUNKT_TOKENIZER == "nltk.word_tokenize (punkt_tab)"
+    assert calls == ["i love it. the sky", "i love it ."]  # lowercased and stripped, as the release
+
+
+def test_punkt_availability_is_what_nltk_finds(monkeypatch):
+    def find(name):
+        assert name == "tokenizers/punkt_tab/english/"
+        raise LookupError(name)
+
+    monkeypatch.setattr(dm.nltk.data, "find", find)
+    assert dm.punkt_available() is False
+    monkeypatch.setattr(dm.nltk.data, "find", lambda name: "/somewhere/" + name)
+    assert dm.punkt_available() is True
 
 
 @pytest.fixture
@@ -113,13 +237,12 @@ def test_vectorised_embeddings_match_a_plain_loop(tmp_path, monkeypatch):
 
 def test_empty_hypotheses_give_finite_numbers(toy_glove):
     result = compute_dialogue_metrics(["", "  "], ["cat dog", "big"], glove_path=toy_glove)
-    assert all(math.isfinite(v) for v in result.values())
-    assert result == {name: 0.0 for name in dm.METRIC_NAMES}
+    assert {name: result[name] for name in dm.METRIC_NAMES} == {name: 0.0 for name in dm.METRIC_NAMES}
 
 
 def test_without_glove_embedding_metrics_are_missing():
     result = compute_dialogue_metrics(PREDICTIONS, REFERENCES)
-    assert set(result) == set(dm.METRIC_NAMES)
+    assert set(result) == {*dm.METRIC_NAMES, "tokenizer"}
     assert result["embedding_average"] is None
     assert result["vector_extrema"] is None
     assert result["greedy_matching"] is None
@@ -181,12 +304,19 @@ def test_aggregate_runs_against_hand_values():
     summary = aggregate_runs(runs, reference={"bleu_1": 1.0})
     bleu = summary["bleu_1"]
     # mean 2, sample std sqrt(((1-2)² + 0 + (3-2)²) / 2) = 1, t = (2 - 1) / (1 / sqrt(3)) = sqrt(3).
-    # With 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t²)), so the two-sided p = 1 - t / sqrt(5).
+    # With 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t²)), so the one-sided p (higher is
+    # better) = 1 - CDF(t) = (1 - t / sqrt(5)) / 2.
     assert bleu["n"] == 3 and bleu["mean"] == pytest.approx(2.0) and bleu["std"] == pytest.approx(1.0)
-    assert bleu["t"] == pytest.approx(3**0.5)
-    assert bleu["p"] == pytest.approx(1 - 3**0.5 / 5**0.5)
+    assert bleu["t"] == pytest.approx(3**0.5) and bleu["alternative"] == "greater"
+    assert bleu["p"] == pytest.approx((1 - 3**0.5 / 5**0.5) / 2)
     # One present value: a mean but no std and no test; no reference for it either.
-    assert summary["average"] == {"n": 1, "mean": 3.0, "std": None, "reference": None, "t": None, "p": None}
+    assert summary["average"] == {
+        "n": 1, "mean": 3.0, "std": None, "reference": None, "alternative": "greater", "t": None, "p": None
+    }
+    # Lower is better: the same runs against 3.0 are an improvement with the same p.
+    ppl = aggregate_runs(runs, reference={"bleu_1": 3.0}, lower_is_better=["bleu_1"])["bleu_1"]
+    assert ppl["alternative"] == "less" and ppl["t"] == pytest.approx(-(3**0.5))
+    assert ppl["p"] == pytest.approx((1 - 3**0.5 / 5**0.5) / 2)
 
 
 def test_aggregate_runs_edge_cases():
@@ -199,6 +329,21 @@ def test_markdown_table_marks_significance():
     runs = [{"bleu_1": v, "rouge_l": None} for v in (16.3, 16.4, 16.5, 16.4, 16.45)]
     table = format_markdown_table(aggregate_runs(runs, reference={"bleu_1": 14.0}))
     lines = table.splitlines()
-    assert lines[0] == "| metric | mean ± std | n | reference | t | p |"
-    assert lines[2].startswith("| bleu_1 | 16.41 ± 0.07* | 5 | 14.00 |")
-    assert lines[3] == "| rouge_l | – | 0 | – | – | – |"
+    assert lines[0] == "| metric | mean ± std | n | reference | better | t | p (one-sided) |"
+    assert lines[2].startswith("| bleu_1 | 16.41 ± 0.07* | 5 | 14.00 | higher |")
+    assert lines[3] == "| rouge_l | – | 0 | – | higher | – | – |"
+
+
+def test_only_significant_improvements_are_marked():
+    # Every metric is far from its reference; only PPL (lower is better) and dis_1 are improvements.
+    runs = [{"ppl": 15.0 + d, "bleu_1": 12.0 + d, "dis_1": 9.0 + d} for d in (0.0, 0.1, 0.2, 0.1, 0.15)]
+    worse_ppl = [{"ppl": 40.0 + d} for d in (0.0, 0.1, 0.2, 0.1, 0.15)]
+    reference = {"ppl": 36.21, "bleu_1": 16.06, "dis_1": 5.0}
+    summary = aggregate_runs(runs, reference, lower_is_better=["ppl"])
+    assert summary["ppl"]["p"] < 1e-6 and summary["dis_1"]["p"] < 1e-6
+    assert summary["bleu_1"]["p"] > 0.999  # significantly worse: a large one-sided p
+    worse = aggregate_runs(worse_ppl, reference, lower_is_better=["ppl"])
+    assert worse["ppl"]["p"] > 0.999
+    table = format_markdown_table({**summary, "worse_ppl": worse["ppl"]})
+    marked = {row.split("|")[1].strip() for row in table.splitlines()[2:6] if "*" in row.split("|")[2]}
+    assert marked == {"ppl", "dis_1"}

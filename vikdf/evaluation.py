@@ -6,12 +6,13 @@ The pieces `eval_dialogue.py` and the demo share:
   ``no_repeat_ngram_size=3``, 32 new tokens, no sampling). Padding is masked, so a batch gives the same
   hypotheses as batch size 1 (tested in fp32; in bf16, kernels that change with the batch shape can flip
   near-ties). Batches group contexts of similar length (less padding); outputs come back in input order.
-- :func:`response_nll` / :func:`perplexity`: PPL = exp of the mean per-token NLL of the reference responses
-  (response tokens and eos only, the processor's ``labels``), averaged over all tokens of the test set.
+- :func:`response_nll` / :func:`perplexity`: NLL of the reference responses (response tokens and eos only, the
+  processor's ``labels``). PPL, the Table-1 column, follows the release: exp of the mean over dialogues of
+  each dialogue's mean token NLL; ``ppl_token`` = exp(total NLL / total tokens) is reported next to it.
 - :func:`evaluate_dialogues`: both, plus every other Table-1 metric through
   :func:`vikdf.metrics.dialogue_metrics.compute_dialogue_metrics`.
 - :func:`write_evaluation`, :func:`metrics_markdown`, :func:`aggregate_metrics`: the files a run leaves behind and
-  the mean ± std / one-sample t-test summary over seeded runs (paper §5.1, via :mod:`vikdf.stats`).
+  the mean ± std / one-sided one-sample t-test summary over seeded runs (paper §5.1, via :mod:`vikdf.stats`).
 
 ``with_knowledge=False`` is the frozen-LLM baseline (and the LoRA baseline of Table 4): the same chat template
 without knowledge slots and without CLIP inputs.
@@ -34,7 +35,7 @@ from transformers.utils import logging
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
-from vikdf.stats import aggregate_runs, format_markdown_table
+from vikdf.stats import aggregate_runs, format_markdown_table, significance_mark
 
 logger = logging.get_logger(__name__)
 
@@ -49,8 +50,16 @@ TABLE1_COLUMNS: tuple[tuple[str, str], ...] = (
     ("distinct_1", "Dis-1"),
     ("distinct_2", "Dis-2"),
 )
-METRIC_KEYS = tuple(key for key, _ in TABLE1_COLUMNS)
-_TITLE_TO_KEY = {title.lower(): key for key, title in TABLE1_COLUMNS}
+# Reported next to Table 1: PPL over all tokens of the test set, exp(Σ NLL / Σ tokens), the figure that does not
+# weight short responses up.
+EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (("ppl_token", "token-level PPL"),)
+# Every metric in metrics.json, in this order.
+METRIC_KEYS = tuple(key for key, _ in TABLE1_COLUMNS + EXTRA_COLUMNS)
+_TITLE_TO_KEY = {title.lower(): key for key, title in TABLE1_COLUMNS + EXTRA_COLUMNS}
+# Where lower is better; the significance test of every other metric asks whether it is higher (paper §5.1).
+LOWER_IS_BETTER = ("ppl", "ppl_token")
+# `perplexity(convention=...)` -> the metrics key of that figure.
+PPL_CONVENTIONS = {"dialogue": "ppl", "token": "ppl_token"}
 
 # Generation of the released code (DESIGN.md §3). `do_sample=False` matters: Llama-2-chat's generation_config
 # samples (temperature 0.6, top-p 0.9), which would turn beam search into beam sampling.
@@ -162,8 +171,9 @@ def response_nll(
     with_knowledge: bool = True,
     batch_size: int = 16,
     progress: bool = False,
-) -> tuple[float, int]:
-    """Summed NLL (nats) of the reference responses given their contexts, and the number of tokens scored.
+) -> tuple[list[float], list[int]]:
+    """Per dialogue, in input order: summed NLL (nats) of its reference response given its context, and the
+    number of tokens scored.
 
     Scored tokens are those the processor labels: the response and the end-of-sequence token, never the prompt,
     the knowledge slots or padding.
@@ -172,7 +182,7 @@ def response_nll(
         raise ValueError(f"Got {len(contexts)} contexts but {len(responses)} responses.")
     model.eval()
     device = model.device
-    total, count = 0.0, 0
+    totals, counts = [0.0] * len(contexts), [0] * len(contexts)
     order = _length_order(contexts)
     with tqdm(total=len(contexts), desc="Perplexity", unit="dialogue", disable=not progress) as bar:
         for indices in _batches(order, batch_size):
@@ -185,10 +195,32 @@ def response_nll(
             targets = labels[:, 1:]
             scored = targets != IGNORE_INDEX
             nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
-            total += nll.double().sum().item()
-            count += int(scored.sum().item())
+            per_row = torch.zeros(len(indices), dtype=torch.float64, device=nll.device)
+            per_row.index_add_(0, scored.nonzero()[:, 0], nll.double())
+            for row, index in enumerate(indices):
+                totals[index] = per_row[row].item()
+                counts[index] = int(scored[row].sum().item())
             bar.update(len(indices))
-    return total, count
+    return totals, counts
+
+
+def perplexities(totals: Sequence[float], counts: Sequence[int]) -> dict[str, float]:
+    """Both PPL figures from per-dialogue summed NLLs and token counts (:func:`response_nll`).
+
+    ``ppl`` is the release's: ``inference.py`` runs with ``per_device_eval_batch_size=1``
+    (``scripts/run_inference.sh``), takes each dialogue's mean token loss and reports exp of their mean, so
+    every dialogue weighs the same. ``ppl_token`` = exp(Σ NLL / Σ tokens) weighs every token the same.
+    """
+    if not counts:
+        raise ValueError("No dialogues to score.")
+    empty = [i for i, count in enumerate(counts) if count == 0]
+    if empty:
+        raise ValueError(f"Dialogues {empty[:10]} have no response token to score; are their references empty?")
+    per_dialogue = [total / count for total, count in zip(totals, counts)]
+    return {
+        "ppl": math.exp(math.fsum(per_dialogue) / len(per_dialogue)),
+        "ppl_token": math.exp(math.fsum(totals) / sum(counts)),
+    }
 
 
 def perplexity(
@@ -196,13 +228,18 @@ def perplexity(
     processor: VIKDFProcessor,
     contexts: Sequence[Context],
     responses: Sequence[str],
+    *,
+    convention: str = "dialogue",
     **kwargs,
 ) -> float:
-    """PPL of Table 1: exp(Σ NLL / #tokens) over the response tokens and eos of every reference (DESIGN.md §5)."""
-    total, count = response_nll(model, processor, contexts, responses, **kwargs)
-    if count == 0:
-        raise ValueError("No response tokens to score; are the references empty?")
-    return math.exp(total / count)
+    """PPL over the response tokens and eos of every reference (DESIGN.md §5).
+
+    ``convention="dialogue"`` (default) is the Table-1 column as released, exp of the mean over dialogues of
+    their mean token NLL; ``"token"`` is exp(Σ NLL / Σ tokens). See :func:`perplexities`.
+    """
+    if convention not in PPL_CONVENTIONS:
+        raise ValueError(f"convention={convention!r}; choose one of {sorted(PPL_CONVENTIONS)}.")
+    return perplexities(*response_nll(model, processor, contexts, responses, **kwargs))[PPL_CONVENTIONS[convention]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,8 +277,8 @@ def evaluate_dialogues(
         generate_kwargs: override :data:`RELEASED_GENERATION`.
 
     Returns:
-        ``{"metrics": {ppl, bleu_1, ..., distinct_2} in Table-1 order, "predictions": [{"context", "reference",
-        "hypothesis"}, ...]}``.
+        ``{"metrics": {ppl, bleu_1, ..., distinct_2, ppl_token} in :data:`METRIC_KEYS` order, "predictions":
+        [{"context", "reference", "hypothesis"}, ...], "tokenizer": the word tokeniser of BLEU/ROUGE/embeddings}``.
     """
     if not dialogues:
         raise ValueError("No dialogues to evaluate.")
@@ -251,18 +288,19 @@ def evaluate_dialogues(
         model, processor, contexts, with_knowledge=with_knowledge, batch_size=batch_size, seed=seed,
         progress=progress, **generate_kwargs,
     )
-    ppl = None
+    ppl = dict.fromkeys(PPL_CONVENTIONS.values())
     if compute_perplexity:
-        ppl = perplexity(
+        nll = response_nll(
             model, processor, contexts, references, with_knowledge=with_knowledge, batch_size=batch_size, progress=progress
         )
+        ppl = perplexities(*nll)
     scores = compute_dialogue_metrics(hypotheses, references, glove_path=glove_path)
-    metrics = {"ppl": ppl, **{key: scores.get(key) for key in METRIC_KEYS if key != "ppl"}}
+    metrics = {key: ppl[key] if key in ppl else scores.get(key) for key in METRIC_KEYS}
     predictions = [
         {"context": context, "reference": reference, "hypothesis": hypothesis}
         for context, reference, hypothesis in zip(contexts, references, hypotheses)
     ]
-    return {"metrics": metrics, "predictions": predictions}
+    return {"metrics": metrics, "predictions": predictions, "tokenizer": scores["tokenizer"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,22 +327,38 @@ def metrics_markdown(
     ) + "\n"
 
 
+def metrics_notes(metrics: Mapping[str, float | None], tokenizer: str | None = None, digits: int = 2) -> str:
+    """What the numbers of :func:`metrics_markdown` mean: the PPL convention, the token-level PPL and the word
+    tokeniser that BLEU, ROUGE and the embedding metrics saw."""
+    notes = [
+        "PPL: exp of the mean over dialogues of each response's mean token NLL (response tokens and eos), as "
+        f"released; token-level PPL exp(total NLL / tokens): {_cell(metrics.get('ppl_token'), digits)}."
+    ]
+    if tokenizer is not None:
+        notes.append(f"Word tokeniser of BLEU, ROUGE and the embedding metrics: {tokenizer}.")
+    return "\n".join(notes) + "\n"
+
+
 def write_evaluation(output_dir: str | os.PathLike, result: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Path:
-    """Write `predictions.jsonl`, `metrics.json`, `metrics.md` (and `eval_info.json` when `info` is given)."""
+    """Write `predictions.jsonl`, `metrics.json`, `metrics.md` (the Table-1 row and :func:`metrics_notes`) and,
+    when `info` is given, `eval_info.json` (with the word tokeniser of the result)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for record in result["predictions"]:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(dict(result["metrics"]), indent=2) + "\n", encoding="utf-8")
-    (out / "metrics.md").write_text(metrics_markdown(result["metrics"]), encoding="utf-8")
+    tokenizer = result.get("tokenizer")
+    notes = metrics_notes(result["metrics"], tokenizer)
+    (out / "metrics.md").write_text(metrics_markdown(result["metrics"]) + "\n" + notes, encoding="utf-8")
     if info is not None:
-        (out / "eval_info.json").write_text(json.dumps(dict(info), indent=2, default=str) + "\n", encoding="utf-8")
+        info = {**info, "tokenizer": tokenizer}
+        (out / "eval_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     return out
 
 
 def normalise_metric_keys(metrics: Mapping[str, Any], source: str = "metrics") -> dict[str, float | None]:
-    """Map Table-1 titles ("PPL", "BLEU-1", ...) or our keys ("ppl", "bleu_1", ...) onto our keys.
+    """Map Table-1 titles ("PPL", "BLEU-1", ..., "token-level PPL") or our keys ("ppl", ...) onto our keys.
 
     Accepts a flat dict or one nested under "metrics"; unknown keys are ignored with a warning.
     """
@@ -337,16 +391,43 @@ def load_metrics_json(path: str | os.PathLike) -> dict[str, float | None]:
     return normalise_metric_keys(data, source=path)
 
 
+def tokenizer_of_run(metrics_path: str | os.PathLike) -> str | None:
+    """The word tokeniser recorded in the `eval_info.json` next to a run's `metrics.json` (None when not recorded)."""
+    info_path = Path(metrics_path).with_name("eval_info.json")
+    if not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{info_path}: not valid JSON ({err}); rewrite it or remove it.") from err
+    return info.get("tokenizer") if isinstance(info, Mapping) else None
+
+
 def aggregate_metrics(
     runs: Sequence[Mapping[str, float | None]], reference: Mapping[str, float | None] | None = None
 ) -> dict[str, dict[str, float | int | None]]:
-    """Mean, std and one-sample t-test against `reference` per metric, in Table-1 order (paper §5.1)."""
-    summary = aggregate_runs([{k: run.get(k) for k in METRIC_KEYS if k in run} for run in runs], reference)
+    """Mean, std and one-sample t-test against `reference` per metric, in :data:`METRIC_KEYS` order (paper §5.1).
+
+    The test is one-sided towards improvement (:data:`LOWER_IS_BETTER` for PPL, higher for the rest), so its p
+    marks only results better than the reference, as the paper's "significant improvements".
+    """
+    summary = aggregate_runs(
+        [{k: run.get(k) for k in METRIC_KEYS if k in run} for run in runs], reference, lower_is_better=LOWER_IS_BETTER
+    )
     return {key: summary[key] for key in METRIC_KEYS if key in summary}
 
 
-def summary_markdown(summary: Mapping[str, Mapping[str, float | int | None]], digits: int = 2, alpha: float = 0.05) -> str:
-    """One Table-1 row of "mean ± std" (* when p < alpha against the reference), then the per-metric details."""
+def summary_markdown(
+    summary: Mapping[str, Mapping[str, float | int | None]],
+    digits: int = 2,
+    alpha: float = 0.05,
+    tokenizers: Sequence[str | None] = (),
+) -> str:
+    """One Table-1 row of "mean ± std", then the per-metric details (all metrics, token-level PPL too) and the
+    word tokenisers of the runs (:func:`tokenizer_of_run`), when given.
+
+    A cell with a test shows its one-sided p; * marks a significant improvement (p < alpha), as in Table 1.
+    """
     cells = []
     for key, title in TABLE1_COLUMNS:
         row = summary.get(key)
@@ -356,28 +437,38 @@ def summary_markdown(summary: Mapping[str, Mapping[str, float | int | None]], di
         cell = f"{row['mean']:.{digits}f}"
         if row["std"] is not None:
             cell += f" ± {row['std']:.{digits}f}"
-        if row["p"] is not None and row["p"] < alpha:
-            cell += "*"
+        cell += significance_mark(row, alpha)
+        if row["p"] is not None:
+            cell += f" (p = {row['p']:.3g})"
         cells.append(cell)
     titles = [title for _, title in TABLE1_COLUMNS]
     table = "\n".join(["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles), "| " + " | ".join(cells) + " |"])
-    return table + "\n\n" + format_markdown_table(summary, digits=digits, alpha=alpha)
+    details = format_markdown_table(summary, digits=digits, alpha=alpha)
+    if tokenizers:
+        names = ", ".join(dict.fromkeys(name or "not recorded" for name in tokenizers))
+        details += f"\nWord tokeniser of BLEU, ROUGE and the embedding metrics in these runs: {names}.\n"
+    return table + "\n\n" + details
 
 
 __all__ = [
     "TABLE1_COLUMNS",
+    "EXTRA_COLUMNS",
     "METRIC_KEYS",
+    "LOWER_IS_BETTER",
     "RELEASED_GENERATION",
     "load_checkpoint",
     "dialogue_batch",
     "generate_responses",
     "response_nll",
+    "perplexities",
     "perplexity",
     "evaluate_dialogues",
     "metrics_markdown",
+    "metrics_notes",
     "write_evaluation",
     "normalise_metric_keys",
     "load_metrics_json",
+    "tokenizer_of_run",
     "aggregate_metrics",
     "summary_markdown",
 ]

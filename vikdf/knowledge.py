@@ -1,7 +1,7 @@
 """Textualising visual implicit knowledge (paper §5.4, Fig. 6).
 
 The dialogue context C alone goes through the CLIP text tower and the IQ-Former, which distil `K` (P(K|C), no
-image anywhere); the LLM then reads `K` in the IACI caption layout of eq. 6, `[bos] <k>×n {caption prompt} `, and
+image anywhere); the LLM then reads `K` in the IACI caption layout of eq. 6, `[bos] <k>×n {caption prompt}`, and
 writes what it "sees". The prompt ids are the prefix `VIKDFProcessor.caption_inputs` builds for an empty caption,
 so they are exactly those the model was pre-trained with.
 """
@@ -21,7 +21,7 @@ logger = logging.get_logger(__name__)
 
 
 def caption_prompt_ids(processor: VIKDFProcessor, prompt: str) -> list[int]:
-    """Token ids of `[bos] <k>×n {prompt} ` — the IACI layout (eq. 6) up to where the caption begins."""
+    """Token ids of `[bos] <k>×n {prompt}` — the IACI layout (eq. 6) up to where the caption begins."""
     row = processor.caption_inputs([""], [prompt])
     ids, labels = row["input_ids"][0], row["labels"][0]
     prefix = ids[labels == IGNORE_INDEX]

@@ -71,10 +71,11 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 def tamim_loss(
     reconstruction: torch.Tensor, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Text-Assisted Masked Image Modeling, eq. 3: L1 between original and rebuilt pixels, on masked pixels only.
+    """Text-Assisted Masked Image Modeling, eq. 3: L1 between original and rebuilt pixels, on the scored pixels.
 
-    `pixel_mask` (B, 1, H, W) or (B, H, W) is True where a pixel was masked; N_i of eq. 3 counts masked pixel
-    values (every channel of a masked pixel). `reduction="sum"` gives the numerator, for normalising elsewhere.
+    `pixel_mask` (B, 1, H, W) or (B, H, W) is True on the scored pixels: every pixel of the chosen patches, those
+    left unchanged included, as released (`vikdf.masking.PixelMasks.scored`); N_i of eq. 3 counts their values
+    (every channel of a scored pixel). `reduction="sum"` gives the numerator, for normalising elsewhere.
     """
     mask = pixel_mask.reshape(pixel_mask.shape[0], 1, *pixel_mask.shape[-2:]).expand_as(pixel_values)
     return _reduce((reconstruction.float() - pixel_values.float()).abs()[mask], reduction)
@@ -93,7 +94,8 @@ def iaci_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     """Instruction-aware Contextual Inference, eq. 6: next-token NLL of the caption given K and the prompt.
 
     `labels` are aligned with the inputs (-100 on knowledge, prompt and padding); the shift happens here, so N_t
-    of eq. 6 counts the caption tokens and the end-of-sequence.
+    of eq. 6 counts the labelled tokens: the caption's, and its end-of-sequence only with
+    `config.caption_loss_on_eos` (the release leaves eos out).
     """
     shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
     selected = shifted_labels != IGNORE_INDEX

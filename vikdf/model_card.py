@@ -26,8 +26,11 @@ METRICS_END = "<!-- vikdf:metrics:end -->"
 NO_METRICS = "_No evaluation has been run yet: `python eval_dialogue.py --model_name_or_path <this folder> ...` adds it._"
 METRICS_NOTE = (
     "Automatic metrics of the paper's Table 1 (§4.4): PPL on the reference responses (response tokens and eos), "
-    "all other metrics ×100; \"–\" = not computed (embedding metrics need a GloVe file)."
+    "exp of the mean over dialogues of each response's mean token NLL, as released; all other metrics ×100; "
+    "\"–\" = not computed (embedding metrics need a GloVe file). Tokeniser: the word tokeniser of BLEU, ROUGE "
+    "and the embedding metrics, the released one being `nltk.word_tokenize (punkt_tab)`."
 )
+TOKENIZER_COLUMN = "Tokeniser"
 PAPER = (
     "Distilling Implicit Multimodal Knowledge into Large Language Models for Zero-Resource Dialogue Generation"
 )
@@ -162,8 +165,9 @@ def _rows(block: str) -> dict[str, str]:
 
 
 def metrics_block(rows: Mapping[str, str]) -> str:
-    """The evaluation section: a note and a Table-1 table with one row per test set."""
-    header = metrics_markdown({}, label=("Test set", "")).splitlines()[:2]
+    """The evaluation section: a note and a Table-1 table with one row per test set and its tokeniser."""
+    titles, separator = metrics_markdown({}, label=("Test set", "")).splitlines()[:2]
+    header = [f"{titles} {TOKENIZER_COLUMN} |", f"{separator} --- |"]
     return "\n".join([METRICS_NOTE, "", *header, *rows.values()])
 
 
@@ -172,13 +176,15 @@ def update_model_card_metrics(
     metrics: Mapping[str, float | None],
     test_name: str,
     config=None,
+    tokenizer: str | None = None,
 ) -> Path:
     """Put a Table-1 row for `test_name` into the card of checkpoint folder `directory` (rewriting README.md).
 
+    `tokenizer` names the word tokeniser behind BLEU/ROUGE/embeddings (the evaluation result's "tokenizer").
     A folder without a VIKDF card gets a fresh one (base model from `config`, when given).
     """
     path = Path(directory) / "README.md"
-    row = metrics_markdown(metrics, label=("Test set", test_name)).splitlines()[-1]
+    row = metrics_markdown(metrics, label=("Test set", test_name)).splitlines()[-1] + f" {tokenizer or '–'} |"
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     if METRICS_START in text and METRICS_END in text:
         head, rest = text.split(METRICS_START, 1)

@@ -1,9 +1,11 @@
 """Aggregation of repeated runs and significance against a baseline (paper §5.1).
 
-The paper runs VIKDF with five random seeds, reports each metric's mean and marks with * the metrics where a
-one-sample t-test of the runs against the best baseline's value gives p < 0.05. :func:`aggregate_runs` does
-that per metric (mean, sample standard deviation with ddof = 1, t and two-sided p from
-``scipy.stats.ttest_1samp``) and :func:`format_markdown_table` prints the result.
+The paper runs VIKDF with five random seeds, reports each metric's mean and marks with * the "significant
+improvements (p < 0.05)" of one-sample t-tests of the runs against the best baseline's value (Table 1 and its
+caption). :func:`aggregate_runs` does that per metric: mean, sample standard deviation with ddof = 1, and t and
+p from ``scipy.stats.ttest_1samp``, one-sided in the direction of improvement (higher is better unless the
+metric is listed in ``lower_is_better``), so a significantly *worse* result gets a large p and no mark.
+:func:`format_markdown_table` prints the result.
 
 A metric value of ``None`` means "missing" (e.g. embedding metrics without a GloVe file) and is left out of
 that metric's statistics; a statistic that cannot be computed (no runs, one run, no reference) is ``None``.
@@ -11,7 +13,7 @@ that metric's statistics; a statistic that cannot be computed (no runs, one run,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -20,16 +22,16 @@ from scipy import stats
 def aggregate_runs(
     runs: Sequence[Mapping[str, float | None]],
     reference: Mapping[str, float | None] | None = None,
-    alternative: str = "two-sided",
-) -> dict[str, dict[str, float | int | None]]:
-    """Per metric: ``n``, ``mean``, ``std`` (ddof = 1), ``reference``, ``t`` and ``p``.
+    lower_is_better: Collection[str] = (),
+) -> dict[str, dict[str, float | int | str | None]]:
+    """Per metric: ``n``, ``mean``, ``std`` (ddof = 1), ``reference``, ``alternative``, ``t`` and ``p``.
 
     Args:
         runs: one dict of metric values per run (seed); metrics may differ between runs or be ``None``.
         reference: the value to test each metric against (the best baseline's); ``None`` or a missing key
             leaves ``t`` and ``p`` as ``None``.
-        alternative: passed to ``scipy.stats.ttest_1samp``; two-sided by default because some metrics
-            (PPL) are better when lower.
+        lower_is_better: metrics (e.g. PPL) whose improvement is a lower value: their test has
+            ``alternative="less"``, every other metric's ``"greater"`` (the ``alternative`` of the row).
 
     Metrics keep the order in which they first appear in ``runs``. With every run equal the t statistic is
     infinite or undefined, so ``t`` and ``p`` stay ``None``.
@@ -39,11 +41,13 @@ def aggregate_runs(
     for name in names:
         values = np.array([run[name] for run in runs if run.get(name) is not None], dtype=np.float64)
         ref = None if reference is None else reference.get(name)
-        row: dict[str, float | int | None] = {
+        alternative = "less" if name in lower_is_better else "greater"
+        row: dict[str, float | int | str | None] = {
             "n": len(values),
             "mean": float(values.mean()) if len(values) else None,
             "std": float(values.std(ddof=1)) if len(values) > 1 else None,
             "reference": None if ref is None else float(ref),
+            "alternative": alternative,
             "t": None,
             "p": None,
         }
@@ -54,6 +58,11 @@ def aggregate_runs(
     return summary
 
 
+def significance_mark(row: Mapping[str, float | int | str | None], alpha: float = 0.05) -> str:
+    """``"*"`` for a significant improvement over the reference (one-sided p < ``alpha``), else ``""``."""
+    return "*" if row["p"] is not None and row["p"] < alpha else ""
+
+
 def _number(value: float | int | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -61,20 +70,29 @@ def _number(value: float | int | None, digits: int) -> str:
 def format_markdown_table(
     summary: Mapping[str, Mapping[str, float | int | None]], digits: int = 2, alpha: float = 0.05
 ) -> str:
-    """A markdown table, one row per metric: mean ± std over runs, reference, t and p.
+    """A markdown table, one row per metric: mean ± std over runs, reference, better (higher/lower), t and p.
 
-    As in the paper's Table 1, ``*`` marks a mean that differs significantly (p < ``alpha``) from the
-    reference; missing values print as "–".
+    As in the paper's Table 1, ``*`` marks a significant improvement on the reference (one-sided p < ``alpha``);
+    missing values print as "–".
     """
-    lines = ["| metric | mean ± std | n | reference | t | p |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| metric | mean ± std | n | reference | better | t | p (one-sided) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, row in summary.items():
         cell = _number(row["mean"], digits)
         if row["std"] is not None:
             cell += f" ± {row['std']:.{digits}f}"
-        if row["p"] is not None and row["p"] < alpha:
-            cell += "*"
+        cell += significance_mark(row, alpha)
         p = "–" if row["p"] is None else f"{row['p']:.3g}"
+        better = "lower" if row["alternative"] == "less" else "higher"
         lines.append(
-            f"| {name} | {cell} | {row['n']} | {_number(row['reference'], digits)} | {_number(row['t'], 2)} | {p} |"
+            f"| {name} | {cell} | {row['n']} | {_number(row['reference'], digits)} | {better} | "
+            f"{_number(row['t'], 2)} | {p} |"
         )
+    lines.append("")
+    lines.append(
+        f"\\* significant improvement on the reference: one-sample t-test over the runs, one-sided in the better "
+        f"direction, p < {alpha:g}."
+    )
     return "\n".join(lines) + "\n"

@@ -171,7 +171,7 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
         text_knowledge = vikdf.distill_knowledge(text_states, clip_mask)  # K_T: (B, n, D)
 
         if {"tim", "tamim", "iamtm"} & set(objectives):
-            masked_pixels = apply_pixel_mask(pixel_values, pixel_mask) if "tamim" in objectives else None
+            masked_pixels = apply_pixel_mask(pixel_values, batch["pixel_replaced_mask"]) if "tamim" in objectives else None
             image_states, masked_image_states = self._image_states(vikdf, pixel_values, masked_pixels)
             image_knowledge = vikdf.distill_knowledge(image_states)  # K_I: (B, n, D)
         if "tim" in objectives:

@@ -18,7 +18,7 @@ from torch.utils.data import get_worker_info
 from configuration_vikdf import VIKDFConfig
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.data.pairs import build_image_transform
-from vikdf.masking import mask_caption_tokens, tamim_pixel_mask
+from vikdf.masking import mask_caption_tokens, tamim_pixel_masks
 
 
 @contextmanager
@@ -46,8 +46,9 @@ class PretrainCollator:
     """Image–text pairs → one pre-training batch (paper §3.2–3.3).
 
     Examples are `{"image": PIL image, "caption": str, ...}` (from `vikdf.data.pairs`) or already transformed
-    `{"pixel_values": tensor, "caption": str, ...}`. The batch holds the clean and TAMIM-masked image's pixel mask,
-    the clean and IAMTM-masked caption for CLIP, and the LLM rows: IACI rows first, then (with BVIF) IAKR rows.
+    `{"pixel_values": tensor, "caption": str, ...}`. The batch holds the clean image and TAMIM's two pixel masks
+    (`pixel_mask`: scored, `pixel_replaced_mask`: set to 0; see `vikdf.masking`), the clean and IAMTM-masked caption
+    for CLIP, and the LLM rows: IACI rows first, then (with BVIF) IAKR rows.
     """
 
     processor: VIKDFProcessor
@@ -83,38 +84,49 @@ class PretrainCollator:
                     pixels.append(self.image_transform(example["image"]))
         pixel_values = torch.stack(pixels)
         _, _, height, width = pixel_values.shape
-        pixel_mask = torch.stack([
-            tamim_pixel_mask(
-                height, width, patch_size=config.mask_patch_size, mask_ratio=config.mask_ratio,
-                keep_ratio=config.mask_keep_ratio, generator=generator,
+        vision = config.clip_config.vision_config
+        pixel_masks = [
+            tamim_pixel_masks(
+                height, width, patch_size=config.mask_patch_size, subpatch_size=vision.patch_size,
+                mask_ratio=config.mask_ratio, keep_ratio=config.mask_keep_ratio, generator=generator,
             )
             for generator in generators
-        ])
+        ]
 
         captions = [example["caption"] for example in examples]
-        clip = self.processor.clip_text_inputs(captions)
+        clip = self.processor.clip_text_inputs(captions, truncation_side="right")
         clip_tokenizer = self.processor.clip_tokenizer
         masked_rows = [
             mask_caption_tokens(
                 clip["clip_input_ids"][i : i + 1], clip_tokenizer.eos_token_id,
                 attention_mask=clip["clip_attention_mask"][i : i + 1],
                 special_token_ids={clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id, clip_tokenizer.pad_token_id},
-                mask_ratio=config.text_mask_ratio, generator=generator,
+                mask_ratio=config.text_mask_ratio, keep_ratio=config.text_mask_keep_ratio, generator=generator,
             )
             for i, generator in enumerate(generators)
         ]
 
         pick = [random.Random(int(torch.randint(2**31, (1,), generator=g))) for g in generators]
         caption_prompts = [rng.choice(config.caption_prompts) if config.use_bvif else "" for rng in pick]
-        llm = [self.processor.caption_inputs(captions, caption_prompts)]
+        llm = [
+            self.processor.caption_inputs(
+                captions, caption_prompts, max_caption_tokens=config.caption_max_length,
+                score_eos=config.caption_loss_on_eos,
+            )
+        ]
         if config.use_bvif:
             reconstruction_prompts = [rng.choice(config.reconstruction_prompts) for rng in pick]
-            llm.append(self.processor.reconstruction_inputs(captions, reconstruction_prompts))
+            llm.append(
+                self.processor.reconstruction_inputs(
+                    captions, reconstruction_prompts, max_caption_tokens=config.caption_max_length
+                )
+            )
             llm[1]["labels"] = torch.full_like(llm[1]["input_ids"], IGNORE_INDEX)
         pad_id = self.processor.tokenizer.pad_token_id
         return {
             "pixel_values": pixel_values,
-            "pixel_mask": pixel_mask,
+            "pixel_mask": torch.stack([masks.scored for masks in pixel_masks]),
+            "pixel_replaced_mask": torch.stack([masks.replaced for masks in pixel_masks]),
             **clip,
             "clip_masked_input_ids": torch.cat([ids for ids, _ in masked_rows]),
             "clip_mlm_labels": torch.cat([labels for _, labels in masked_rows]),

@@ -8,21 +8,26 @@ This file is both an ``evaluate`` metric script and a plain module:
     from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 
 ``evaluate`` copies the script into its module cache and imports it on its own, so it must stay
-self-contained: only evaluate, datasets, numpy, nltk, pycocoevalcap and the standard library.
+self-contained: only evaluate, datasets, numpy, nltk, pycocoevalcap, transformers (for its logging) and the
+standard library.
 
 Conventions (those of the released evaluation, so that our numbers mean the same thing as the paper's):
 
 - every score is ×100; PPL is computed on the model side, not here;
-- BLEU, ROUGE and the embedding metrics see text lowercased and tokenised by NLTK's Treebank tokenizer
-  (``NLTKWordTokenizer``; ``word_tokenize`` would need the punkt data), tokens joined by single spaces;
+- BLEU, ROUGE and the embedding metrics see text lowercased, stripped and tokenised by NLTK's ``word_tokenize``
+  (Punkt sentence split, then Treebank per sentence), tokens joined by single spaces. ``word_tokenize`` needs
+  the Punkt data ``punkt_tab`` (``nltk.download("punkt_tab")``); without it :func:`fallback_word_tokenize`
+  splits sentences with NLTK's Punkt algorithm minus the trained English model, and a warning says so.
+  ``compute_dialogue_metrics`` reports which tokeniser ran under ``"tokenizer"``;
 - BLEU-1 is corpus BLEU of the COCO caption toolkit (brevity penalty with the "closest" reference length);
 - ROUGE-L is the COCO toolkit's per-sentence LCS F-measure (β = 1.2), averaged over sentences;
 - Average / Extrema / Greedy (Liu et al., 2016) use a GloVe text file; words missing from it get the mean
   vector of the file. A pair whose hypothesis or reference has no tokens scores 0 (no evidence of
   similarity), so empty generations lower the mean instead of turning it into NaN. Without a GloVe file
   these three metrics are ``None`` (missing), never 0;
-- Dis-1 / Dis-2 are corpus-level distinct n-gram ratios after lowercasing and removing punctuation and the
-  articles a/an/the (the SQuAD answer normalisation). A corpus without any n-gram gives 0.
+- Dis-1 / Dis-2 are corpus-level distinct n-gram ratios after the released normalisation (lowercase, each
+  ASCII punctuation character replaced by a space, the articles a/an/the removed, whitespace split).
+  A corpus without any n-gram gives 0.
 - Unlike the released script we keep every hypothesis (it dropped those containing "i'm sorry" or
   "response").
 """
@@ -31,14 +36,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 
 import datasets
 import evaluate
 import numpy as np
-from nltk.tokenize import NLTKWordTokenizer
+import nltk
+from nltk.tokenize import NLTKWordTokenizer, word_tokenize
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.rouge.rouge import Rouge
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 _DESCRIPTION = """\
 Dialogue response metrics of the VIKDF paper (§4.4): BLEU-1, ROUGE-L, embedding Average / Extrema /
@@ -52,7 +63,8 @@ Args:
     glove_path: optional path to a GloVe text file (e.g. glove.6B.300d.txt). Without it the embedding
         metrics are returned as None.
 Returns:
-    dict with bleu_1, rouge_l, embedding_average, vector_extrema, greedy_matching, distinct_1, distinct_2.
+    dict with bleu_1, rouge_l, embedding_average, vector_extrema, greedy_matching, distinct_1, distinct_2,
+    and tokenizer: the name of the word tokeniser that produced them (see PUNKT_TOKENIZER).
 Example:
     >>> metric = evaluate.load("vikdf/metrics/dialogue_metrics.py")
     >>> metric.compute(predictions=["i like dogs"], references=["i like cats"])["bleu_1"]
@@ -78,14 +90,70 @@ METRIC_NAMES = (
     "distinct_2",
 )
 
-_TOKENIZER = NLTKWordTokenizer()
+_TREEBANK = NLTKWordTokenizer()
 # Upper bound on float32 elements materialised at once by the vectorised embedding code (~64 MB).
 _CHUNK_ELEMENTS = 16_000_000
 
+PUNKT_TOKENIZER = "nltk.word_tokenize (punkt_tab)"
+FALLBACK_TOKENIZER = "fallback (untrained Punkt + Treebank; punkt_tab not installed)"
 
-def tokenize(text: str) -> str:
-    """Lowercase and Treebank-tokenise ``text``; tokens joined by single spaces (DESIGN.md §5)."""
-    return " ".join(_TOKENIZER.tokenize(text.lower()))
+# Abbreviations of the trained English Punkt model that occur in chat. In lowercased text Punkt never ends a
+# sentence after a known abbreviation (its orthographic heuristic only says "sentence start" for a capitalised
+# next word), so for the fallback these are the only part of the model that matters besides collocations.
+_FALLBACK_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "e.g", "i.e")
+
+
+def _untrained_punkt() -> PunktSentenceTokenizer:
+    params = PunktParameters()
+    params.abbrev_types = set(_FALLBACK_ABBREVIATIONS)
+    return PunktSentenceTokenizer(params)
+
+
+_FALLBACK_SENTENCES = _untrained_punkt()
+
+
+def punkt_available() -> bool:
+    """Whether NLTK finds the English Punkt data that ``word_tokenize`` loads (``nltk.download("punkt_tab")``)."""
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        return False
+    return True
+
+
+def fallback_word_tokenize(text: str) -> list[str]:
+    """``word_tokenize`` without the ``punkt_tab`` data, for lowercased text.
+
+    Sentences are split by NLTK's own Punkt algorithm with empty learned parameters plus
+    ``_FALLBACK_ABBREVIATIONS``; each sentence is then Treebank-tokenised, as ``word_tokenize`` does. For
+    lowercased text this splits a word-final period as the trained model does ("i love it. the sky" ->
+    "it . the"), keeps it on those abbreviations, single letters and numbers followed by a word ("dr. jones",
+    "j. smith", "3. then"), and never splits "..."; it can differ where the trained model knows an
+    abbreviation or a collocation that is not listed here.
+    """
+    return [token for sentence in _FALLBACK_SENTENCES.tokenize(text) for token in _TREEBANK.tokenize(sentence)]
+
+
+def select_word_tokenizer() -> tuple[str, Callable[[str], list[str]]]:
+    """The released word tokeniser (``word_tokenize``) when ``punkt_tab`` is installed, else the fallback.
+
+    The fallback warns once per process: its BLEU/ROUGE/embedding numbers may differ slightly from the paper's.
+    """
+    if punkt_available():
+        return PUNKT_TOKENIZER, word_tokenize
+    logger.warning_once(
+        "NLTK's Punkt data 'punkt_tab' is not installed, so BLEU, ROUGE and the embedding metrics are computed "
+        "with an approximation of nltk.word_tokenize, not the released tokenisation: numbers may differ from the "
+        "paper's. Run python -c 'import nltk; nltk.download(\"punkt_tab\")' and evaluate again."
+    )
+    return FALLBACK_TOKENIZER, fallback_word_tokenize
+
+
+def tokenize(text: str, word_tokenizer: Callable[[str], list[str]] | None = None) -> str:
+    """Lowercase, strip and word-tokenise ``text``, tokens joined by single spaces (the release's
+    ``postprocess_text``); ``word_tokenizer`` defaults to :func:`select_word_tokenizer`'s choice."""
+    split = word_tokenizer or select_word_tokenizer()[1]
+    return " ".join(split(text.lower().strip()))
 
 
 def bleu_1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -113,13 +181,17 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return 100.0 * float(score)
 
 
-_PUNCTUATION = re.compile(r"[^\w\s]|_")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_for_distinct(text: str) -> list[str]:
-    """Lowercase, drop punctuation, drop the articles a/an/the, split on whitespace (DESIGN.md §5)."""
-    text = _PUNCTUATION.sub("", text.lower())
+    """The release's ``normalize_answer``, split into words: lowercase, each ASCII punctuation character
+    replaced by a space (``don't`` -> ``don t``), the articles a/an/the removed, whitespace split.
+
+    The release also deletes ``"... "`` after that, which never matches once every "." is a space.
+    """
+    text = _PUNCTUATION.sub(" ", text.lower())
     return _ARTICLES.sub(" ", text).split()
 
 
@@ -321,21 +393,24 @@ def embedding_metrics(
 
 def compute_dialogue_metrics(
     predictions: Sequence[str], references: Sequence[str], glove_path: str | os.PathLike | None = None
-) -> dict[str, float | None]:
-    """All automatic metrics of paper Table 1 except PPL, ×100, keyed by :data:`METRIC_NAMES`."""
+) -> dict[str, float | str | None]:
+    """All automatic metrics of paper Table 1 except PPL, ×100, keyed by :data:`METRIC_NAMES`, and under
+    ``"tokenizer"`` the name of the word tokeniser used (:data:`PUNKT_TOKENIZER` or :data:`FALLBACK_TOKENIZER`)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references; pass one each.")
     if not predictions:
         raise ValueError("No predictions to score.")
-    hyps = [tokenize(p) for p in predictions]
-    refs = [tokenize(r) for r in references]
-    results: dict[str, float | None] = {"bleu_1": bleu_1(hyps, refs), "rouge_l": rouge_l(hyps, refs)}
+    tokenizer, split = select_word_tokenizer()
+    hyps = [tokenize(p, split) for p in predictions]
+    refs = [tokenize(r, split) for r in references]
+    results: dict[str, float | str | None] = {"bleu_1": bleu_1(hyps, refs), "rouge_l": rouge_l(hyps, refs)}
     if glove_path is None:
         results.update(embedding_average=None, vector_extrema=None, greedy_matching=None)
     else:
         results.update(embedding_metrics(hyps, refs, glove_path))
     results["distinct_1"] = distinct_n(predictions, 1)
     results["distinct_2"] = distinct_n(predictions, 2)
+    results["tokenizer"] = tokenizer
     return results
 
 
@@ -355,5 +430,5 @@ class DialogueMetrics(evaluate.Metric):
 
     def _compute(
         self, predictions: list[str], references: list[str], glove_path: str | None = None
-    ) -> dict[str, float | None]:
+    ) -> dict[str, float | str | None]:
         return compute_dialogue_metrics(predictions, references, glove_path=glove_path)

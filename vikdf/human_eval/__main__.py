@@ -1,0 +1,77 @@
+"""`python -m vikdf.human_eval create|serve|report ...` (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging as pylogging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+from transformers.utils import logging
+
+from vikdf.human_eval.report import build_report, report_markdown
+from vikdf.human_eval.server import create_annotation_app
+from vikdf.human_eval.study import create_study, login_link
+from vikdf.web import LOCAL_HOST, serve
+
+logger = logging.get_logger("vikdf.human_eval")
+
+
+@dataclass
+class CreateArguments:
+    predictions: list[str] = field(metadata={"help": "predictions.jsonl of each system (eval_dialogue.py output)."})
+    systems: str = field(metadata={"help": "Comma-separated system names, one per predictions file (never shown)."})
+    db: str = field(metadata={"help": "SQLite file to create for the study (must not exist)."})
+    sample: int = field(default=100, metadata={"help": "Dialogues to sample from the test set (paper: 100)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sample and of the per-annotator order of systems."})
+    annotators: int = field(default=3, metadata={"help": "Number of annotators, one login link each (paper: 3)."})
+    base_url: str = field(
+        default=f"http://{LOCAL_HOST}:8000", metadata={"help": "Address the server will be reached at, for the links."}
+    )
+
+
+@dataclass
+class ServeArguments:
+    db: str = field(metadata={"help": "The study's SQLite file."})
+    host: str = field(default=LOCAL_HOST, metadata={"help": "Address to bind (default: this machine only)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+
+
+@dataclass
+class ReportArguments:
+    db: str = field(metadata={"help": "The study's SQLite file."})
+    output_dir: str = field(
+        default="human_eval_report", metadata={"help": "Where human_eval.md, human_eval.json and ratings.csv go."}
+    )
+
+
+COMMANDS = {"create": CreateArguments, "serve": ServeArguments, "report": ReportArguments}
+
+
+def main(argv: list[str] | None = None):
+    """Run one sub-command; returns the login tokens (create), or the summary (report)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m vikdf.human_eval {{{'|'.join(COMMANDS)}}} --help")
+    command, rest = argv[0], argv[1:]
+    (args,) = HfArgumentParser(COMMANDS[command]).parse_args_into_dataclasses(args=rest)
+    if command == "create":
+        systems = [name.strip() for name in args.systems.split(",")]
+        tokens = create_study(args.db, args.predictions, systems, args.sample, args.seed, args.annotators)
+        print(f"Study {args.db}: {args.sample} dialogues × {len(systems)} systems for {len(tokens)} annotators.")
+        for number, token in enumerate(tokens, 1):
+            print(f"annotator {number}: {login_link(args.base_url, token)}")
+        return tokens
+    if command == "serve":
+        logger.info(f"Serving {args.db} on http://{args.host}:{args.port}")
+        serve(create_annotation_app(args.db), args.host, args.port)
+        return None
+    summary = build_report(args.db, args.output_dir)
+    print(report_markdown(summary))
+    print(f"Written to {args.output_dir}: human_eval.md, human_eval.json, ratings.csv")
+    return summary
+
+
+if __name__ == "__main__":
+    pylogging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=pylogging.INFO)
+    main()
