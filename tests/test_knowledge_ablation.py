@@ -57,14 +57,14 @@ def test_zero_knowledge_equals_a_language_projection_that_outputs_zeros(build_ti
     model, processor = loud_knowledge_model(build_tiny)
     with knowledge_ablation(model, "zero"):
         ablated = generate_responses(model, processor, CONTEXTS, batch_size=4, progress=False, **GREEDY)
-        nll_ablated = response_nll(model, processor, CONTEXTS, RESPONSES, batch_size=4)
+        nll_ablated, _ = response_nll(model, processor, CONTEXTS, RESPONSES, batch_size=4)
     plain = generate_responses(model, processor, CONTEXTS, batch_size=4, progress=False, **GREEDY)
     with torch.no_grad():
         model.language_projection.weight.zero_()
         model.language_projection.bias.zero_()
     assert ablated != plain
     assert ablated == generate_responses(model, processor, CONTEXTS, batch_size=4, progress=False, **GREEDY)
-    assert nll_ablated == pytest.approx(response_nll(model, processor, CONTEXTS, RESPONSES, batch_size=4))
+    assert nll_ablated == pytest.approx(response_nll(model, processor, CONTEXTS, RESPONSES, batch_size=4)[0])
 
 
 def test_eval_dialogue_flag_evaluates_with_ablated_knowledge(build_tiny, tmp_path):
