@@ -175,6 +175,11 @@ PLAIN_CAPTIONS: tuple[str, ...] = (
     "my {obj} on a {bg} table, {pos}.",
     "a {obj}, {size}, {pos}.",
     "look at this {size} {obj} on {bg}!",
+    "a {obj}.",
+    "photo of a {obj}.",
+    "this is a {obj}.",
+    "look, a {obj}!",
+    "one {obj}, nothing else.",
 )
 COLOUR_CAPTIONS: tuple[str, ...] = (
     "{a_colour} {obj} {pos} on a {bg} background.",
@@ -183,6 +188,10 @@ COLOUR_CAPTIONS: tuple[str, ...] = (
     "{a_colour} {shape}, which is a {obj}, {pos}.",
     "a {obj}: a {size} {colour} {shape} on {bg}.",
     "photo of {a_colour} {obj} against a {bg} backdrop.",
+    "{a_colour} {obj}.",
+    "a {colour} {obj}.",
+    "my {colour} {obj}.",
+    "this {obj} is {colour}.",
 )
 
 # Dialogue turns. A context is one of DIALOGUE_PATTERNS: a sequence of turn pools, then the response family.
@@ -387,6 +396,10 @@ def knowledge_accuracy(
     return correct / scored
 
 
+def _describes_scene(template: str) -> bool:
+    return any(f"{{{name}}}" in template for name in ("size", "pos", "bg"))
+
+
 def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
@@ -405,6 +418,7 @@ class SyntheticWorld:
     usual_colour_prob: float = 0.85
     colour_mention_prob: float = 0.6
     image_only_weight: float = 2.0
+    scene_caption_prob: float = 0.25
     clip_recoloured: str = "image_only"
 
     def __post_init__(self) -> None:
@@ -414,7 +428,7 @@ class SyntheticWorld:
             raise ValueError(f"clip_recoloured must be 'image_only' or 'all', got {self.clip_recoloured!r}")
         if self.image_only_weight <= 0:
             raise ValueError(f"image_only_weight must be positive, got {self.image_only_weight}")
-        for name in ("usual_colour_prob", "colour_mention_prob"):
+        for name in ("usual_colour_prob", "colour_mention_prob", "scene_caption_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -455,10 +469,13 @@ class SyntheticWorld:
         # A little positional jitter, then clamping so that large objects at the border are not cut off.
         cx, cy = (min(1 - radius, max(radius, p + rng.uniform(-0.04, 0.04))) for p in POSITIONS[position])
         # Image-only kinds never get a colour caption: their colour must stay in the pixels (see module docstring).
-        if not kind.image_only and rng.random() < self.colour_mention_prob:
-            template = f"colour/{rng.randrange(len(COLOUR_CAPTIONS))}"
-        else:
-            template = f"plain/{rng.randrange(len(PLAIN_CAPTIONS))}"
+        family = "colour" if not kind.image_only and rng.random() < self.colour_mention_prob else "plain"
+        # Most captions name the object alone ("a zorp."): then only what the object looks like tells its image from
+        # the others in a batch, and TIM has to learn it; scene captions are matched by size, place and background.
+        scene = rng.random() < self.scene_caption_prob
+        templates = COLOUR_CAPTIONS if family == "colour" else PLAIN_CAPTIONS
+        choices = [i for i, text in enumerate(templates) if _describes_scene(text) == scene]
+        template = f"{family}/{rng.choice(choices)}"
         return PairAttributes(
             object=kind.name,
             shape=kind.shape,
