@@ -1,11 +1,17 @@
 """Configuration of VIKDF (paper §3, §4.2; DESIGN.md §3).
 
-Hub remote code: this file travels with every checkpoint, so it imports only transformers.
+Hub remote code: this file travels with every checkpoint, so it imports only transformers and `pipeline_vikdf`
+(which it names in `custom_pipelines`; importing it here is what makes that file travel with the config).
 """
 
 from transformers import AutoConfig, Blip2QFormerConfig, CLIPConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from .pipeline_vikdf import VIKDFDialoguePipeline
+except ImportError:
+    from pipeline_vikdf import VIKDFDialoguePipeline
 
 # Instruction prompts of the two BVIF paths (paper §3.3). The paper quotes one of each; the released code samples
 # one of 11 per example, so we keep 11 of our own in the same spirit, the paper's sentence first.
@@ -183,6 +189,14 @@ class VIKDFConfig(PreTrainedConfig):
         auto_map = getattr(self, "auto_map", None) or {}
         auto_map.setdefault("AutoModelForCausalLM", "modeling_vikdf.VIKDFForConditionalGeneration")
         self.auto_map = auto_map
+        # `pipeline("text-generation", model=folder, trust_remote_code=True)` runs the whole VIKDF path.
+        self.custom_pipelines = {
+            "text-generation": {
+                "impl": f"pipeline_vikdf.{VIKDFDialoguePipeline.__name__}",
+                "pt": ["AutoModelForCausalLM"],
+                "type": "text",
+            }
+        }
         self.validate_shapes()
 
     def validate_shapes(self) -> None:
@@ -210,6 +224,8 @@ class VIKDFConfig(PreTrainedConfig):
                 f"head_hidden_act={self.head_hidden_act!r} is not a transformers activation; choose one of "
                 f"{sorted(ACT2FN)}."
             )
+        if not isinstance(self.num_query_tokens, int) or self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens={self.num_query_tokens!r}; it must be a positive number of queries (paper: 32).")
         if self.tim_pooling not in TIM_POOLINGS:
             raise ValueError(f"tim_pooling={self.tim_pooling!r}; choose one of {TIM_POOLINGS}.")
         if len(self.caption_prompts) == 0 or len(self.reconstruction_prompts) == 0:
@@ -219,6 +235,24 @@ class VIKDFConfig(PreTrainedConfig):
                 f"clip_max_length={self.clip_max_length} exceeds the CLIP text tower's "
                 f"max_position_embeddings={self.clip_config.text_config.max_position_embeddings}."
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "VIKDFConfig":
+        """A saved VIKDF config; another model's config, or one without the three sub-configs, is refused.
+
+        transformers only warns on a foreign `model_type`, and missing sub-configs fall back to the paper's 7B
+        shapes, so a wrong `config.json` would otherwise build (and run out of memory on) a model nobody saved.
+        """
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"config.json has model_type={model_type!r}, not {cls.model_type!r}: this folder is not a VIKDF "
+                "checkpoint (build one with train_pretrain.py or vikdf.components.build_vikdf_from_components)."
+            )
+        missing = [name for name in cls.sub_configs_defaults if not config_dict.get(name)]
+        if missing:
+            raise ValueError(f"VIKDF config.json lacks {', '.join(missing)}; it is incomplete, save the checkpoint again.")
+        return super().from_dict(config_dict, **kwargs)
 
 
 VIKDFConfig.register_for_auto_class()

@@ -1,11 +1,16 @@
 """Zero-resource evaluation of a VIKDF dialogue checkpoint: generation + the automatic metrics of Table 1 (paper §4.4).
 
     python eval_dialogue.py --model_name_or_path runs/vikdf-reddit --test_file image_chat/test.json \
-        --glove_path glove.6B.300d.txt --output_dir runs/eval-imagechat
+        --glove_path glove.6B.300d.txt --output_dir runs/eval-imagechat-zero-data
     python eval_dialogue.py ... --baseline llm        # the frozen LLM alone, same chat template, no knowledge
     python eval_dialogue.py ... --knowledge_ablation shuffle   # each dialogue gets another's knowledge (or: zero)
     python eval_dialogue.py --aggregate s1/metrics.json s2/metrics.json ... --reference_json best_baseline.json \
         --output_dir runs/eval-5-seeds                 # mean ± std, one-sided one-sample t-tests (paper §5.1)
+
+The paper's Table-1 rows: Reddit = the Reddit checkpoint on the Reddit test set (`--context_turns 2,3`, as the
+release's reader keeps only those dialogues); Image-Chat = the Image-Chat checkpoints (tuned from the Reddit one on
+1, 1/4 or 1/8 of Image-Chat) on Image-Chat's test set; "Zero Data" (‡) = the Reddit checkpoint on Image-Chat's test
+set, as in the command above.
 
 Writes `predictions.jsonl` (context, reference, hypothesis), `metrics.json`, `metrics.md` (one Table-1 row, then
 the PPL convention, the token-level PPL and the word tokeniser) and `eval_info.json` into `--output_dir`; with
@@ -31,7 +36,14 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from vikdf.arguments import PRECISIONS, resolve_dtype
-from vikdf.data.dialogue import FORMATS, load_dialogues
+from vikdf.checks import (
+    check_glove_file,
+    check_input_file,
+    check_max_new_tokens,
+    fit_generation_length,
+    load_checkpoint_config,
+)
+from vikdf.data.dialogue import FORMATS, load_dialogues, parse_turn_counts
 from vikdf.evaluation import (
     aggregate_metrics,
     evaluate_dialogues,
@@ -60,9 +72,22 @@ class EvalArguments:
     )
     test_format: str = field(default="auto", metadata={"help": "Format of --test_file.", "choices": ["auto", *FORMATS]})
     test_name: str | None = field(
-        default=None, metadata={"help": "Row label in the model card (default: the test file's folder/name)."}
+        default=None,
+        metadata={
+            "help": "Row label in the model card (default: the test file's folder/name), e.g. 'Image-Chat (Zero "
+            "Data)' for the Reddit checkpoint on Image-Chat, the paper's ‡ row."
+        },
     )
-    max_context_turns: int | None = field(default=None, metadata={"help": "Keep only the last N context turns."})
+    max_context_turns: int | None = field(
+        default=None, metadata={"help": "Truncate every context to its last N turns (the release truncates nothing)."}
+    )
+    context_turns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only test dialogues whose context has one of these numbers of turns, e.g. 2,3 for the "
+            "Reddit test set as the release read it; the others are dropped and counted in the log."
+        },
+    )
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip malformed test records instead of failing."})
     max_test_dialogues: int | None = field(
         default=None, metadata={"help": "Evaluate only the first N test dialogues (quick checks)."}
@@ -155,8 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model_name_or_path is None or args.test_file is None:
         raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
 
+    # Everything that can be wrong with a path or a flag is found before the model loads and generates.
+    config = load_checkpoint_config(args.model_name_or_path)
+    check_max_new_tokens(config, args.max_new_tokens)
+    check_input_file(args.test_file, "--test_file")
+    check_glove_file(args.glove_path)
     dialogues = load_dialogues(
-        args.test_file, format=args.test_format, max_context_turns=args.max_context_turns, skip_bad=args.skip_bad_records
+        args.test_file, format=args.test_format, max_context_turns=args.max_context_turns,
+        skip_bad=args.skip_bad_records, context_turns=parse_turn_counts(args.context_turns) if args.context_turns else None,
     )
     if args.max_test_dialogues is not None:
         dialogues = dialogues[: args.max_test_dialogues]
@@ -166,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
     model.to(device).eval()
+    fit_generation_length(model.config, processor, args.max_new_tokens)
 
     method = getattr(model.config, "dialogue_method", "vikdf")
     with_knowledge = args.baseline is None and method != "lora"

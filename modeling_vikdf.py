@@ -8,6 +8,8 @@ Shapes in comments use B = batch, L = text length, P = 1 + image patches, n = qu
 E = CLIP projection width, H = LLM width.
 """
 
+import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from transformers import (
     Blip2QFormerModel,
     CLIPTextModel,
     CLIPVisionModel,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedModel,
 )
@@ -61,6 +64,34 @@ PRETRAINING_ONLY = (
     "iamtm_head",
     "iakr_head",
 )
+
+
+# Decoding of the released code (DESIGN.md §3), the generation config every VIKDF checkpoint carries. No sampling
+# matters: Llama-2-chat's own generation config samples (temperature 0.6, top-p 0.9).
+PAPER_GENERATION = {"num_beams": 3, "no_repeat_ngram_size": 3, "max_new_tokens": 32, "do_sample": False}
+
+
+def paper_generation_config(base: GenerationConfig | None = None) -> GenerationConfig:
+    """`base` (e.g. the LLM's, for its bos/eos/pad ids) with the paper's decoding and no sampling settings."""
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    config.update(**PAPER_GENERATION, temperature=None, top_p=None, top_k=None)
+    config._from_model_config = False  # a setting of its own, saved as generation_config.json
+    return config
+
+
+def _damaged_weights(folder) -> str:
+    """The first `*.safetensors` file of a local `folder` whose header cannot be read (the folder if none is)."""
+    from safetensors import safe_open  # a dependency of transformers; only needed on this error path
+
+    if folder is not None and os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(folder, name), framework="pt"):
+                        pass
+                except Exception:
+                    return os.path.join(folder, name)
+    return f"A weights file of {folder!r}"
 
 
 @dataclass
@@ -137,6 +168,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: VIKDFConfig):
         super().__init__(config)
+        self.generation_config = paper_generation_config(self.generation_config)
         clip = config.clip_config
         iq_width = config.qformer_config.hidden_size
         llm_width = config.text_config.hidden_size
@@ -194,8 +226,16 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the frozen parts frozen again (loading replaces parameters)."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, then the frozen parts frozen again (loading replaces parameters).
+
+        A damaged weights file is named (safetensors' own error names none).
+        """
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"{_damaged_weights(args[0] if args else None)} is damaged or truncated ({err}).") from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.set_trainable_stage(model.default_stage)
         return loaded
@@ -408,13 +448,16 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         """Zero-resource inference (§3.4.2): context → CLIP text tower → IQ-Former → `K` → LLM → response.
 
         Inputs come from `VIKDFProcessor` with left padding. Returns the prompt followed by the new tokens, as
-        `generate` does for any decoder-only model; `VIKDFProcessor.decode_responses` keeps the new part.
+        `generate` does for any decoder-only model; `VIKDFProcessor.decode_responses` keeps the new part. Decoding
+        follows this model's generation config (the checkpoint's `generation_config.json`, the paper's settings by
+        default), not the LLM's; `generate_kwargs` override it.
         """
         if knowledge is None and clip_input_ids is not None:
             knowledge = self.get_text_knowledge(clip_input_ids, clip_attention_mask)
         inputs_embeds = self.embed_with_knowledge(input_ids, knowledge)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("generation_config", self.generation_config)
         return self.language_model.generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
@@ -423,4 +466,10 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 # Every `save_pretrained` then carries this file and its `auto_map` entry (AutoModelForCausalLM is in the config's).
 VIKDFForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["VIKDFForConditionalGeneration", "VIKDFPreTrainedModel", "VIKDFCausalLMOutput"]
+__all__ = [
+    "VIKDFForConditionalGeneration",
+    "VIKDFPreTrainedModel",
+    "VIKDFCausalLMOutput",
+    "PAPER_GENERATION",
+    "paper_generation_config",
+]

@@ -110,7 +110,8 @@ class VIKDFProcessor(ProcessorMixin):
             )
         tokenizer = self.clip_tokenizer
         body = self.clip_max_length - 2
-        pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False)["input_ids"]
+        # verbose=False: contexts longer than CLIP's 77 tokens are expected; they are cut just below.
+        pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False, verbose=False)["input_ids"]
         kept = [ids[max(len(ids) - body, 0) :] if truncation_side == "left" else ids[:body] for ids in pieces]
         rows = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in kept]
         batch = _batch(rows, tokenizer.pad_token_id, "right")
@@ -120,7 +121,8 @@ class VIKDFProcessor(ProcessorMixin):
     # LLM layouts
     # ----------------------------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: over-long contexts are expected here; `_fit_context` cuts them to `max_length`.
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _bos(self) -> list[int]:
         return [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
@@ -198,14 +200,16 @@ class VIKDFProcessor(ProcessorMixin):
                 "The LLM tokenizer has no chat template; VIKDF writes dialogue through the LLM's own template. Use a "
                 "chat model (e.g. meta-llama/Llama-2-7b-chat-hf) or set tokenizer.chat_template."
             )
-        text = self.join_context(context)
-        messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self._dialogue_prompt_text(self.join_context(context), with_knowledge)
         if not with_knowledge:
             return self._ids(prompt)
         start = prompt.index(self.knowledge_slots)
         before, after = self._split_ids(prompt[:start], prompt[start + len(self.knowledge_slots) :])
         return before + self._slot_ids() + after
+
+    def _dialogue_prompt_text(self, text: str, with_knowledge: bool) -> str:
+        messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def dialogue_response_ids(self, response: str) -> list[int]:
         """Token ids of `response` as the chat template writes an assistant turn, ending with eos.
@@ -225,22 +229,28 @@ class VIKDFProcessor(ProcessorMixin):
         return (turn[: turn.index(eos_id)] if eos_id in turn else turn) + [eos_id]
 
     def _fit_context(self, context: Context, budget: int, with_knowledge: bool) -> list[int]:
-        """Prompt ids within `budget` tokens, dropping the oldest context tokens first."""
+        """Prompt ids within `budget` tokens, dropping the oldest context tokens first.
+
+        An over-long prompt is cut in its ids: the template before the context, the latest context tokens and the
+        template after it, tokenised apart, take exactly `budget` tokens (decoding a cut and re-encoding it could
+        come back longer).
+        """
         ids = self.dialogue_prompt_ids(context, with_knowledge)
         if len(ids) <= budget:
             return ids
-        context_ids = self._ids(self.join_context(context))
-        overflow = 0
-        while len(ids) > budget:
-            # Decoded and re-tokenised, the cut context can gain a token at its new start: cut again until it fits.
-            overflow += len(ids) - budget
-            if overflow >= len(context_ids):
-                raise ValueError(
-                    f"max_length={self.max_length} leaves no room for the context after the template, "
-                    f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
-                )
-            ids = self.dialogue_prompt_ids(self.tokenizer.decode(context_ids[overflow:]), with_knowledge)
-        return ids
+        # The context starts after the last knowledge slot (or after the template's head without knowledge) and ends
+        # where the template's tail begins; the oldest context ids go first, so the prompt takes exactly `budget`.
+        marker = "\x00context\x00"
+        head, tail = self._dialogue_prompt_text(marker, with_knowledge).split(marker)
+        slot_id = self.knowledge_token_id
+        start = len(ids) - ids[::-1].index(slot_id) if with_knowledge else len(self._ids(head))
+        overflow = len(ids) - budget
+        if overflow >= len(ids) - start - len(self._ids(tail)):
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for the context after the template, "
+                f"{self.num_query_tokens} knowledge slots and the response; raise max_length."
+            )
+        return ids[:start] + ids[start + overflow :]
 
     def dialogue_inputs(
         self,

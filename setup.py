@@ -15,6 +15,7 @@ setup(
         "configuration_vikdf",
         "modeling_vikdf",
         "processing_vikdf",
+        "pipeline_vikdf",
         "train_pretrain",
         "train_dialogue",
         "eval_dialogue",

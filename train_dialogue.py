@@ -1,10 +1,18 @@
 """Dialogue fine-tuning of VIKDF on text alone: P(R | C, K) with K distilled from the context (paper §3.4.1).
 
-    accelerate launch train_dialogue.py --model_name_or_path runs/pretrain --train_file reddit/train.json \
-        --train_fraction 1 --output_dir runs/vikdf-reddit
+    accelerate launch train_dialogue.py --preset paper-reddit --model_name_or_path runs/pretrain \
+        --train_file reddit/train.json --output_dir runs/vikdf-reddit
+    accelerate launch train_dialogue.py --preset paper-image-chat --model_name_or_path runs/vikdf-reddit \
+        --train_file image_chat/train.json --train_fraction 0.25 --output_dir runs/vikdf-image-chat-quarter
 
-`--train_fraction` is the share of the training set (paper: 1, 0.25, 0.125); 0 is the fully zero-resource setting
-(‡ in Table 1): nothing is trained and the checkpoint is only re-saved as an inference checkpoint.
+The paper's rows (Table 1), as the release's scripts/run_inference.sh produced them: Reddit = fine-tuning on
+Reddit; Image-Chat with 1, 1/4 or 1/8 of its training set = fine-tuning on Image-Chat *starting from the Reddit
+checkpoint*; "Zero Data" (‡) = the Reddit checkpoint tested on Image-Chat with no Image-Chat training at all.
+`--train_fraction 0` trains nothing and only re-saves the checkpoint as an inference checkpoint; it is not a row of
+the paper unless that checkpoint is the Reddit one.
+
+`--preset paper-reddit` / `paper-image-chat` set the release's fine-tuning settings (`PRESETS`); flags given
+explicitly still win.
 
 `--method vikdf` trains the queries, the IQ-Former and `language_projection`; CLIP and the LLM stay frozen.
 `--method lora` is the Table-4 baseline: LoRA adapters on the LLM, trained on the same chat template *without*
@@ -28,19 +36,35 @@ from transformers import HfArgumentParser, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from modeling_vikdf import VIKDFForConditionalGeneration
+from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
 from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
+from vikdf.atomic import commit_folder, staging_folder
+from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
 from vikdf.data.collators import DialogueCollator
-from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues
+from vikdf.data.dialogue import FORMATS, Dialogue, load_dialogues, parse_turn_counts
 from vikdf.evaluation import load_checkpoint
-from vikdf.model_card import base_model_from_config, write_model_card
-from vikdf.trainers import VIKDFDialogueTrainer
+from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
+from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
 logger = logging.get_logger("train_dialogue")
 
 METHODS = ("vikdf", "lora")
 FRACTIONS = (1.0, 0.25, 0.125, 0.0)
+
+# The release's fine-tuning (scripts/run_inference.sh and inference.py's defaults): AdamW lr 1e-4, weight decay 0,
+# no warm-up, linear decay, per process 4 × 8 accumulation; LLM input cut at 128 tokens and responses at 32, which
+# in our layout (one budget for prompt, 32 knowledge slots and response) is a total of 128 + 32 + 32 = 192. Reddit:
+# 5 epochs, dialogues with 2-3 context turns only (the release's reader drops the others); Image-Chat: 1 epoch,
+# from the Reddit checkpoint.
+_PAPER_FINE_TUNING = (
+    "--learning_rate", "1e-4", "--weight_decay", "0", "--warmup_steps", "0", "--lr_scheduler_type", "linear",
+    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8", "--max_length", "192",
+)  # fmt: skip
+PRESETS = {
+    "paper-reddit": (*_PAPER_FINE_TUNING, "--num_train_epochs", "5", "--context_turns", "2,3"),
+    "paper-image-chat": (*_PAPER_FINE_TUNING, "--num_train_epochs", "1"),
+}
 
 
 @dataclass
@@ -66,6 +90,13 @@ class DialogueModelArguments:
             "default: peft's choice for the LLM family (q_proj,v_proj for Llama, Qwen2, Mistral)."
         },
     )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence name for the model card (default: the base LLM family's, e.g. llama2 for Llama-2, "
+            "apache-2.0 for Qwen2.5 and Mistral)."
+        },
+    )
     base_model_name: str | None = field(
         default=None,
         metadata={
@@ -76,6 +107,15 @@ class DialogueModelArguments:
 
 @dataclass
 class DialogueDataArguments:
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "The release's fine-tuning settings: paper-reddit (5 epochs, lr 1e-4 linear, no warm-up, weight "
+            "decay 0, batch 4 x 8 accumulation per process, 128 + 32 tokens, 2-3 context turns) or paper-image-chat "
+            "(the same for 1 epoch, run from the Reddit checkpoint). Flags given explicitly win over the preset.",
+            "choices": list(PRESETS),
+        },
+    )
     train_file: str | None = field(
         default=None,
         metadata={"help": "Training dialogues: Reddit Conversation JSON/TSV or Image-Chat JSON (not needed with fraction 0)."},
@@ -85,13 +125,28 @@ class DialogueDataArguments:
     )
     train_fraction: float = field(
         default=1.0,
-        metadata={"help": "Share of the training set to use (paper: 1, 0.25, 0.125; 0 = fully zero-resource, no training)."},
+        metadata={
+            "help": "Share of the training set to use: the paper's Image-Chat rows 1, 1/4 (0.25) and 1/8 (0.125), "
+            "each fine-tuned from the Reddit checkpoint. 0 trains nothing and re-saves the checkpoint; the paper's "
+            "'Zero Data' row is the Reddit checkpoint tested on Image-Chat, so it needs no run of this script."
+        },
     )
     subset_seed: int = field(
         default=0, metadata={"help": "Seed of the training subset, fixed so that runs with different --seed share it."}
     )
     max_context_turns: int | None = field(
-        default=None, metadata={"help": "Keep only the last N context turns (the released code keeps 2-3 for Reddit)."}
+        default=None,
+        metadata={
+            "help": "Truncate every context to its last N turns. The release truncates nothing: its Reddit reader "
+            "drops dialogues whose context has other than 2-3 turns (that is --context_turns 2,3)."
+        },
+    )
+    context_turns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only dialogues whose context has one of these numbers of turns, e.g. 2,3 (the release's "
+            "Reddit reader; --preset paper-reddit sets it); the others are dropped and counted in the log."
+        },
     )
     skip_bad_records: bool = field(
         default=False, metadata={"help": "Skip malformed dialogue records (and log how many) instead of failing."}
@@ -128,9 +183,29 @@ def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataA
     if data_args.train_fraction not in FRACTIONS:
         logger.warning(f"--train_fraction {data_args.train_fraction} is none of the paper's {FRACTIONS}.")
     if data_args.train_fraction > 0 and data_args.train_file is None:
-        raise ValueError("--train_file is required unless --train_fraction 0 (fully zero-resource, no training).")
+        raise ValueError("--train_file is required unless --train_fraction 0 (no training).")
     if model_args.method not in METHODS:
         raise ValueError(f"--method {model_args.method!r}; choose one of {METHODS}.")
+    if model_args.method == "lora" and data_args.train_fraction == 0:
+        raise ValueError(
+            "--method lora with --train_fraction 0 trains no adapters, so the checkpoint would be the frozen LLM "
+            "under a LoRA label; evaluate that with eval_dialogue.py --baseline llm instead."
+        )
+
+
+def with_preset(argv: list[str]) -> list[str]:
+    """`argv` after the flags of its `--preset`, so that flags given explicitly (parsed last) win."""
+    for index, word in enumerate(argv):
+        if word == "--preset" and index + 1 < len(argv):
+            name = argv[index + 1]
+        elif word.startswith("--preset="):
+            name = word.split("=", 1)[1]
+        else:
+            continue
+        if name not in PRESETS:
+            raise ValueError(f"--preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return [*PRESETS[name], *argv]
+    return list(argv)
 
 
 def add_lora(model: VIKDFForConditionalGeneration, model_args: DialogueModelArguments):
@@ -163,16 +238,40 @@ def _load(path: str | None, fmt: str, data_args: DialogueDataArguments, fraction
     dialogues = load_dialogues(
         path, format=fmt, fraction=fraction, max_context_turns=data_args.max_context_turns,
         skip_bad=data_args.skip_bad_records, seed=data_args.subset_seed,
+        context_turns=parse_turn_counts(data_args.context_turns) if data_args.context_turns else None,
     )
     if not dialogues and fraction > 0:
         raise ValueError(f"{path}: no dialogues to train on.")
     return dialogues
 
 
+def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> tuple[list[Dialogue], list[Dialogue]]:
+    """Everything checked before the model loads: the checkpoint's folder, config and weight files, the lengths,
+    and the data, read and validated; returns the training and validation dialogues."""
+    config = load_checkpoint_config(model_args.model_name_or_path)
+    check_max_length(config, data_args.max_length)
+    if data_args.max_length is not None:
+        processor = VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
+        processor.max_length = data_args.max_length
+        check_max_length_fits_layout(processor, with_knowledge=model_args.method == "vikdf")
+    if data_args.train_fraction > 0:
+        check_input_file(data_args.train_file, "--train_file")
+    check_input_file(data_args.validation_file, "--validation_file")
+    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
+    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
+    return train, validation
+
+
 def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str) -> None:
-    """Weights, config, remote code and processor in `output_dir` (main process only)."""
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    """Weights, config, remote code and processor in `output_dir` (main process only), written to a staging folder
+    first and moved in with config.json last, so that a kill never leaves a loadable-looking half checkpoint."""
+    staged = staging_folder(output_dir, "model")
+    model.save_pretrained(staged)
+    processor.save_pretrained(staged)
+    commit_folder(staged, output_dir)
+
+
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "_*", "training_args.bin"]
 
 
 def push_folder(output_dir: str, training_args: DialogueTrainingArguments, message: str) -> None:
@@ -183,30 +282,37 @@ def push_folder(output_dir: str, training_args: DialogueTrainingArguments, messa
     repo = create_repo(repo_id, private=training_args.hub_private_repo, token=training_args.hub_token, exist_ok=True)
     upload_folder(
         repo_id=repo.repo_id, folder_path=output_dir, commit_message=message, token=training_args.hub_token,
-        ignore_patterns=["checkpoint-*", "_*"],
+        # training_args.bin is a pickle of this run's arguments (paths, tokens): nothing a model user needs.
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
     )
 
 
 def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     parser = HfArgumentParser((DialogueModelArguments, DialogueDataArguments, DialogueTrainingArguments))
+    argv = with_preset(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
+    train, validation = preflight(model_args, data_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
     model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
+    # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
+    # generation config is the LLM's own (Llama-2-chat's samples).
+    model.generation_config = paper_generation_config(model.generation_config)
     if data_args.max_length is not None:
         processor.max_length = data_args.max_length
     model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
-    train = _load(data_args.train_file, data_args.train_format, data_args, data_args.train_fraction)
-    validation = _load(data_args.validation_file, data_args.validation_format, data_args)
     output_dir = training_args.output_dir
 
     def write_card(directory: str) -> None:
         write_model_card(
             directory,
             base_model=model_args.base_model_name or base_model_from_config(model.config),
+            **component_names_from_config(model.config),
+            license=model_args.license,
             method=model_args.method,
             train_file=data_args.train_file,
             train_fraction=data_args.train_fraction if train else 0.0,
@@ -215,7 +321,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
         )
 
     if not train:
-        logger.info("Zero-resource: no dialogue fine-tuning; saving the inference checkpoint only.")
+        logger.info("--train_fraction 0: no dialogue fine-tuning; saving the inference checkpoint only.")
         if training_args.should_save:
             save_inference_checkpoint(model, processor, output_dir)
             write_card(output_dir)
@@ -241,7 +347,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
         processing_class=processor,
         model_card_writer=write_card,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     if model_args.method == "vikdf":
         trainer.save_model()  # also pushes (with our card) when --push_to_hub

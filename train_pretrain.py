@@ -8,22 +8,31 @@ Starts from pretrained parts (CLIP ViT-L/14, BERT-base, Llama-2-7B-chat by defau
 every checkpoint loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`.
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
+from configuration_vikdf import VIKDFConfig
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import VIKDFProcessor
 from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
+from vikdf.checks import (
+    check_continued_query_count,
+    check_model_source,
+    check_num_query_tokens,
+    check_tim_pooling,
+    load_checkpoint_config,
+    parse_config_overrides,
+)
 from vikdf.components import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, build_vikdf_from_components
 from vikdf.data.collators import PretrainCollator
 from vikdf.data.pairs import build_pair_dataset
-from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives
+from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
 
-logger = logging.get_logger("train_pretrain")
+# Inside the transformers namespace, so that --log_level (set_verbosity) governs and prints these lines too.
+logger = logging.get_logger("transformers.train_pretrain")
 
 
 @dataclass
@@ -34,7 +43,13 @@ class PretrainModelArguments:
     clip_model: str = field(default=DEFAULT_CLIP, metadata={"help": "CLIP hub id or folder (frozen text/image towers)."})
     bert_model: str = field(default=DEFAULT_BERT, metadata={"help": "BERT hub id or folder initialising the IQ-Former."})
     llm_model: str = field(default=DEFAULT_LLM, metadata={"help": "Causal LLM hub id or folder (frozen)."})
-    num_query_tokens: int = field(default=32, metadata={"help": "n, the number of queries / knowledge vectors."})
+    num_query_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "n, the number of queries / knowledge vectors (default 32). A checkpoint keeps its own n; "
+            "a different value is refused."
+        },
+    )
     use_tim: bool = field(default=True, metadata={"help": "Train with Text-Image Matching (Table 3: −TIM)."})
     use_tamim: bool = field(default=True, metadata={"help": "Train with Text-Assisted Masked Image Modeling (−TAMIM)."})
     use_iamtm: bool = field(default=True, metadata={"help": "Train with Image-Assisted Masked Text Modeling (−IAMTM)."})
@@ -61,6 +76,26 @@ class PretrainDataArguments:
     shuffle_buffer: int = field(default=1000, metadata={"help": "Examples held in the streaming shuffle buffer."})
 
 
+def check_model_arguments(model_args: PretrainModelArguments):
+    """The model flags, checked before anything loads; the checkpoint's config (None when building from parts)."""
+    check_num_query_tokens(model_args.num_query_tokens)
+    check_tim_pooling(model_args.tim_pooling)
+    parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path is None:
+        for flag, source in (("--clip_model", model_args.clip_model), ("--bert_model", model_args.bert_model),
+                             ("--llm_model", model_args.llm_model)):
+            check_model_source(source, flag)
+        return None
+    config = load_checkpoint_config(model_args.model_name_or_path)
+    check_continued_query_count(config, model_args.num_query_tokens, model_args.model_name_or_path)
+    if not config.include_pretraining_heads:
+        raise ValueError(
+            f"{model_args.model_name_or_path} is an inference checkpoint without pre-training heads; "
+            "pre-train from component models or from a pre-training checkpoint."
+        )
+    return config
+
+
 def build_model(model_args: PretrainModelArguments, dtype):
     overrides = {
         "use_tim": model_args.use_tim,
@@ -68,19 +103,15 @@ def build_model(model_args: PretrainModelArguments, dtype):
         "use_iamtm": model_args.use_iamtm,
         "use_bvif": model_args.use_bvif,
         "tim_pooling": model_args.tim_pooling,
-        **json.loads(model_args.config_overrides),
+        **parse_config_overrides(model_args.config_overrides),
     }
     if model_args.model_name_or_path is None:
         return build_vikdf_from_components(
             model_args.clip_model, model_args.bert_model, model_args.llm_model,
-            num_query_tokens=model_args.num_query_tokens, dtype=dtype, **overrides,
+            num_query_tokens=model_args.num_query_tokens or VIKDFConfig.num_query_tokens, dtype=dtype, **overrides,
         )
     model = VIKDFForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype, **overrides)
-    if not model.config.include_pretraining_heads:
-        raise ValueError(
-            f"{model_args.model_name_or_path} is an inference checkpoint without pre-training heads; "
-            "pre-train from component models or from a pre-training checkpoint."
-        )
+    model.config.validate_shapes()  # from_pretrained sets the overrides on the config without validating them
     return model, VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
 
 
@@ -91,14 +122,16 @@ def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
 
     # The IQ-Former's cross-attention, the queries and the heads start random: --seed fixes them, as it fixes the data.
     set_seed(training_args.seed)
-    model, processor = build_model(model_args, resolve_dtype(training_args.precision))
-    model.set_trainable_stage("pretrain")
-    logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
-
+    # Flags, checkpoint and data sources (shard patterns expanded, files opened) first: a typo costs no model load.
+    check_model_arguments(model_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     dataset = build_pair_dataset(
         data_args.train_sources, data_args.source_probabilities, seed=training_args.seed,
         shuffle_buffer=data_args.shuffle_buffer,
     )
+    model, processor = build_model(model_args, resolve_dtype(training_args.precision))
+    model.set_trainable_stage("pretrain")
+    logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
     trainer = VIKDFPretrainTrainer(
         model=model,
         args=training_args,
@@ -107,7 +140,7 @@ def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
         data_collator=PretrainCollator(processor, model.config, seed=training_args.seed + training_args.process_index),
         processing_class=processor,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     logger.info(f"Skipped pairs: {dataset.skips.summary()}")
     return trainer

@@ -1,7 +1,9 @@
-"""Shared pieces of the pre-training tests: tiny `train_pretrain.py` arguments, dropout switched off, and a callback
-that captures gradients just before the optimizer step. The synthetic pair world is conftest's `pair_world`."""
+"""Shared pieces of the pre-training tests: tiny `train_pretrain.py` arguments, dropout switched off, a callback
+that captures gradients just before the optimizer step, batch slicing and a free port for multi-process runs.
+The synthetic pair world is conftest's `pair_world`."""
 
 import json
+import socket
 
 import torch
 from torch import nn
@@ -58,6 +60,21 @@ def set_dropout(model: nn.Module, p: float) -> nn.Module:
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Dropout off everywhere, train mode kept."""
     return set_dropout(model, 0.0)
+
+
+def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Images start..stop of a collated batch: their CLIP rows, IACI rows and (with BVIF) IAKR rows."""
+    images = batch["pixel_values"].shape[0]
+    rows_per_image = batch["llm_input_ids"].shape[0] // images
+    llm_rows = torch.cat([torch.arange(start, stop) + r * images for r in range(rows_per_image)])
+    return {key: value[llm_rows] if key.startswith("llm_") else value[start:stop] for key, value in batch.items()}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process run's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

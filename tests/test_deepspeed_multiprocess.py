@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from pretrain_helpers import pretrain_argv
+from pretrain_helpers import free_port, pretrain_argv
 
 from vikdf.data.pairs import Partition, SkipCounter, WebDatasetSource
 
@@ -29,12 +28,6 @@ pytest.importorskip("deepspeed")
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 CORRUPT_KEY = "000000003"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_extra_shard(path: Path) -> None:
@@ -88,7 +81,7 @@ def deepspeed_run(tiny_components, pair_world, tmp_path_factory):
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", "ds_configs/accelerate_zero2.yaml",
         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "train_pretrain.py", *argv,
     ]  # fmt: skip
     env = {

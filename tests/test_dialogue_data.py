@@ -74,6 +74,21 @@ def test_max_context_turns_keeps_the_latest(tmp_path):
         load_dialogues(tmp_path / "train.json", max_context_turns=0)
 
 
+def test_context_turns_drops_other_dialogues_as_the_released_reddit_reader(tmp_path, caplog):
+    records = [{"context": [f"t{j}" for j in range(turns)], "response": f"r{turns}"} for turns in (1, 2, 3, 4, 2)]
+    path = _write_json(tmp_path / "reddit.json", records)
+    with caplog.at_level(logging.INFO, logger="vikdf.data.dialogue"):
+        kept = load_dialogues(path, context_turns=(2, 3))
+    # Dropped, not truncated: the 4-turn context is gone rather than cut to its last 3 turns.
+    assert [len(d.context) for d in kept] == [2, 3, 2] and [d.response for d in kept] == ["r2", "r3", "r2"]
+    assert "Dropped 2 dialogue(s)" in caplog.text and "reddit.json" in caplog.text and "[2, 3]" in caplog.text
+    # The rule applies before the fraction is drawn, as the release selects from the filtered set.
+    assert len(load_dialogues(path, context_turns=(2, 3), fraction=1 / 3)) == 1
+    assert len(load_dialogues(path)) == 5
+    with pytest.raises(ValueError, match="context_turns"):
+        load_dialogues(path, context_turns=(0, 2))
+
+
 def test_fraction_is_a_seeded_nested_subset(tmp_path):
     records = [{"context": [f"turn {i}"], "response": f"reply {i}"} for i in range(64)]
     path = _write_json(tmp_path / "train.json", records)

@@ -3,11 +3,12 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModel, HfArgumentParser
 
 import eval_dialogue
 import train_dialogue
@@ -113,7 +114,8 @@ def test_vikdf_fine_tuning_saves_an_inference_checkpoint_that_fits_better(world,
 
 def test_model_card_snippet_runs(world, finetuned, capsys):
     card = (world["root"] / "vikdf" / "README.md").read_text()
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace(PLACEHOLDER_REPO, finetuned.output_dir)
+    snippets = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+    snippet = next(s for s in snippets if "AutoModel" in s).replace(PLACEHOLDER_REPO, finetuned.output_dir)
     exec(compile(snippet.replace("max_new_tokens=32", "max_new_tokens=4"), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("[") and printed.count("'") + printed.count('"') >= 2  # one decoded response
@@ -141,7 +143,7 @@ def test_eval_writes_predictions_metrics_and_card_row(world, finetuned):
     assert json.loads((out / "eval_info.json").read_text())["with_knowledge"] is True
 
     card = (world["root"] / "vikdf" / "README.md").read_text()
-    assert world["llm"] in card  # names its base model
+    assert f"`{Path(world['llm']).name}` (a local folder)" in card and world["llm"] not in card  # no local path
     assert "| Test set | PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy | Dis-1 | Dis-2 |" in card
     assert f"| image_chat/test.json | {metrics['ppl']:.2f} |" in card
 
@@ -215,3 +217,38 @@ def test_clear_errors(world):
     with pytest.raises(FileNotFoundError, match="missing.json"):
         eval_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--test_file", str(world["root"] / "missing.json"),
                             "--output_dir", str(world["root"] / "x")])
+
+
+def _parse_dialogue_flags(argv: list[str]):
+    parser = HfArgumentParser((train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments,
+                               DialogueTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=train_dialogue.with_preset(argv))
+
+
+def test_paper_presets_set_the_released_fine_tuning_and_explicit_flags_win(world, tmp_path):
+    required = ["--model_name_or_path", "m", "--train_file", str(world["train"]), "--output_dir", str(tmp_path)]
+    _, data, training = _parse_dialogue_flags(["--preset", "paper-reddit", *required])
+    assert (training.num_train_epochs, training.learning_rate, training.weight_decay) == (5, 1e-4, 0)
+    assert training.warmup_steps == 0
+    assert training.lr_scheduler_type == "linear"
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (4, 8)
+    assert data.max_length == 128 + 32 + 32 and data.context_turns == "2,3" and data.max_context_turns is None
+    # The Reddit rule drops (not truncates) contexts of other sizes: of TRAIN's 1- and 2-turn contexts, the 2-turn ones.
+    kept = train_dialogue._load(data.train_file, data.train_format, data)
+    assert [d.context for d in kept] == [tuple(c) for c, _ in TRAIN if len(c) == 2]
+
+    _, data, training = _parse_dialogue_flags(["--preset=paper-image-chat", *required])
+    assert training.num_train_epochs == 1 and data.context_turns is None and training.learning_rate == 1e-4
+
+    # Flags given explicitly win wherever they stand.
+    _, data, training = _parse_dialogue_flags(
+        ["--learning_rate", "3e-4", "--preset", "paper-reddit", *required,
+         "--context_turns", "3", "--num_train_epochs", "2"]
+    )
+    assert (training.learning_rate, training.num_train_epochs, data.context_turns) == (3e-4, 2, "3")
+    assert training.gradient_accumulation_steps == 8  # the rest of the preset still holds
+    # Without a preset nothing changes.
+    _, data, training = _parse_dialogue_flags(required)
+    assert training.num_train_epochs == 1 and training.weight_decay == 0.05 and data.context_turns is None
+    with pytest.raises(ValueError, match="paper-reddit"):
+        train_dialogue.with_preset(["--preset", "paper", *required])

@@ -185,9 +185,10 @@ def test_model_card_metrics_rows_replace_per_test_set(tmp_path):
     assert "meta-llama/Llama-2-7b-chat-hf" in text  # the rest of the card survives
 
 
-def test_local_base_model_is_named_in_text_not_metadata(tmp_path):
+def test_local_base_model_is_named_by_its_folder_name_in_text_not_metadata(tmp_path):
     card = build_model_card(base_model=str(tmp_path), method="lora", train_fraction=0.0)
-    assert card.data.base_model is None and str(tmp_path) in card.text
+    assert card.data.base_model is None and f"`{tmp_path.name}` (a local folder)" in card.text
+    assert str(tmp_path) not in card.text
     assert "with_knowledge=False" in card.text and "zero-resource" in card.text
 
 

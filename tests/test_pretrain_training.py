@@ -14,10 +14,11 @@ from pretrain_helpers import (
     load_pairs,
     pretrain_argv,
     set_dropout,
+    slice_batch,
     trainable_state,
 )
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback
+from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import train_pretrain
 from vikdf.arguments import PretrainTrainingArguments
@@ -54,16 +55,30 @@ def make_trainer(model, processor, output_dir, train_dataset, data_collator, cal
     )
 
 
-def slice_batch(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
-    """Images start..stop of a collated batch: their CLIP rows, IACI rows and (with BVIF) IAKR rows."""
-    images = batch["pixel_values"].shape[0]
-    rows_per_image = batch["llm_input_ids"].shape[0] // images
-    llm_rows = torch.cat([torch.arange(start, stop) + r * images for r in range(rows_per_image)])
-    return {key: value[llm_rows] if key.startswith("llm_") else value[start:stop] for key, value in batch.items()}
-
-
 def logged_steps(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+# --------------------------------------------------------------------------------------------------- schedule
+
+
+def test_default_schedule_warms_up_linearly_over_10_percent_then_stays_constant(tmp_path):
+    """Paper §4.2: linear warm-up over the first 10 %; the release then held the rate (constant_with_warmup)."""
+    parser = HfArgumentParser(PretrainTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--precision", "fp32", "--report_to", "none"]
+    )
+    assert args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 0.1
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    peak = args.learning_rate
+    assert rates[:11] == pytest.approx([peak * step / 10 for step in range(11)])
+    assert rates[10:] == pytest.approx([peak] * 90)
 
 
 # --------------------------------------------------------------------------------------------------- accumulation

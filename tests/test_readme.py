@@ -60,21 +60,52 @@ def test_paper_pretraining_command_parses_with_the_papers_towers_and_pair_source
     assert training_args.per_device_train_batch_size * 4 == 128 and training_args.max_steps == 100_000
 
 
-@pytest.mark.parametrize(
-    ("script", "dataclasses", "file_field", "dataset"),
-    [
-        ("train_dialogue.py", (train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments,
-                               DialogueTrainingArguments), "train_file", "reddit/"),
-        ("eval_dialogue.py", (eval_dialogue.EvalArguments,), "test_file", "image_chat/test.json"),
-    ],
+DIALOGUE_TRAINING = (
+    train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, DialogueTrainingArguments
 )
-def test_paper_dialogue_commands_parse_with_reddit_and_image_chat(script, dataclasses, file_field, dataset):
-    invocations = readme_invocations(script)
-    assert invocations, f"the README shows no complete {script} command"
-    for argv in invocations:
-        parsed = HfArgumentParser(dataclasses).parse_args_into_dataclasses(args=argv)
-        files = [getattr(args, file_field) for args in parsed if hasattr(args, file_field)]
-        assert files and dataset in files[0], (argv, files)
+
+
+def parsed_training_commands() -> list[tuple]:
+    """(model, data, training) arguments of every README train_dialogue.py command, its preset applied."""
+    return [
+        HfArgumentParser(DIALOGUE_TRAINING).parse_args_into_dataclasses(args=train_dialogue.with_preset(argv))
+        for argv in readme_invocations("train_dialogue.py")
+    ]
+
+
+def parsed_eval_commands() -> list:
+    return [
+        HfArgumentParser(eval_dialogue.EvalArguments).parse_args_into_dataclasses(args=argv)[0]
+        for argv in readme_invocations("eval_dialogue.py")
+    ]
+
+
+def test_paper_dialogue_commands_parse_and_chain_image_chat_after_reddit():
+    """The paper's rows as the release's run_inference.sh made them: Reddit; Image-Chat fine-tuned from the Reddit
+    checkpoint; Zero Data = the Reddit checkpoint tested on Image-Chat."""
+    runs = {args[1].train_file.split("/")[0]: args for args in parsed_training_commands()}
+    assert set(runs) == {"reddit", "image_chat"}, runs
+    reddit_model, reddit_data, reddit_training = runs["reddit"]
+    assert reddit_data.preset == "paper-reddit" and reddit_training.num_train_epochs == 5
+    assert reddit_data.context_turns == "2,3" and reddit_data.train_fraction == 1
+    chat_model, chat_data, chat_training = runs["image_chat"]
+    assert chat_data.preset == "paper-image-chat" and chat_training.num_train_epochs == 1
+    assert chat_model.model_name_or_path == reddit_training.output_dir  # Image-Chat starts from the Reddit checkpoint
+    assert chat_data.train_fraction in (1.0, 0.25, 0.125)
+
+    tested = {(args.model_name_or_path, args.test_file.split("/")[0]) for args in parsed_eval_commands()}
+    assert (reddit_training.output_dir, "reddit") in tested
+    assert (reddit_training.output_dir, "image_chat") in tested  # the Zero Data row
+    assert (chat_training.output_dir, "image_chat") in tested
+    reddit_eval = [a for a in parsed_eval_commands() if a.test_file.startswith("reddit/")]
+    assert all(a.context_turns == "2,3" for a in reddit_eval)
+
+
+def test_dialogue_section_names_the_papers_rows_and_no_fully_zero_resource_fraction():
+    section = README.split("## Dialogue fine-tuning", 1)[1].split("\n## ", 1)[0]
+    for row in ("Reddit row", "Zero Data", "1/4 Data", "1/8 Data", "starting from the Reddit checkpoint"):
+        assert row in section, row
+    assert "fully zero-resource" not in README
 
 
 def test_demo_to_paper_table_names_the_real_components_and_data():

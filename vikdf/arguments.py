@@ -32,14 +32,23 @@ class VIKDFTrainingArguments(TrainingArguments):
 
 @dataclass
 class PretrainTrainingArguments(VIKDFTrainingArguments):
-    """Paper §4.2: 4 GPUs × 32 = global batch 128, 100k steps, AdamW lr 1e-4, weight decay 0.05, 10 % warm-up."""
+    """Paper §4.2: 4 GPUs × 32 = global batch 128, 100k steps, AdamW lr 1e-4, weight decay 0.05, 10 % linear warm-up
+    (then constant, as released)."""
 
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Micro-batch per device (paper: 4 × 32)."})
     max_steps: int = field(default=100_000, metadata={"help": "Training steps (paper: 100k)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate (paper: 1e-4)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (paper: 0.05)."})
     warmup_steps: float = field(default=0.1, metadata={"help": "Linear warm-up: steps, or a ratio < 1 (paper: 0.1)."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Schedule after warm-up."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup",
+        metadata={
+            "help": "Schedule: linear warm-up (the paper's 10 %), then constant, as the release's scripts/run_train.sh "
+            "asked for (`linear` decays to 0 instead). The release's DeepSpeed config (ds_config_zero1.json) replaced "
+            "even that with DeepSpeed's WarmupLR: a logarithmic warm-up over the same steps, then constant. Our "
+            "ds_configs/ have no scheduler block, so this flag holds under DeepSpeed too."
+        },
+    )
     save_steps: float = field(default=5000, metadata={"help": "Checkpoint every N steps."})
     logging_steps: float = field(default=50, metadata={"help": "Log the five objectives every N steps."})
 

@@ -19,7 +19,7 @@ from transformers import (
 from transformers.utils import logging
 
 from configuration_vikdf import VIKDFConfig
-from modeling_vikdf import VIKDFForConditionalGeneration
+from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
 from processing_vikdf import VIKDFProcessor
 
 logger = logging.get_logger(__name__)
@@ -101,9 +101,11 @@ def build_vikdf_from_components(
     if len(processor.tokenizer) > llm_model.get_input_embeddings().num_embeddings:
         llm_model.resize_token_embeddings(len(processor.tokenizer))
 
+    qformer_config = iq_former_config_from_bert(bert_model.config, clip_model.config.projection_dim)
+    qformer_config._name_or_path = bert  # for the model card's list of bases
     config = VIKDFConfig(
         clip_config=clip_model.config,
-        qformer_config=iq_former_config_from_bert(bert_model.config, clip_model.config.projection_dim),
+        qformer_config=qformer_config,
         text_config=llm_model.config,
         num_query_tokens=num_query_tokens,
         knowledge_token=processor.knowledge_token,
@@ -121,7 +123,7 @@ def build_vikdf_from_components(
         state.update(_prefixed(clip_model.vision_model.state_dict(), "vision_encoder."))
         state.update(_prefixed(clip_model.visual_projection.state_dict(), "visual_projection."))
     model = VIKDFForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-    model.generation_config = llm_model.generation_config
+    model.generation_config = paper_generation_config(llm_model.generation_config)  # its ids, the paper's decoding
     return model, processor
 
 

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from modeling_vikdf import VIKDFForConditionalGeneration
+from modeling_vikdf import PAPER_GENERATION, VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
+from vikdf.checks import load_checkpoint_config
 from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 from vikdf.stats import aggregate_runs, format_markdown_table, significance_mark
 
@@ -61,9 +62,8 @@ LOWER_IS_BETTER = ("ppl", "ppl_token")
 # `perplexity(convention=...)` -> the metrics key of that figure.
 PPL_CONVENTIONS = {"dialogue": "ppl", "token": "ppl_token"}
 
-# Generation of the released code (DESIGN.md §3). `do_sample=False` matters: Llama-2-chat's generation_config
-# samples (temperature 0.6, top-p 0.9), which would turn beam search into beam sampling.
-RELEASED_GENERATION: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "max_new_tokens": 32, "do_sample": False}
+# Generation of the released code (DESIGN.md §3), passed explicitly so that every checkpoint is evaluated alike.
+RELEASED_GENERATION: dict[str, Any] = dict(PAPER_GENERATION)
 
 Context = str | Sequence[str]
 
@@ -74,7 +74,11 @@ Context = str | Sequence[str]
 def load_checkpoint(
     path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
-    """A VIKDF checkpoint (folder or hub id) and its processor, with the local classes (no remote code runs)."""
+    """A VIKDF checkpoint (folder or hub id) and its processor, with the local classes (no remote code runs).
+
+    The folder, its config and its weight files are checked first (`vikdf.checks.load_checkpoint_config`).
+    """
+    load_checkpoint_config(os.fspath(path), flag="checkpoint")
     model = VIKDFForConditionalGeneration.from_pretrained(path, dtype=dtype)
     processor = VIKDFProcessor.from_pretrained(path)
     if processor.num_query_tokens != model.config.num_query_tokens:

@@ -1,10 +1,13 @@
 """Hub model cards (README.md) for VIKDF dialogue checkpoints.
 
-`write_model_card` writes the card a training run leaves next to the weights: metadata (base model, datasets,
-pipeline tag, library, tags), what the checkpoint is (paper §3.4: knowledge distilled from the dialogue context
-alone, or the Table-4 LoRA baseline without knowledge), a "how to load and generate" snippet, and an evaluation
-section. `update_model_card_metrics` fills that section with a Table-1 row per test set after `eval_dialogue.py`
-(one row per test set; evaluating the same set again replaces its row). Nothing here touches the network.
+`write_model_card` writes the card a training run leaves next to the weights: metadata (base model, licence,
+datasets, pipeline tag, library, tags), what the checkpoint is (paper §3.4: knowledge distilled from the dialogue
+context alone, or the Table-4 LoRA baseline without knowledge) and its LLM, CLIP and BERT bases, a "how to
+generate" snippet (the remote-code text-generation pipeline of `pipeline_vikdf.py`), and an evaluation section.
+`update_model_card_metrics` fills that section with a Table-1 row per test set after `eval_dialogue.py`, and the
+metadata's `model-index` with the same numbers as `EvalResult`s, which the Hub reads (evaluating the same set again
+replaces its row and results). Local folders are named by their last component only. Nothing here touches the
+network.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
-from vikdf.evaluation import TABLE1_COLUMNS, metrics_markdown
+from vikdf.atomic import write_text_atomic
+from vikdf.evaluation import EXTRA_COLUMNS, TABLE1_COLUMNS, metrics_markdown
 
 logger = logging.get_logger(__name__)
 
@@ -34,6 +38,11 @@ TOKENIZER_COLUMN = "Tokeniser"
 PAPER = (
     "Distilling Implicit Multimodal Knowledge into Large Language Models for Zero-Resource Dialogue Generation"
 )
+# The paper text gives no arXiv id; the link finds it by its title.
+PAPER_URL = "https://arxiv.org/search/?searchtype=title&query=" + "+".join(PAPER.split())
+# Hub licence names of the base LLM families, matched in order against the lower-cased LLM name.
+LICENSES = (("llama-2", "llama2"), ("llama2", "llama2"), ("llama-3", "llama3"), ("qwen2", "apache-2.0"), ("mistral", "apache-2.0"))
+TASK = "text-generation"  # the pipeline tag, and the task `pipeline_vikdf.py` registers
 METHODS = ("vikdf", "lora")
 PLACEHOLDER_REPO = "path/to/this/checkpoint"  # in the snippets when the card does not know its hub id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -49,6 +58,53 @@ def base_model_from_config(config) -> str | None:
 def looks_like_hub_id(name: str | None) -> bool:
     """True for `org/name` or `name`, False for local folders (which the Hub's `base_model` field rejects)."""
     return bool(name) and not os.path.isabs(name) and not os.path.exists(name) and bool(_HUB_ID.match(name))
+
+
+def component_names_from_config(config) -> dict[str, str | None]:
+    """The CLIP and BERT the checkpoint was built from, as its config remembers them (`vikdf.components`)."""
+    names = {}
+    for key, attribute in (("clip_model", "clip_config"), ("bert_model", "qformer_config")):
+        sub = getattr(config, attribute, None)
+        names[key] = getattr(sub, "_name_or_path", None) or None
+    return names
+
+
+def default_license(base_model: str | None) -> str | None:
+    """The Hub licence name of the base LLM's family (`llama2` for Llama-2, `apache-2.0` for Qwen2.5, Mistral)."""
+    name = os.path.basename(base_model or "").lower()
+    return next((license for key, license in LICENSES if key in name), None)
+
+
+def _shown(name: str | None, missing: str) -> str:
+    """A model as the card's text shows it: a hub id as it is, a local folder by its last component only."""
+    if not name:
+        return missing
+    return f"`{name}`" if looks_like_hub_id(name) else f"`{os.path.basename(os.path.normpath(name))}` (a local folder)"
+
+
+def eval_results(metrics: Mapping[str, float | None], test_name: str) -> list[EvalResult]:
+    """The metrics of one test set (Table 1 and the token-level PPL) as Hub `EvalResult`s (model-index); missing
+    metrics are left out."""
+    return [
+        EvalResult(
+            task_type=TASK, dataset_type=test_name, dataset_name=test_name, metric_type=key, metric_name=title,
+            metric_value=float(metrics[key]),
+        )
+        for key, title in TABLE1_COLUMNS + EXTRA_COLUMNS
+        if metrics.get(key) is not None
+    ]
+
+
+def _pipeline_usage(repo: str, method: str) -> str:
+    knowledge = "" if method == "lora" else ", return_knowledge=True"
+    answer = '{"generated_text": ...}' if method == "lora" else '{"generated_text": ..., "knowledge": ...}'
+    return f"""```python
+from transformers import pipeline
+
+chat = pipeline("{TASK}", model="{repo}", trust_remote_code=True)
+context = ["what a beautiful sky tonight.", "i always wonder what is up there."]  # turns, oldest first
+print(chat(context{knowledge}))  # {answer}
+```"""
 
 
 def _usage(repo: str, method: str) -> str:
@@ -72,8 +128,15 @@ print(processor.decode_responses(outputs, inputs["input_ids"].shape[1]))
 ```"""
 
 
-def _description(base_model: str | None, method: str, train_file: str | None, train_fraction: float | None) -> str:
-    llm = f"`{base_model}`" if base_model else "an unnamed LLM"
+def _description(
+    base_model: str | None,
+    method: str,
+    train_file: str | None,
+    train_fraction: float | None,
+    clip_model: str | None = None,
+    bert_model: str | None = None,
+) -> str:
+    llm = _shown(base_model, "an unnamed LLM")
     if method == "lora":
         what = (
             f"the LoRA baseline of the paper's Table 4: {llm} fine-tuned with LoRA (merged into the weights) on "
@@ -87,14 +150,17 @@ def _description(base_model: str | None, method: str, train_file: str | None, tr
             "needed at inference."
         )
     if train_fraction == 0:
-        tuning = "No dialogue fine-tuning: a fully zero-resource checkpoint (‡ in the paper's Table 1)."
+        # The paper's "Zero Data" row (‡) is the Reddit-tuned checkpoint tested on Image-Chat, not this one.
+        tuning = "No dialogue fine-tuning (`--train_fraction 0`): the given checkpoint, re-saved for inference."
     elif train_file is None:
         tuning = "Dialogue fine-tuning: not recorded in this card."
     else:
         share = "all" if train_fraction is None or train_fraction >= 1 else f"{train_fraction:g}"
         trained = "LoRA adapters on the LLM" if method == "lora" else "the queries, IQ-Former and language projection"
         tuning = f"Dialogue fine-tuning on {share} of `{os.path.basename(train_file)}`: {trained} trained, the rest frozen."
-    return f"This is {what}\n\n- Base LLM: {llm}\n- {tuning}"
+    bases = f"- Base LLM: {llm}\n- CLIP (frozen text tower): {_shown(clip_model, 'not recorded')}\n"
+    bases += f"- BERT (initialises the IQ-Former): {_shown(bert_model, 'not recorded')}"
+    return f"This is {what}\n\n{bases}\n- {tuning}"
 
 
 def build_model_card(
@@ -107,8 +173,12 @@ def build_model_card(
     model_id: str | None = None,
     license: str | None = None,
     metrics_block: str | None = None,
+    clip_model: str | None = None,
+    bert_model: str | None = None,
+    results: Sequence[EvalResult] | None = None,
 ) -> ModelCard:
-    """A VIKDF model card. `base_model` goes into the metadata only when it is a hub id, always into the text."""
+    """A VIKDF model card. `base_model` goes into the metadata only when it is a hub id; the licence defaults to
+    the base LLM family's (`default_license`); `results` fill the metadata's model-index."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {METHODS}.")
     if base_model and not looks_like_hub_id(base_model):
@@ -117,9 +187,11 @@ def build_model_card(
         base_model=base_model if looks_like_hub_id(base_model) else None,
         datasets=list(datasets) if datasets else None,
         language="en",
-        license=license,
+        license=license or default_license(base_model),
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=TASK,
+        model_name=model_id or "VIKDF",
+        eval_results=list(results) if results else None,
         tags=["vikdf", "dialogue", "zero-resource", "custom_code"] + (["lora"] if method == "lora" else []),
     )
     title = "VIKDF LoRA baseline" if method == "lora" else "VIKDF"
@@ -127,11 +199,18 @@ def build_model_card(
     body = f"""
 # {title}: zero-resource dialogue generation
 
-{_description(base_model, method, train_file, train_fraction)}
+{_description(base_model, method, train_file, train_fraction, clip_model, bert_model)}
 
-Paper: *{PAPER}*.
+Paper: [*{PAPER}*]({PAPER_URL}).
 
-## How to load and generate
+## How to generate
+
+The checkpoint's remote code registers a text-generation pipeline that runs the whole VIKDF path (context → CLIP
+text tower → IQ-Former → knowledge → LLM) with the paper's decoding (beam 3, no repeated 3-grams, 32 new tokens):
+
+{_pipeline_usage(repo, method)}
+
+The same with the model and processor:
 
 {_usage(repo, method)}
 
@@ -151,11 +230,10 @@ python eval_dialogue.py --model_name_or_path {repo} --test_file image_chat/test.
 
 
 def write_model_card(directory: str | os.PathLike, **kwargs) -> Path:
-    """Write `build_model_card(**kwargs)` to `directory/README.md` and return the path."""
+    """Write `build_model_card(**kwargs)` to `directory/README.md` (whole or not at all) and return the path."""
     path = Path(directory) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_model_card(**kwargs).save(path)
-    return path
+    return write_text_atomic(path, str(build_model_card(**kwargs)))
 
 
 def _rows(block: str) -> dict[str, str]:
@@ -178,32 +256,38 @@ def update_model_card_metrics(
     config=None,
     tokenizer: str | None = None,
 ) -> Path:
-    """Put a Table-1 row for `test_name` into the card of checkpoint folder `directory` (rewriting README.md).
+    """Put a Table-1 row for `test_name` into the card of checkpoint folder `directory` (rewriting README.md), and
+    its metrics into the metadata's model-index (`eval_results`), replacing those of an earlier run on that set.
 
     `tokenizer` names the word tokeniser behind BLEU/ROUGE/embeddings (the evaluation result's "tokenizer").
-    A folder without a VIKDF card gets a fresh one (base model from `config`, when given).
+    A folder without a VIKDF card gets a fresh one (bases from `config`, when given).
     """
     path = Path(directory) / "README.md"
     row = metrics_markdown(metrics, label=("Test set", test_name)).splitlines()[-1] + f" {tokenizer or '–'} |"
+    results = eval_results(metrics, test_name)
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     if METRICS_START in text and METRICS_END in text:
         head, rest = text.split(METRICS_START, 1)
         block, tail = rest.split(METRICS_END, 1)
         rows = _rows(block)
         rows[test_name] = row
-        text = f"{head}{METRICS_START}\n{metrics_block(rows)}\n{METRICS_END}{tail}"
-        path.write_text(text, encoding="utf-8")
-        return path
+        card = ModelCard(f"{head}{METRICS_START}\n{metrics_block(rows)}\n{METRICS_END}{tail}")
+        kept = [r for r in card.data.eval_results or [] if r.dataset_name != test_name]
+        card.data.eval_results = kept + results
+        card.data.model_name = card.data.model_name or "VIKDF"
+        return write_text_atomic(path, str(card))
     if text:
         logger.warning(f"{path} has no VIKDF evaluation section; writing a new VIKDF card in its place.")
     method = getattr(config, "dialogue_method", "vikdf") if config is not None else "vikdf"
     return write_model_card(
         directory,
         base_model=base_model_from_config(config) if config is not None else None,
+        **(component_names_from_config(config) if config is not None else {}),
         method=method if method in METHODS else "vikdf",
         train_file=None,
         train_fraction=None,
         metrics_block=metrics_block({test_name: row}),
+        results=results,
     )
 
 
@@ -214,4 +298,7 @@ __all__ = [
     "write_model_card",
     "update_model_card_metrics",
     "looks_like_hub_id",
+    "component_names_from_config",
+    "default_license",
+    "eval_results",
 ]

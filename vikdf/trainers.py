@@ -7,16 +7,33 @@ Gradient accumulation: the pixel- and token-level objectives are normalised by t
 accumulated batch (counted in `_get_num_items_in_batch`), so accumulating micro-batches gives the gradient of one
 large batch; TIM, whose negatives are the batch itself, is a per-micro-batch mean scaled by 1/accumulation. The
 logged per-objective values are plain micro-batch means, so they do not change with the accumulation setting.
+
+Several processes: with `average_tokens_across_devices` (transformers' default) the counts are summed over ranks,
+so a rank's loss is its local sum over the global count; it is then multiplied by the number of processes, as the
+base `Trainer.compute_loss` does, because DDP and DeepSpeed average (not sum) gradients over ranks. Without that
+factor the loss, the gradient and the `max_grad_norm` clipping threshold were 1/world_size of one process's on the
+same global batch.
 """
 
+import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from vikdf.atomic import (
+    STAGING_PREFIX,
+    TRAINER_STATE_NAME,
+    commit_folder,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    staging_folder,
+)
 from vikdf.losses import IGNORE_INDEX, iaci_loss, iakr_loss, iamtm_loss, tamim_loss, tim_loss
 from vikdf.masking import apply_pixel_mask
 
@@ -75,7 +92,91 @@ class _MetricsMixin:
         super().log(logs, *args, **kwargs)
 
 
-class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
+RESUME_LAST = "last"
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or "last" for the newest complete one in `output_dir`
+    (a fresh start when there is none yet). A folder that an interrupted save left incomplete is refused."""
+    if value is None:
+        return None
+    if value == RESUME_LAST:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            logger.info(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir} yet; starting fresh.")
+            return None
+        logger.info(f"--resume_from_checkpoint last: resuming from {checkpoint}.")
+        return str(checkpoint)
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such folder.")
+    if not is_complete_checkpoint(value):
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r} is incomplete (no readable {TRAINER_STATE_NAME}): its save was "
+            f"interrupted. Use --resume_from_checkpoint {RESUME_LAST} to take the newest complete checkpoint."
+        )
+    return value
+
+
+class _AtomicSaveMixin:
+    """Checkpoints and the final save written to a `_saving-*` folder and renamed once complete (`vikdf.atomic`).
+
+    `Trainer._save_checkpoint` writes the weights, the optimizer, scheduler and RNG states, then
+    `trainer_state.json` into `checkpoint-N`; a kill in between left a folder that looked loadable and that
+    `get_last_checkpoint` picked. Here the Trainer writes into `_saving-checkpoint-N/checkpoint-N` (its run folder
+    is redirected while it saves), and the folder is renamed to `checkpoint-N`, then rotated, once all is written.
+    """
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_checkpoint_staging", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial=trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        if self.args.should_save:
+            staging_folder(run_dir, name)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every rank's optimizer shards are written
+        if self.args.should_save:
+            staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+            if self.state.best_model_checkpoint == staged:  # the Trainer found this step the best, under its staged name
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            if os.path.isdir(final):  # saved again at the same step (e.g. after resuming from it)
+                os.replace(final, os.path.join(staging, "previous"))
+            os.replace(staged, final)
+            shutil.rmtree(staging)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if getattr(self, "_checkpoint_staging", None) is not None:  # a checkpoint, already inside its staging folder
+            return super().save_model(output_dir, _internal_call=True)
+        # The final save, or push_to_hub's re-save of the output folder (an internal call): staged, then moved in.
+        target = output_dir or self.args.output_dir
+        staged = os.path.join(target, STAGING_PREFIX + "model")
+        if self.args.should_save:
+            staging_folder(target, "model")
+        self.accelerator.wait_for_everyone()
+        super().save_model(staged, _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            commit_folder(staged, target)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
     """Joint knowledge distillation and integration on image–text pairs (paper §3.2–3.4.1).
 
     Batches come from `vikdf.data.collators.PretrainCollator`. Losses are logged as `loss_tim`, `loss_tamim`,
@@ -127,15 +228,29 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
         for batch in batch_samples:
             for name, count in count_items(batch, n).items():
                 totals[name] = totals[name] + count.cpu()
-        return {name: count.to(device) for name, count in totals.items()}
+        if not totals:
+            return {}
+        counts = torch.stack([totals[name] for name in totals]).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # The items of the global batch, as `Trainer._get_num_items_in_batch` counts tokens.
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return dict(zip(totals, counts, strict=True))
+
+    def _rank_loss_scale(self) -> int:
+        """The factor `Trainer.compute_loss` applies to a loss normalised by counts summed over ranks: the number
+        of processes that see different data, since DDP and DeepSpeed average the ranks' gradients."""
+        if not self.args.average_tokens_across_devices:
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         vikdf = self.accelerator.unwrap_model(model)
         config = vikdf.config
         objectives = enabled_objectives(config)
         local_counts = count_items(inputs, config.num_query_tokens)
+        rank_scale = self._rank_loss_scale()
         if not model.training or not isinstance(num_items_in_batch, dict):
-            num_items_in_batch = local_counts
+            num_items_in_batch, rank_scale = local_counts, 1
         accumulation = self.current_gradient_accumulation_steps if model.training else 1
 
         means = self._objective_sums(model, vikdf, inputs, objectives)
@@ -146,8 +261,8 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
                 scaled = value / accumulation
                 logged["loss_tim"] = value
             else:
-                # value is a sum over this micro-batch's items: normalise by the accumulated batch's count.
-                scaled = value / num_items_in_batch[name].clamp(min=1)
+                # value is a sum over this micro-batch's items: normalise by the accumulated (global) batch's count.
+                scaled = value * rank_scale / num_items_in_batch[name].clamp(min=1)
                 logged[f"loss_{name}"] = value / local_counts[name].clamp(min=1)
             total = total + weights[name] * scaled
         self._record(logged)
@@ -221,12 +336,13 @@ class VIKDFPretrainTrainer(_MetricsMixin, Trainer):
         return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
 
 
-class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
+class VIKDFDialogueTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
     """Dialogue fine-tuning of P(R | C, K) (§3.4.1): response NLL; the queries, IQ-Former and
     `language_projection` train, everything else stays frozen.
 
-    The LLM's loss is normalised by the response tokens of the whole accumulated batch (`num_items_in_batch`), so
-    accumulation gives the gradient of one large batch and the logged loss does not grow with it.
+    The LLM's loss is normalised by the response tokens of the whole accumulated batch, summed over ranks
+    (`num_items_in_batch`), and the base `Trainer.compute_loss` multiplies it by the number of processes; so neither
+    accumulation nor the number of processes changes the logged loss or the gradient of a given global batch.
     """
 
     def __init__(self, *args, model_card_writer: Callable[[str], None] | None = None, **kwargs):
@@ -234,10 +350,6 @@ class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
         self.model_card_writer = model_card_writer
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
-
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The VIKDF card of `model_card_writer` (see `vikdf.model_card`) when one was given, else Trainer's draft."""
@@ -247,4 +359,12 @@ class VIKDFDialogueTrainer(_MetricsMixin, Trainer):
             self.model_card_writer(self.args.output_dir)
 
 
-__all__ = ["VIKDFPretrainTrainer", "VIKDFDialogueTrainer", "enabled_objectives", "loss_weights", "OBJECTIVES"]
+__all__ = [
+    "VIKDFPretrainTrainer",
+    "VIKDFDialogueTrainer",
+    "enabled_objectives",
+    "loss_weights",
+    "OBJECTIVES",
+    "RESUME_LAST",
+    "resolve_resume_checkpoint",
+]

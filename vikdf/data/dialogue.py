@@ -7,8 +7,9 @@
   last, all lowercased; styles and images are not used (zero-resource setting).
 
 :func:`load_dialogues` is the entry point; it also takes the training-set fraction of the paper's
-low-resource experiments (1, 1/4, 1/8 and 0 = zero-resource) and the context window of the released code,
-which keeps the last 2–3 turns of a Reddit context.
+low-resource experiments (1, 1/4, 1/8 and 0 = no training), the rule of the released Reddit reader, which
+*drops* every dialogue whose context does not have 2 or 3 turns (``context_turns=(2, 3)``), and an optional
+truncation to the last N context turns, which the release does not do.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ logger = logging.get_logger(__name__)
 
 FORMATS = ("reddit_json", "reddit_tsv", "image_chat")
 
-_FIX_HINT = "Fix or remove this record, or pass skip_bad=True to skip bad records."
+_FIX_HINT = "Fix or remove this record, or skip bad records with --skip_bad_records (skip_bad=True in Python)."
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def _read_json(path: str) -> list[Any]:
 
 
 def _detect_json_format(path: str, records: list[Any]) -> str:
+    if not records:
+        raise ValueError(f"{path}: the JSON list is empty; the file holds no dialogues.")
     for record in records:
         if isinstance(record, dict):
             if "dialog" in record:
@@ -141,6 +144,17 @@ def _tsv_records(path: str) -> Iterator[tuple[str, Dialogue | _BadRecord]]:
                 yield where, bad
 
 
+def parse_turn_counts(text: str) -> tuple[int, ...]:
+    """``"2,3"`` → ``(2, 3)``: the context sizes a ``--context_turns`` flag keeps."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise ValueError(f"--context_turns {text!r}: give comma-separated numbers of turns, e.g. 2,3.") from err
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--context_turns {text!r}: give comma-separated positive numbers of turns, e.g. 2,3.")
+    return counts
+
+
 def _subset(dialogues: list[Dialogue], fraction: float, seed: int) -> list[Dialogue]:
     """A seeded subset of about ``fraction`` of the dialogues, kept in file order.
 
@@ -162,6 +176,7 @@ def load_dialogues(
     max_context_turns: int | None = None,
     skip_bad: bool = False,
     seed: int = 0,
+    context_turns: Collection[int] | None = None,
 ) -> list[Dialogue]:
     """Read a dialogue file into a list of :class:`Dialogue`.
 
@@ -169,21 +184,28 @@ def load_dialogues(
         path: a Reddit Conversation ``.json`` or ``.tsv``/``.txt`` file, or an Image-Chat ``.json`` file.
         format: ``"auto"`` (from the extension, and for JSON from the record fields) or one of
             ``"reddit_json"``, ``"reddit_tsv"``, ``"image_chat"``.
-        fraction: share of the dialogues to keep, in [0, 1] (paper: 1, 1/4, 1/8, 0 = zero-resource, which
-            returns an empty list); the subset is fixed by ``seed``.
-        max_context_turns: keep only the last N context turns (the released code keeps 2–3 for Reddit);
-            ``None`` keeps all.
+        fraction: share of the dialogues to keep, in [0, 1] (paper: 1, 1/4, 1/8; 0 = no training data,
+            which returns an empty list); the subset is fixed by ``seed``.
+        max_context_turns: keep only the last N context turns of every dialogue; ``None`` keeps all. The
+            release truncates nothing (see ``context_turns``).
+        context_turns: keep only dialogues whose context has one of these numbers of turns, dropping (and
+            counting in the log) the others, before ``fraction`` is drawn; the released Reddit reader keeps
+            ``(2, 3)``. ``None`` keeps every dialogue.
         skip_bad: skip malformed records (missing field, non-string turn, empty context or response) and log
             how many were skipped, instead of raising ``ValueError``.
         seed: seed of the subset drawn for ``fraction`` < 1.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Dialogue file {path!r} is a folder; give the .json or .tsv file inside it.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Dialogue file not found: {path!r}.")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1] (the paper uses 1, 1/4, 1/8, 0), got {fraction}.")
     if max_context_turns is not None and max_context_turns < 1:
         raise ValueError(f"max_context_turns must be a positive number of turns or None, not {max_context_turns}.")
+    if context_turns is not None and (not context_turns or min(context_turns) < 1):
+        raise ValueError(f"context_turns must be positive numbers of turns, e.g. (2, 3), not {context_turns}.")
     if format not in ("auto", *FORMATS):
         raise ValueError(f"Unknown dialogue format {format!r}; use 'auto' or one of {FORMATS}.")
     if fraction == 0.0:
@@ -202,16 +224,24 @@ def load_dialogues(
         records = _json_records(path, data, _detect_json_format(path, data) if format == "auto" else format)
 
     dialogues: list[Dialogue] = []
-    skipped = 0
+    skipped = dropped = 0
     for where, item in records:
         if isinstance(item, _BadRecord):
             if not skip_bad:
                 raise ValueError(f"{where}: {item}. {_FIX_HINT}")
             skipped += 1
             continue
+        if context_turns is not None and len(item.context) not in context_turns:
+            dropped += 1
+            continue
         if max_context_turns is not None:
             item = Dialogue(context=item.context[-max_context_turns:], response=item.response)
         dialogues.append(item)
     if skipped:
         logger.warning(f"Skipped {skipped} bad record(s) in {path}; {len(dialogues)} dialogue(s) kept.")
+    if context_turns is not None:
+        logger.info(
+            f"Dropped {dropped} dialogue(s) of {path} whose context has a number of turns outside "
+            f"{sorted(context_turns)} (the released Reddit reader's rule); {len(dialogues)} kept."
+        )
     return _subset(dialogues, fraction, seed)

@@ -232,6 +232,12 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
         if not pattern:
             raise ValueError(f"Empty shard pattern in {list(patterns)!r}")
         expanded = list(braceexpand(pattern))
+        folders = [p for p in expanded if os.path.isdir(p)]
+        if folders:
+            raise IsADirectoryError(
+                f"Shard pattern {pattern!r}: {folders[0]!r} is a folder, not a shard; give the tar files, e.g. "
+                f"{os.path.join(folders[0], '{00000..00009}.tar')!r}"
+            )
         missing = [p for p in expanded if "://" not in p and not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(
@@ -316,6 +322,10 @@ class CocoCaptionSource:
 
     def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike, name: str = "coco") -> None:
         annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
+        if annotation_file.is_dir():
+            raise IsADirectoryError(
+                f"COCO annotation file {str(annotation_file)!r} is a folder; give the JSON file, e.g. captions_train2017.json"
+            )
         if not annotation_file.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {str(annotation_file)!r}")
         if not self.image_dir.is_dir():

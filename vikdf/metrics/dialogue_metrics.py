@@ -228,7 +228,10 @@ class GloVe:
         def flush() -> None:
             nonlocal total
             # Parsing thousands of lines in one numpy call is what makes the full pass affordable.
-            values = np.fromstring(b" ".join(batch), dtype=np.float64, sep=" ")
+            try:
+                values = np.fromstring(b" ".join(batch), dtype=np.float64, sep=" ")
+            except ValueError:  # a word in the numbers: numpy's own message names neither file nor lines
+                values = np.empty(0)
             if values.size != len(batch) * dim:
                 raise ValueError(
                     f"{self.path}: entries {count - len(batch) + 1}-{count} do not all have {dim} numbers "

@@ -1,0 +1,100 @@
+"""Inference that honours the knowledge: the checkpoint's generation config and the Hub pipeline (paper §3.4.2)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import train_dialogue
+from modeling_vikdf import PAPER_GENERATION
+from pipeline_vikdf import textualise_knowledge
+from vikdf.evaluation import load_checkpoint
+
+CONTEXT = ["what a beautiful sky tonight.", "i always wonder what is up there."]
+
+
+def _saved(build_tiny, folder):
+    model, processor = build_tiny("llama")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_saved_checkpoints_carry_the_papers_generation_config(build_tiny, tmp_path):
+    folder = _saved(build_tiny, tmp_path / "ckpt")
+    saved = json.loads((folder / "generation_config.json").read_text())
+    assert {key: saved.get(key) for key in PAPER_GENERATION} == PAPER_GENERATION
+    assert saved.get("temperature") is None and saved.get("top_p") is None  # nothing of a sampling LLM's config
+
+
+def test_dialogue_checkpoints_decode_as_the_paper_even_from_a_sampling_checkpoint(build_tiny, tmp_path):
+    folder = _saved(build_tiny, tmp_path / "pretrained")
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    out = tmp_path / "zero"
+    train_dialogue.main(["--model_name_or_path", str(folder), "--train_fraction", "0", "--output_dir", str(out),
+                         "--report_to", "none", "--use_cpu", "true"])
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert {key: saved.get(key) for key in PAPER_GENERATION} == PAPER_GENERATION and saved.get("temperature") is None
+
+
+def test_bare_generate_follows_the_checkpoints_generation_config(build_tiny, tmp_path):
+    folder = _saved(build_tiny, tmp_path / "ckpt")
+    model, processor = load_checkpoint(folder)
+    inputs = processor(text=[CONTEXT])
+    prompt = inputs["input_ids"].shape[1]
+    # The paper's settings by default: a bare call equals the explicit released decoding.
+    bare = model.generate(**inputs)
+    assert torch.equal(bare, model.generate(**inputs, **PAPER_GENERATION))
+
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(max_new_tokens=3, num_beams=1)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    model, processor = load_checkpoint(folder)
+    assert model.generate(**inputs).shape[1] - prompt == 3
+    assert model.generate(**inputs, max_new_tokens=5).shape[1] - prompt == 5  # a call's own arguments still win
+
+
+def test_the_text_generation_pipeline_runs_the_whole_vikdf_path_in_a_fresh_process(build_tiny, tmp_path):
+    folder = _saved(build_tiny, tmp_path / "checkpoint")
+    for name in ("pipeline_vikdf.py", "configuration_vikdf.py", "modeling_vikdf.py", "processing_vikdf.py"):
+        assert (folder / name).exists(), name
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"]["text-generation"]["impl"] == (
+        "pipeline_vikdf.VIKDFDialoguePipeline"
+    )
+
+    model, processor = load_checkpoint(folder)
+    inputs = processor(text=[CONTEXT])
+    expected = processor.decode_responses(model.generate(**inputs, max_new_tokens=6), inputs["input_ids"].shape[1])[0]
+    without = processor.dialogue_inputs([CONTEXT], with_knowledge=False)
+    no_knowledge = processor.decode_responses(
+        model.generate(**without, max_new_tokens=6), without["input_ids"].shape[1]
+    )[0]
+    assert expected != no_knowledge, "the knowledge must change this response, or the check below proves nothing"
+    knowledge = textualise_knowledge(model, processor, [CONTEXT], max_new_tokens=6)[0]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    messages = [{"role": "user", "content": CONTEXT[0]}, {"role": "assistant", "content": CONTEXT[1]}]
+    one_string = "\n".join(CONTEXT)
+    script = textwrap.dedent(
+        f"""
+        from transformers import pipeline
+        chat = pipeline("text-generation", model={str(folder)!r}, trust_remote_code=True)
+        assert type(chat).__module__.startswith("transformers_modules"), type(chat).__module__
+        turns = chat({CONTEXT!r}, max_new_tokens=6, return_knowledge=True)
+        assert turns == {{"generated_text": {expected!r}, "knowledge": {knowledge!r}}}, turns
+        assert chat({messages!r}, max_new_tokens=6) == {{"generated_text": {expected!r}}}
+        assert chat({one_string!r}, max_new_tokens=6) == {{"generated_text": {expected!r}}}
+        batch = chat([{CONTEXT!r}, {CONTEXT!r}], max_new_tokens=6)
+        assert batch == [{{"generated_text": {expected!r}}}] * 2, batch
+        print("PIPELINE OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "PIPELINE OK" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,216 @@
+"""Up-front checks of the entry points' paths and flags, run before any model is loaded.
+
+At 7B a full load takes minutes, so every mistake that can be seen from a path, a flag, a `config.json` or a
+file header is reported here, naming the flag and saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+from configuration_vikdf import TIM_POOLINGS, VIKDFConfig
+
+logger = logging.get_logger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def check_input_file(path: str | None, flag: str) -> None:
+    """Raise when `path` (given as `flag`) is not a readable file: missing, a folder, or unreadable."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path!r} is a folder, not a file; give the file inside it.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file.")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{flag} {path!r} is not readable.")
+
+
+def _could_be_hub_id(name: str) -> bool:
+    return not os.path.isabs(name) and not name.startswith((".", "~")) and bool(_HUB_ID.match(name))
+
+
+def check_model_source(path: str, flag: str) -> None:
+    """A model folder or hub id: a local path that does not exist says so instead of failing as a Hub download."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{flag} {path!r} is a file; give the model folder that holds config.json.")
+    if not os.path.isdir(path) and not _could_be_hub_id(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such folder.")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{flag} {path!r} has no config.json; is it a model folder?")
+
+
+def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIKDFConfig:
+    """The VIKDF config of checkpoint `path` (folder or hub id), checked as a whole: config and weight files.
+
+    Another model's config or a damaged weights file is refused before anything is built.
+    """
+    check_model_source(path, flag)
+    try:
+        config = VIKDFConfig.from_pretrained(path)
+    except OSError as err:
+        if os.path.isdir(path):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"{flag} {path!r}: no such folder, and the Hub has no model of that name ({first_line}).") from err
+    except ValueError as err:
+        raise ValueError(f"{flag} {path!r}: {err}") from err
+    if os.path.isdir(path):
+        check_weight_files(path)
+    return config
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Open the header of every `*.safetensors` file of `folder`: a truncated or damaged file is named."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise OSError(
+                f"{file} is damaged or truncated ({err}); copy or save the checkpoint again."
+            ) from err
+
+
+def config_fields() -> list[str]:
+    """The VIKDF-specific config fields `--config_overrides` may set (the sub-configs are not among them)."""
+    own = vars(VIKDFConfig).get("__annotations__", {})
+    return [name for name in own if name not in VIKDFConfig.sub_configs_defaults]
+
+
+def parse_config_overrides(text: str, flag: str = "--config_overrides") -> dict[str, Any]:
+    """The JSON object of `flag`, its keys checked against the config's fields."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} is not valid JSON ({err}): {text!r}. Example: '{{\"loss_weight_tim\": 0.5}}'.") from err
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{flag} must be a JSON object of config fields, got {type(overrides).__name__}: {text!r}.")
+    valid = config_fields()
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"{flag}: unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}.")
+    return overrides
+
+
+def check_num_query_tokens(value: int | None, flag: str = "--num_query_tokens") -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} {value}: the number of queries must be positive (paper: 32).")
+
+
+def check_tim_pooling(value: str, flag: str = "--tim_pooling") -> None:
+    if value not in TIM_POOLINGS:
+        raise ValueError(f"{flag} {value!r}; choose one of {', '.join(TIM_POOLINGS)}.")
+
+
+def check_continued_query_count(config: VIKDFConfig, requested: int | None, path: str) -> None:
+    """A trained checkpoint's query count is fixed (its queries and processor slots); refuse a different one."""
+    if requested is not None and requested != config.num_query_tokens:
+        raise ValueError(
+            f"--num_query_tokens {requested} but {path} was trained with {config.num_query_tokens} queries; a "
+            "checkpoint's query count cannot change. Drop the flag, or build a new model from components."
+        )
+
+
+def llm_positions(config: VIKDFConfig) -> int | None:
+    return getattr(config.text_config, "max_position_embeddings", None)
+
+
+def check_max_length(config: VIKDFConfig, max_length: int | None, flag: str = "--max_length") -> None:
+    """Refuse a sequence length beyond the LLM's positions."""
+    positions = llm_positions(config)
+    if max_length is None:
+        return
+    if max_length < 1:
+        raise ValueError(f"{flag} {max_length} must be positive.")
+    if positions is not None and max_length > positions:
+        raise ValueError(f"{flag} {max_length} exceeds the LLM's {positions} positions; use at most {positions}.")
+
+
+def check_max_length_fits_layout(processor, with_knowledge: bool, flag: str = "--max_length") -> None:
+    """Refuse a `max_length` that leaves no room for a context token after the template, the knowledge slots and
+    the response (which may take up to half of it, `VIKDFProcessor.dialogue_inputs`)."""
+    overhead = len(processor.dialogue_prompt_ids("", with_knowledge))
+    room = processor.max_length - processor.max_length // 2
+    if room <= overhead:
+        raise ValueError(
+            f"{flag} {processor.max_length} leaves no room for the context: the chat template and "
+            f"{processor.num_query_tokens if with_knowledge else 0} knowledge slots take {overhead} tokens and the "
+            f"response up to {processor.max_length // 2}; use at least {2 * (overhead + 1)}."
+        )
+
+
+def check_max_new_tokens(config: VIKDFConfig, max_new_tokens: int, flag: str = "--max_new_tokens") -> None:
+    positions = llm_positions(config)
+    if max_new_tokens < 1:
+        raise ValueError(f"{flag} {max_new_tokens} must be positive.")
+    if positions is not None and max_new_tokens >= positions:
+        raise ValueError(f"{flag} {max_new_tokens} leaves no room for a prompt in the LLM's {positions} positions.")
+
+
+def fit_generation_length(config: VIKDFConfig, processor, max_new_tokens: int) -> None:
+    """Shorten the processor's prompts when prompt + `max_new_tokens` would run past the LLM's positions."""
+    check_max_new_tokens(config, max_new_tokens)
+    positions = llm_positions(config)
+    if positions is None or processor.max_length + max_new_tokens <= positions:
+        return
+    fitted = positions - max_new_tokens
+    logger.warning(
+        f"Prompts of up to {processor.max_length} tokens plus --max_new_tokens {max_new_tokens} exceed the LLM's "
+        f"{positions} positions; contexts are truncated to {fitted} prompt tokens."
+    )
+    processor.max_length = fitted
+
+
+def check_glove_file(path: str | None, flag: str = "--glove_path") -> None:
+    """A GloVe text file: readable, its first line `word v1 ... vD`, every line as wide (a full scan, cached for
+    the metrics later, `vikdf.metrics.dialogue_metrics.load_glove`)."""
+    if path is None:
+        return
+    check_input_file(path, flag)
+    with open(path, "rb") as f:
+        first = f.readline().rstrip()
+    word, _, rest = first.partition(b" ")
+    numbers = rest.split()
+    try:
+        [float(value) for value in numbers]
+    except ValueError:
+        numbers = []
+    if not word or len(numbers) < 2:
+        raise ValueError(
+            f"{flag} {path!r} is not a GloVe text file: its first line {first[:60]!r} is not 'word v1 ... vD' "
+            "(e.g. glove.6B.300d.txt; word2vec files with a header line are not supported)."
+        )
+    from vikdf.metrics.dialogue_metrics import load_glove
+
+    try:
+        load_glove(path)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from err
+
+
+__all__ = [
+    "check_input_file",
+    "check_model_source",
+    "load_checkpoint_config",
+    "check_weight_files",
+    "config_fields",
+    "parse_config_overrides",
+    "check_num_query_tokens",
+    "check_tim_pooling",
+    "check_continued_query_count",
+    "check_max_length",
+    "check_max_length_fits_layout",
+    "check_max_new_tokens",
+    "fit_generation_length",
+    "check_glove_file",
+]
