@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
             summary["num_eval_dialogues"] = demo.PRESETS[args.preset]["num_eval_dialogues"]
             summary["printed_table"] = [demo.table_row(name, row) for name, row in summary["systems"].items()]
             runs.append(summary)
+            # The raw runs first, so that a run is never lost to a failure of the report below.
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{stem}.json").write_text(json.dumps({"machine": info, "runs": runs}, indent=2, default=str))
             markdown, readme = report(runs, args.preset, info)
             payload = {"machine": info, "runs": runs, "readme_table": readme, "targets": targets(runs)}
             common.write_results(stem, markdown, payload, args.output_dir)

@@ -419,7 +419,7 @@ class SyntheticWorld:
     colour_mention_prob: float = 0.6
     image_only_weight: float = 2.0
     scene_caption_prob: float = 0.25
-    clip_recoloured: str = "image_only"
+    clip_recoloured: str = "all"
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -634,7 +634,7 @@ def write_synthetic_world(
     num_dialogues: int = 1000,
     num_eval_dialogues: int = 120,
     image_size: int = 32,
-    clip_recoloured: str = "image_only",
+    clip_recoloured: str = "all",
 ) -> SyntheticWorldPaths:
     """Write the whole world under ``out_dir`` (layout in the module docstring) and say where it is.
 
