@@ -22,12 +22,22 @@ Where the knowledge lives (the design point)
 Six kinds, one per colour, are *image-only* (``ObjectKind.image_only``). For them the link
 "object -> usual colour/shape" is present in the pixels and nowhere else:
 
-* captions of image-only kinds never name a colour or a shape ("a small zorp on the left on a grey
-  background."); captions of the other 18 *dialogue* kinds name colour (and sometimes shape) only in a
-  minority, ``colour_mention_prob`` (25 %), so even there the pixels are the main carrier;
+* captions of image-only kinds never name a colour or a shape ("a zorp.", "a small zorp on the left on a grey
+  background."); captions of the other 18 *dialogue* kinds name their colour in ``colour_mention_prob`` (60 %)
+  of the pairs ("a red blicket."), as real captions often name visual attributes, so that IACI teaches the LLM
+  to put a colour carried by ``K`` into words;
+* three captions in four (``1 - scene_caption_prob``) name the object alone: then only what the object looks like
+  tells its image from the others in a TIM batch, so matching it means learning its look;
+* VIKDF's pairs show image-only kinds ``image_only_weight`` (2) times as often as the others;
 * training and validation dialogues (Reddit form) talk only about dialogue kinds;
 * the LM corpus for the stand-in LLM pre-training holds training captions and training dialogues, hence never
   puts an image-only name next to a colour or shape word (a test checks this).
+
+The stand-in CLIP learns from pairs of its own (``pairs/clip/00000.tar``) in which the kinds of ``clip_recoloured``
+(every kind by default, or only the image-only ones) appear in uniformly random colours. Its text tower thus knows
+the *names* (it is also trained to tell them apart) and the colour words, but not which colour a kind usually has,
+as a real CLIP knows most words without having seen every link; only VIKDF pre-training on the pairs above can
+carry a kind's colour into ``K``.
 
 The held-out test dialogues (Image-Chat form) talk only about image-only kinds, six of them in equal numbers,
 with the same context and response templates as training. A context names the object only ("i saw a zorp at
@@ -35,15 +45,13 @@ the park today."); the reference response names its usual colour ("nice, was it 
 
 What the pipeline can learn from what:
 
-1. the stand-in CLIP, trained contrastively on the training shards, must tell a zorp from the other kinds in a
-   batch, so its text features for "zorp" come to encode what zorp pictures look like (red, circle) although
-   no caption says so;
-2. VIKDF pre-training teaches the IQ-Former to turn CLIP text features into queries ``K`` that match the
-   image's, and the LLM to verbalise ``K`` (the colour-mentioning minority of captions in IACI);
-3. dialogue fine-tuning on the 18 dialogue kinds teaches "say the colour that ``K`` carries";
-4. on the test set, the frozen LLM has never read a colour next to an image-only name, so without ``K`` it
-   can only guess (a constant guess scores exactly 1/6, since the six test kinds are balanced and have
-   different colours); only ``K``, derived from CLIP text features that were aligned to images, can carry it.
+1. VIKDF pre-training (TIM, TAMIM) teaches the IQ-Former to turn CLIP text features of a name into queries ``K``
+   that match its images, which show its usual colour, and (IACI on the colour-naming captions) the LLM to
+   verbalise the colour ``K`` carries;
+2. dialogue fine-tuning on the 18 dialogue kinds teaches "say the colour that ``K`` carries";
+3. on the test set, the frozen LLM has never read a colour next to an image-only name and the frozen CLIP does
+   not know it, so without pre-training ``K`` can only guess (a constant guess scores exactly 1/6, since the
+   six test kinds are balanced and have different colours).
 
 How the demo should use it: report ``knowledge_accuracy`` (fraction of responses naming exactly the right
 usual colour) on the test split for VIKDF and for a text-only baseline, next to BLEU and the other metrics,
@@ -53,7 +61,7 @@ reported as measured.
 
 Files (``write_synthetic_world``)
 ---------------------------------
-``pairs/train/{00000..0000N}.tar`` and ``pairs/heldout/00000.tar``: webdataset shards laid out as img2dataset
+``pairs/train/{00000..0000N}.tar``, ``pairs/heldout/00000.tar`` and ``pairs/clip/00000.tar``: webdataset shards laid out as img2dataset
 writes them (members ``000000123.jpg`` / ``.txt`` / ``.json``, key = shard * 10**4 + index, 9 digits);
 ``dialogue/reddit/{train,valid}.json``: ``[{"context": [str, ...], "response": str}, ...]``;
 ``dialogue/image_chat/test.json``: ``[{"image_hash": str, "dialog": [[style, text], ...]}, ...]`` (ParlAI);
