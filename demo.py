@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, HfArgumentParser
 from transformers.utils import logging
 
 import eval_dialogue
@@ -69,7 +69,9 @@ PRESETS = {
 }
 PRESETS["tables"] = {**PRESETS["full"], "table3": True}
 # Table 3's pre-training ablations: row suffix → the train_pretrain.py flag that switches the objective off.
-PRETRAINING_ABLATIONS = {"−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif"}
+PRETRAINING_ABLATIONS = {
+    "−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif",
+}
 CLIP_HELDOUT_PAIRS = 240  # the stand-in CLIP's own pairs kept out of its training, for its criterion
 LOW_RESOURCE_FRACTION = 0.125  # the paper's ⅛ of the dialogues
 COLOUR_OF, SHAPE_OF = knowledge_table("colour"), knowledge_table("shape")
@@ -114,8 +116,8 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
     clip = pretrain_clip(
         paths.clip, clip_train, max_steps=settings["clip_max_steps"], seed=seed,
         name_labels=[OBJECT_NAMES.index(mentioned_object(caption)) for _, caption in clip_train],
-        criterion=Criterion("colour-word retrieval", clip_colour_retrieval(paths.clip, clip_heldout), settings["clip_target"],
-                            every=max(1, settings["criterion_every"] // 5)),
+        criterion=Criterion("colour-word retrieval", clip_colour_retrieval(paths.clip, clip_heldout),
+                            settings["clip_target"], every=max(1, settings["criterion_every"] // 5)),
     )
     tokenizer = AutoTokenizer.from_pretrained(paths.llm)
     pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
@@ -132,8 +134,6 @@ def clip_colour_retrieval(clip_folder: Path, heldout: list):
     """The stand-in CLIP's criterion: how often a held-out caption that names a colour ("a red blicket ...")
     retrieves first, among the held-out images, an image of that colour. So CLIP reads colour words as a real CLIP
     does; which colour each kind usually has is what it is not to know (its pairs draw them in random colours)."""
-    from transformers import CLIPImageProcessor
-
     tokenizer = AutoTokenizer.from_pretrained(clip_folder)
     pixels = CLIPImageProcessor.from_pretrained(clip_folder)([image for image, _ in heldout], return_tensors="pt")
     shown = [_shown_colour(image) for image, _ in heldout]
@@ -194,7 +194,9 @@ def prompt_copy_rate(model, tokenizer, dialogues: list, described: bool) -> floa
         prefix = text[: text.index(truth, text.rindex(dialogue.response.strip()))]
         # Byte-level BPE merges a space with the next word: score " red", not " " then "red".
         ids = tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"]
-        options = {colour: tokenizer(prefix + colour, add_special_tokens=False)["input_ids"][len(ids)] for colour in COLOURS}
+        options = {
+            colour: tokenizer(prefix + colour, add_special_tokens=False)["input_ids"][len(ids)] for colour in COLOURS
+        }
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
         hits += max(options, key=lambda colour: logits[options[colour]].item()) == truth
     return hits / len(dialogues)
@@ -245,7 +247,8 @@ def _percent(value: float | None) -> str:
 
 def table_row(name: str, row: dict) -> str:
     cells = ["–" if row.get(key) is None else f"{row[key]:.2f}" for _, key in METRIC_COLUMNS]
-    knowledge = [_percent(row.get(key)) for key in ("knowledge_accuracy", "knowledge_accuracy_seen", "textualised_accuracy")]
+    knowledge = [_percent(row.get(key))
+                 for key in ("knowledge_accuracy", "knowledge_accuracy_seen", "textualised_accuracy")]
     return f"| {name} | " + " | ".join(cells + knowledge) + " |"
 
 
@@ -305,10 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"form ({out / 'world'})", started,
     )
 
-    components, clip_result, llm_result = prepare_components(world, out / "components", settings, args.llm_family, args.seed)
+    components, clip_result, llm_result = prepare_components(
+        world, out / "components", settings, args.llm_family, args.seed
+    )
     tokenizer = AutoTokenizer.from_pretrained(components.llm)
-    from transformers import AutoModelForCausalLM
-
     llm = AutoModelForCausalLM.from_pretrained(components.llm).eval()
     test_dialogues = load_dialogues(world.image_chat_test)
     described, plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, flag) for flag in (True, False))
@@ -408,8 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (metrics, predictions) in results.items()
     }
     accuracy = {name: row["knowledge_accuracy"] for name, row in rows.items()}
-    print("\nZero-Data setting (Table 3's Image-Chat columns): fine-tuned on Reddit-format dialogues, tested zero-shot on "
-          "Image-Chat-format dialogues about objects whose colour only the image–text pairs show. Knowledge acc.: the "
+    print("\nZero-Data setting (Table 3's Image-Chat columns): fine-tuned on Reddit-format dialogues, tested zero-shot "
+          "on Image-Chat-format dialogues about objects whose colour only the image–text pairs show. Knowledge acc.: the "
           "response names the object's usual colour (chance 16.7); 'seen': the same on validation dialogues about "
           "objects the fine-tuning dialogues talked about; 'textualised': the knowledge K put into words (§5.4) "
           "names it.\n")

@@ -29,7 +29,13 @@ import torch
 
 from vikdf.data.dialogue import load_dialogues  # noqa: E402
 from vikdf.data.pairs import build_image_transform  # noqa: E402
-from vikdf.data.synthetic import COLOURS, OBJECT_KINDS, iter_shard_pairs, knowledge_table, mentioned_object  # noqa: E402
+from vikdf.data.synthetic import (  # noqa: E402
+    COLOURS,
+    OBJECT_KINDS,
+    iter_shard_pairs,
+    knowledge_table,
+    mentioned_object,
+)
 from vikdf.evaluation import load_checkpoint  # noqa: E402
 
 COLOUR_OF = knowledge_table()
@@ -78,7 +84,8 @@ def probe(checkpoint: Path, world: Path) -> dict:
 
     valid_k, test_k = knowledge(valid), knowledge(test)
     result = {
-        "k_transfer_probe": transfer_probe(valid_k.flatten(1), colour_labels(valid), test_k.flatten(1), colour_labels(test)),
+        "k_transfer_probe": transfer_probe(valid_k.flatten(1), colour_labels(valid), test_k.flatten(1),
+                                           colour_labels(test)),
         "clip_transfer_probe": transfer_probe(pooled(valid), colour_labels(valid), pooled(test), colour_labels(test)),
     }
     if model.vision_encoder is not None:
@@ -94,7 +101,8 @@ def probe(checkpoint: Path, world: Path) -> dict:
             text, image = model.tim_embeddings(k, image_knowledge)
             similarity = text @ (image if image.dim() == 2 else image.amax(1)).T
             top = similarity.topk(5, dim=-1).indices.tolist()
-            right = [sum(colours[j] == COLOUR_OF[mentioned_object(c)] for j in row) / 5 for c, row in zip(contexts, top)]
+            right = [sum(colours[j] == COLOUR_OF[mentioned_object(c)] for j in row) / 5
+                     for c, row in zip(contexts, top)]
             result[f"tim_top5_right_colour_{group}"] = sum(right) / len(right)
     return result
 
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         name, _, folder = item.partition("=")
         results[name] = probe(Path(folder), Path(args.world))
         print(name, results[name], flush=True)
-    rows = [[name, *(f"{100 * r[key][1]:.0f} (fit {100 * r[key][0]:.0f})" for key in ("k_transfer_probe", "clip_transfer_probe")),
+    rows = [[name, *(f"{100 * r[key][1]:.0f} (fit {100 * r[key][0]:.0f})"
+                     for key in ("k_transfer_probe", "clip_transfer_probe")),
              *(("–" if key not in r else f"{100 * r[key]:.0f}") for key in ("tim_top5_right_colour_dialogue",
                                                                             "tim_top5_right_colour_image_only"))]
             for name, r in results.items()]
@@ -124,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "Probes are fitted on validation contexts about dialogue objects (fit accuracy in brackets) "
                           "and scored on test contexts about image-only objects; chance 17 %."]) + "\n"
     print(markdown)
-    common.write_results(f"knowledge_probe_{args.tag}", markdown, {"machine": info, "note": args.note, "results": results},
-                         args.output_dir)
+    payload = {"machine": info, "note": args.note, "results": results}
+    common.write_results(f"knowledge_probe_{args.tag}", markdown, payload, args.output_dir)
     return results
 
 

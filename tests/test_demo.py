@@ -26,8 +26,8 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     # The smoke preset runs every row: the main ones, ⅛ of the dialogues, pre-training only, the causal check and
     # the Table 3 ablations, each its own pre-training run followed by the same fine-tuning.
-    expected = [demo.FROZEN_LLM, demo.LORA, demo.NO_PRETRAIN, demo.VIKDF, "VIKDF −TIM", "VIKDF −TAMIM", "VIKDF −IAMTM",
-                "VIKDF −BVIF", demo.NO_PRETRAIN + demo.LOW, demo.VIKDF + demo.LOW, demo.PRETRAIN_ONLY, demo.SHUFFLED,
+    expected = [demo.FROZEN_LLM, demo.LORA, demo.NO_PRETRAIN, demo.VIKDF,
+                "VIKDF −TIM", "VIKDF −TAMIM", "VIKDF −IAMTM", "VIKDF −BVIF", demo.NO_PRETRAIN + demo.LOW, demo.VIKDF + demo.LOW, demo.PRETRAIN_ONLY, demo.SHUFFLED,
                 "VIKDF, zero knowledge"]
     assert list(summary["systems"]) == expected
     for name in expected:
@@ -35,7 +35,8 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     for suffix in ("−TIM", "−TAMIM", "−IAMTM", "−BVIF"):
         assert (out / f"pretrain{suffix}" / "model.safetensors").exists() and (out / f"vikdf{suffix}").is_dir()
     for name, metrics in summary["systems"].items():
-        for key in ("ppl", "bleu_1", "rouge_l", "distinct_1", "distinct_2", "knowledge_accuracy", "knowledge_accuracy_seen"):
+        for key in ("ppl", "bleu_1", "rouge_l", "distinct_1", "distinct_2", "knowledge_accuracy",
+                    "knowledge_accuracy_seen"):
             assert math.isfinite(metrics[key]), (name, key)
         assert metrics["embedding_average"] is None  # no GloVe file: reported as missing, never as 0
     assert 0.0 <= summary["systems"][demo.PRETRAIN_ONLY]["textualised_accuracy"] <= 1.0

@@ -55,7 +55,8 @@ class StandInResult:
         if self.criterion is None:
             return f"{self.steps} steps"
         verdict = "reached" if self.reached else "NOT reached at the step cap"
-        return f"{self.criterion} {100 * self.value:.0f} % (target ≥ {100 * self.target:.0f} %, {verdict}) after {self.steps} steps"
+        return (f"{self.criterion} {100 * self.value:.0f} % (target ≥ {100 * self.target:.0f} %, {verdict}) "
+                f"after {self.steps} steps")
 
 
 def _batches(count: int, batch_size: int, seed: int) -> Iterator[list[int]]:

@@ -61,8 +61,9 @@ reported as measured.
 
 Files (``write_synthetic_world``)
 ---------------------------------
-``pairs/train/{00000..0000N}.tar``, ``pairs/heldout/00000.tar`` and ``pairs/clip/00000.tar``: webdataset shards laid out as img2dataset
-writes them (members ``000000123.jpg`` / ``.txt`` / ``.json``, key = shard * 10**4 + index, 9 digits);
+``pairs/train/{00000..0000N}.tar``, ``pairs/heldout/00000.tar`` and ``pairs/clip/00000.tar``: webdataset shards
+laid out as img2dataset writes them (members ``000000123.jpg`` / ``.txt`` / ``.json``, key = shard * 10**4 +
+index, 9 digits);
 ``dialogue/reddit/{train,valid}.json``: ``[{"context": [str, ...], "response": str}, ...]``;
 ``dialogue/image_chat/test.json``: ``[{"image_hash": str, "dialog": [[style, text], ...]}, ...]`` (ParlAI);
 ``lm_corpus.txt``: one text per line, a training caption or a training dialogue with its turns joined by
