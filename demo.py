@@ -63,7 +63,7 @@ PRESETS = {
     ),
     "smoke": dict(
         num_pairs=1000, num_heldout_pairs=100, num_dialogues=200, num_eval_dialogues=24, clip_max_steps=100,
-        clip_target=0.6, llm_max_steps=120, llm_target=0.95, criterion_every=60, pretrain_steps=60,
+        clip_target=0.6, llm_max_steps=120, llm_target=0.95, criterion_every=60, pretrain_steps=100,
         pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8, table3=True,
     ),
 }
