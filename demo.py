@@ -1,16 +1,20 @@
 """VIKDF end to end on an embedded synthetic world, on CPU, with no download: the project's main job.
 
-    python demo.py                      # about 2.5 minutes on 2 CPU cores
-    python demo.py --preset smoke       # a smaller setting (under a minute), used by the tests
+    python demo.py                      # the main rows, under 5 minutes on 2 CPU cores
+    python demo.py --preset tables      # plus the Table 3 pre-training ablations (benchmarks/ has its timing)
+    python demo.py --preset smoke       # a smaller setting (every row, a minute or two), used by the tests
 
 Stages (each prints a line): write the synthetic world in real formats (webdataset shards, Reddit and Image-Chat
-JSON) → stand-in pre-training of the tiny CLIP and LLM (they play the pretrained towers) → `train_pretrain.py`
-(the five objectives) → `train_dialogue.py` on the Reddit-format dialogues → `eval_dialogue.py` on the
-Image-Chat-format test set for VIKDF, the frozen-LLM and LoRA-fine-tuned-LLM baselines and the no-pre-training
-ablation. It then prints a Table-1-style comparison with the knowledge accuracy (responses naming the right usual
-colour of an object that only images ever showed, and the same on objects the dialogues did show), a verdict on each
-comparison that accounts for sampling noise, TIM text→image recall@1 on held-out pairs against chance, three examples with their
-textualised knowledge, and saves the loss curves of all five objectives as a PNG.
+JSON) → stand-in pre-training of the tiny CLIP and LLM until each reaches its measured criterion (they play the
+pretrained towers) → `train_pretrain.py` (the five objectives, and with `--preset tables` once per Table 3 ablation)
+→ `train_dialogue.py` on the Reddit-format dialogues, all of them and ⅛ → `eval_dialogue.py` on the
+Image-Chat-format test set: the paper's Zero-Data setting. Systems: VIKDF, VIKDF without pre-training, VIKDF after
+pre-training only, VIKDF with its knowledge shuffled across the batch (the causal check), the frozen LLM and the
+LoRA-fine-tuned LLM. It then prints a Table-1-style comparison with the knowledge accuracy (responses naming the
+right usual colour of an object whose colour only the image–text pairs ever showed, and the same on objects the
+dialogues did show), how often the textualised knowledge names that colour, a verdict on each comparison that
+accounts for sampling noise, TIM text→image recall@1, three examples, and saves the loss curves of all five
+objectives as a PNG.
 """
 
 import json
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, HfArgumentParser
 from transformers.utils import logging
 
 import eval_dialogue
@@ -33,36 +37,54 @@ from configuration_vikdf import CAPTION_PROMPTS, RECONSTRUCTION_PROMPTS
 from vikdf.components import build_vikdf_from_components
 from vikdf.data.dialogue import load_dialogues
 from vikdf.data.pairs import build_image_transform
-from vikdf.evaluation import load_checkpoint
 from vikdf.data.synthetic import (
     COLOURS,
+    OBJECT_KINDS,
     iter_shard_pairs,
     knowledge_accuracy,
     knowledge_table,
     mentioned_object,
     scramble_visual_facts,
+    tokenize_words,
     write_synthetic_world,
 )
+from vikdf.evaluation import load_checkpoint
 from vikdf.losses import tim_similarity
-from vikdf.standin import chat_formatted, pretrain_clip, pretrain_llm
+from vikdf.standin import Criterion, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
 
-# Sizes and schedules per preset: "full" is the README's demo, "smoke" the test's smaller setting.
+# Sizes and schedules per preset: "full" is the README's demo, "tables" adds the Table 3 ablations to it, "smoke" is
+# the tests' smaller setting. The stand-ins train until their criterion holds, up to a cap of steps.
 PRESETS = {
     "full": dict(
-        num_pairs=2000, num_heldout_pairs=200, num_dialogues=1000, num_eval_dialogues=120, clip_steps=300, llm_steps=2000,
-        pretrain_steps=300, pretrain_batch=32, dialogue_epochs=8, eval_batch=24, num_query_tokens=8,
+        num_pairs=2000, num_heldout_pairs=200, num_dialogues=1000, num_eval_dialogues=120, clip_max_steps=600,
+        clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=300,
+        pretrain_batch=32, dialogue_epochs=8, eval_batch=24, num_query_tokens=8, table3=False,
     ),
     "smoke": dict(
-        num_pairs=1000, num_heldout_pairs=100, num_dialogues=200, num_eval_dialogues=24, clip_steps=300, llm_steps=120,
-        pretrain_steps=300, pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8,
+        num_pairs=1000, num_heldout_pairs=100, num_dialogues=200, num_eval_dialogues=24, clip_max_steps=100,
+        clip_target=0.6, llm_max_steps=120, llm_target=0.95, criterion_every=60, pretrain_steps=100,
+        pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8, table3=True,
     ),
 }
+PRESETS["tables"] = {**PRESETS["full"], "table3": True}
+# Table 3's pre-training ablations: row suffix → the train_pretrain.py flag that switches the objective off.
+PRETRAINING_ABLATIONS = {
+    "−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif",
+}
+CLIP_HELDOUT_PAIRS = 240  # the stand-in CLIP's own pairs kept out of its training, for its criterion
+LOW_RESOURCE_FRACTION = 0.125  # the paper's ⅛ of the dialogues
 COLOUR_OF, SHAPE_OF = knowledge_table("colour"), knowledge_table("shape")
+OBJECT_NAMES = [kind.name for kind in OBJECT_KINDS]
+IMAGE_ONLY = {kind.name for kind in OBJECT_KINDS if kind.image_only}
 METRIC_COLUMNS = [
     ("PPL", "ppl"), ("BLEU-1", "bleu_1"), ("ROUGE-L", "rouge_l"), ("Average", "embedding_average"),
     ("Extrema", "vector_extrema"), ("Greedy", "greedy_matching"), ("Dis-1", "distinct_1"), ("Dis-2", "distinct_2"),
 ]
+VIKDF, NO_PRETRAIN, PRETRAIN_ONLY = "VIKDF", "VIKDF without pre-training", "VIKDF pre-training only (no dialogues)"
+SHUFFLED = "VIKDF, knowledge shuffled across the batch"
+FROZEN_LLM, LORA = "Frozen LLM (no knowledge)", "LLM + LoRA on the dialogues"
+LOW = f", {LOW_RESOURCE_FRACTION:g} of the dialogues".replace("0.125", "⅛")
 
 
 @dataclass
@@ -80,16 +102,59 @@ def stage(message: str, started: float) -> float:
     return elapsed
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Stand-in towers
+# ----------------------------------------------------------------------------------------------------------------
 def prepare_components(world, root: Path, settings: dict, llm_family: str, seed: int):
-    """Tiny CLIP/BERT/LLM folders whose tokenizers cover the world, then their stand-in pre-training."""
+    """Tiny CLIP/BERT/LLM folders whose tokenizers cover the world, then their stand-in pre-training, each to its
+    criterion: CLIP until it reads colour words, the LLM until it uses its prompt."""
     corpus = world.lm_corpus.read_text().splitlines() + list(CAPTION_PROMPTS) + list(RECONSTRUCTION_PROMPTS)
     # A vocabulary large enough for whole words: sequences half as long, and the LLM learns to copy sooner.
     paths = write_tiny_components(root, llm_family, corpus=corpus, seed=seed, vocab_size=1024)
-    pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
-    clip_losses = pretrain_clip(paths.clip, pairs, steps=settings["clip_steps"], seed=seed)
+    clip_pairs = [(image, caption) for _, image, caption in iter_shard_pairs([world.clip_shard])]
+    clip_train, clip_heldout = clip_pairs[:-CLIP_HELDOUT_PAIRS], clip_pairs[-CLIP_HELDOUT_PAIRS:]
+    clip = pretrain_clip(
+        paths.clip, clip_train, max_steps=settings["clip_max_steps"], seed=seed,
+        name_labels=[OBJECT_NAMES.index(mentioned_object(caption)) for _, caption in clip_train],
+        criterion=Criterion("colour-word retrieval", clip_colour_retrieval(paths.clip, clip_heldout),
+                            settings["clip_target"], every=max(1, settings["criterion_every"] // 5)),
+    )
     tokenizer = AutoTokenizer.from_pretrained(paths.llm)
-    llm_losses = pretrain_llm(paths.llm, llm_reading(world, pairs, tokenizer, seed), steps=settings["llm_steps"], seed=seed)
-    return paths, clip_losses, llm_losses
+    pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
+    valid = load_dialogues(world.reddit_valid)
+    llm = pretrain_llm(
+        paths.llm, llm_reading(world, pairs, tokenizer, seed), max_steps=settings["llm_max_steps"], seed=seed,
+        criterion=Criterion("prompt copy", lambda model: prompt_copy_rate(model, tokenizer, valid, described=True),
+                            settings["llm_target"], every=settings["criterion_every"]),
+    )
+    return paths, clip, llm
+
+
+def clip_colour_retrieval(clip_folder: Path, heldout: list):
+    """The stand-in CLIP's criterion: how often a held-out caption that names a colour ("a red blicket ...")
+    retrieves first, among the held-out images, an image of that colour. So CLIP reads colour words as a real CLIP
+    does; which colour each kind usually has is what it is not to know (its pairs draw them in random colours)."""
+    tokenizer = AutoTokenizer.from_pretrained(clip_folder)
+    pixels = CLIPImageProcessor.from_pretrained(clip_folder)([image for image, _ in heldout], return_tensors="pt")
+    shown = [_shown_colour(image) for image, _ in heldout]
+    named = [(caption, words & set(COLOURS)) for _, caption in heldout for words in [set(tokenize_words(caption))]]
+    rows = [(caption, colours.pop()) for caption, colours in named if len(colours) == 1]
+    texts = tokenizer([caption for caption, _ in rows], padding=True, return_tensors="pt")
+
+    def measure(model) -> float:
+        text = model.get_text_features(**texts)
+        image = model.get_image_features(pixel_values=pixels["pixel_values"])
+        text, image = (getattr(f, "pooler_output", f) for f in (text, image))
+        best = (torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).T).argmax(-1)
+        return sum(shown[j] == colour for (_, colour), j in zip(rows, best.tolist())) / len(rows)
+
+    return measure
+
+
+def _shown_colour(image) -> str:
+    """The object colour an image shows: the palette colour nearest to its most saturated pixel."""
+    saturated = max(image.getdata(), key=lambda rgb: max(rgb) - min(rgb))
+    return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(saturated, COLOURS[name])))
 
 
 def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
@@ -98,9 +163,8 @@ def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
 
     Each dialogue appears twice opening the user turn with a short description of the object ("a red circle."),
     where the knowledge slots will later sit, and once without. So the LLM learns what a real chat LLM already does:
-    use what its prompt says. For a 2-layer LLM that skill arrives late and suddenly (measured: none at all after
-    1500 steps, the described colour copied in 100 % of test dialogues after 2000 with whole-word tokens), and
-    without it no soft prompt can help.
+    use what its prompt says. For a 2-layer LLM that skill arrives late and suddenly, so the stand-in trains until it
+    copies the described colour (its criterion), and without it no soft prompt can help.
     """
     rng = random.Random(seed)
     texts = [caption for _, caption in pairs]
@@ -117,33 +181,30 @@ def describe_object(context: list[str]) -> list[str]:
     return [f"a {COLOUR_OF[name]} {SHAPE_OF[name]}. {context[0]}", *context[1:]]
 
 
-def prompt_use(llm_folder: Path, dialogues: list) -> tuple[float, float]:
-    """How often the LLM, teacher-forced up to the colour word of each response, ranks the right colour first: with
-    the object described at the start of its prompt, and without. The dialogues are about image-only objects, whose
-    colour the LLM never read, so only the description can tell it: this measures whether it uses its prompt."""
-    model = AutoModelForCausalLM.from_pretrained(llm_folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(llm_folder)
-    rates = []
-    for described in (True, False):
-        hits = 0
-        for dialogue in dialogues:
-            context = list(dialogue.context)
-            truth = COLOUR_OF[mentioned_object(context)]
-            text = chat_formatted(tokenizer, describe_object(context) if described else context, dialogue.response)
-            prefix = text[: text.index(truth, text.rindex(dialogue.response.strip()))]
-            # Byte-level BPE merges a space with the next word: score " red", not " " then "red".
-            stem = prefix.rstrip(" ")
-            ids = tokenizer(stem, add_special_tokens=False)["input_ids"]
-            options = {
-                colour: tokenizer(prefix + colour, add_special_tokens=False)["input_ids"][len(ids)] for colour in COLOURS
-            }
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            hits += max(options, key=lambda colour: logits[options[colour]].item()) == truth
-        rates.append(hits / len(dialogues))
-    return rates[0], rates[1]
+@torch.no_grad()
+def prompt_copy_rate(model, tokenizer, dialogues: list, described: bool) -> float:
+    """How often the LLM, teacher-forced up to the colour word of each response, ranks the right colour first, with
+    the object described at the start of its prompt (`described`) or not. The LLM read the visual facts scrambled,
+    so only the description can tell it the colour: this measures whether it uses its prompt."""
+    hits = 0
+    for dialogue in dialogues:
+        context = list(dialogue.context)
+        truth = COLOUR_OF[mentioned_object(context)]
+        text = chat_formatted(tokenizer, describe_object(context) if described else context, dialogue.response)
+        prefix = text[: text.index(truth, text.rindex(dialogue.response.strip()))]
+        # Byte-level BPE merges a space with the next word: score " red", not " " then "red".
+        ids = tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"]
+        options = {
+            colour: tokenizer(prefix + colour, add_special_tokens=False)["input_ids"][len(ids)] for colour in COLOURS
+        }
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        hits += max(options, key=lambda colour: logits[options[colour]].item()) == truth
+    return hits / len(dialogues)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------------------------
 def tim_recall_at_1(checkpoint: Path, heldout_shard: Path) -> tuple[float, float]:
     """TIM text→image recall@1 over held-out pairs, and chance (1/N)."""
     model, processor = load_checkpoint(checkpoint)
@@ -180,13 +241,19 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def table_row(name: str, metrics: dict, accuracy: float, accuracy_seen: float) -> str:
-    cells = ["–" if metrics.get(key) is None else f"{metrics[key]:.2f}" for _, key in METRIC_COLUMNS]
-    return f"| {name} | " + " | ".join(cells) + f" | {100 * accuracy:.1f} | {100 * accuracy_seen:.1f} |"
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
 
 
-def prediction_accuracy(predictions: list[dict]) -> float:
-    return knowledge_accuracy([p["context"] for p in predictions], [p["hypothesis"] for p in predictions])
+def table_row(name: str, row: dict) -> str:
+    cells = ["–" if row.get(key) is None else f"{row[key]:.2f}" for _, key in METRIC_COLUMNS]
+    knowledge = [_percent(row.get(key))
+                 for key in ("knowledge_accuracy", "knowledge_accuracy_seen", "textualised_accuracy")]
+    return f"| {name} | " + " | ".join(cells + knowledge) + " |"
+
+
+def prediction_accuracy(predictions: list[dict], field_name: str = "hypothesis") -> float:
+    return knowledge_accuracy([p["context"] for p in predictions], [p[field_name] for p in predictions])
 
 
 def compare(what: str, system: str, reference: str, accuracy: dict[str, float], count: int) -> str:
@@ -203,12 +270,23 @@ def compare(what: str, system: str, reference: str, accuracy: dict[str, float], 
 def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict, extra: list[str] = ()) -> tuple[dict, list[dict]]:
     metrics = eval_dialogue.main([
         "--model_name_or_path", str(checkpoint), "--test_file", str(test_file), "--output_dir", str(output_dir),
-        "--batch_size", str(settings["eval_batch"]), *extra,
+        "--batch_size", str(settings["eval_batch"]), "--disable_tqdm", "true", *extra,
     ])
     predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     return metrics, predictions
 
 
+def textualised_accuracy(evaluation_dir: Path) -> float | None:
+    """How often the knowledge put into words (knowledge.jsonl) names exactly the right usual colour."""
+    path = evaluation_dir / "knowledge.jsonl"
+    if not path.exists():
+        return None
+    return prediction_accuracy([json.loads(line) for line in path.read_text().splitlines()], "knowledge")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
     if args.preset not in PRESETS:
@@ -223,41 +301,55 @@ def main(argv: list[str] | None = None) -> dict:
 
     world = write_synthetic_world(
         out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_heldout_pairs=settings["num_heldout_pairs"],
-        num_dialogues=settings["num_dialogues"],
-        num_eval_dialogues=settings["num_eval_dialogues"],
+        num_dialogues=settings["num_dialogues"], num_eval_dialogues=settings["num_eval_dialogues"],
     )
     stage_seconds["world"] = stage(
         f"1/6 synthetic world written: {settings['num_pairs']} image–text pairs, dialogues in Reddit and Image-Chat "
         f"form ({out / 'world'})", started,
     )
 
-    components, clip_losses, llm_losses = prepare_components(world, out / "components", settings, args.llm_family, args.seed)
-    described, plain = prompt_use(components.llm, load_dialogues(world.image_chat_test))
+    components, clip_result, llm_result = prepare_components(
+        world, out / "components", settings, args.llm_family, args.seed
+    )
+    tokenizer = AutoTokenizer.from_pretrained(components.llm)
+    llm = AutoModelForCausalLM.from_pretrained(components.llm).eval()
+    test_dialogues = load_dialogues(world.image_chat_test)
+    described, plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, flag) for flag in (True, False))
     stage_seconds["stand_in_towers"] = stage(
-        f"2/6 stand-in pre-training of the tiny towers: CLIP contrastive loss {clip_losses[0]:.2f} → "
-        f"{clip_losses[-1]:.2f}, LLM LM loss {llm_losses[0]:.2f} → {llm_losses[-1]:.2f}; the LLM names the colour "
-        f"its prompt describes {100 * described:.0f} % of the time (without the description {100 * plain:.0f} %, "
-        f"chance 17 %)", started,
+        f"2/6 stand-in towers: CLIP {clip_result.describe()}; LLM {llm_result.describe()} (on the test dialogues: "
+        f"{100 * described:.0f} % with the description, {100 * plain:.0f} % without, chance 17 %)", started,
     )
 
     common = ["--clip_model", str(components.clip), "--bert_model", str(components.bert), "--llm_model",
               str(components.llm), "--num_query_tokens", str(settings["num_query_tokens"]),
               "--config_overrides", json.dumps(TINY_HEADS), "--seed", str(args.seed)]
-    pretrainer = train_pretrain.main([
-        *common, "--train_sources", f"synthetic=wds:{world.train_shards}", "--output_dir", str(out / "pretrain"),
-        "--max_steps", str(settings["pretrain_steps"]), "--per_device_train_batch_size", str(settings["pretrain_batch"]),
-        "--learning_rate", "1e-3", "--warmup_steps", "0.05", "--logging_steps", "10", "--save_strategy", "no",
-        "--shuffle_buffer", "200", "--disable_tqdm", "true",
-    ])
+
+    def pretrain(folder: str, extra: list[str] = ()):
+        return train_pretrain.main([
+            *common, "--train_sources", f"synthetic=wds:{world.train_shards}", "--output_dir", str(out / folder),
+            "--max_steps", str(settings["pretrain_steps"]), "--per_device_train_batch_size",
+            str(settings["pretrain_batch"]), "--learning_rate", "1e-3", "--warmup_steps", "0.05", "--logging_steps",
+            "10", "--save_strategy", "no", "--shuffle_buffer", "200", "--disable_tqdm", "true", *extra,
+        ])
+
+    pretrainer = pretrain("pretrain")
+    ablations = list(PRETRAINING_ABLATIONS.items()) if settings["table3"] else []
+    for suffix, flag in ablations:
+        pretrain(f"pretrain{suffix}", [flag, "false"])
     stage_seconds["pretrain"] = stage(
-        f"3/6 VIKDF pre-training: {settings['pretrain_steps']} steps of the five objectives", started
+        f"3/6 VIKDF pre-training: {settings['pretrain_steps']} steps of the five objectives"
+        + (f", and once without each of {', '.join(PRETRAINING_ABLATIONS)}" if ablations else ""), started,
     )
 
-    dialogue_args = ["--train_file", str(world.reddit_train), "--num_train_epochs", str(settings["dialogue_epochs"]),
-                     "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--save_strategy", "no",
-                     "--disable_tqdm", "true", "--seed", str(args.seed)]
-    train_dialogue.main(["--model_name_or_path", str(out / "pretrain"), "--output_dir", str(out / "vikdf"), *dialogue_args])
-    # The ablation: the same dialogue fine-tuning from a VIKDF that never saw an image–text pair.
+    def fine_tune(initial: str, folder: str, fraction: float = 1.0, extra: list[str] = ()) -> None:
+        train_dialogue.main([
+            "--model_name_or_path", str(out / initial), "--output_dir", str(out / folder), "--train_file",
+            str(world.reddit_train), "--train_fraction", str(fraction), "--num_train_epochs",
+            str(settings["dialogue_epochs"]), "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
+            "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed), *extra,
+        ])
+
+    # The ablation's starting point: a VIKDF that never saw an image–text pair.
     torch.manual_seed(args.seed)
     untrained, processor = build_vikdf_from_components(
         str(components.clip), str(components.bert), str(components.llm),
@@ -265,70 +357,94 @@ def main(argv: list[str] | None = None) -> dict:
     )
     untrained.save_pretrained(out / "no_pretrain_init")
     processor.save_pretrained(out / "no_pretrain_init")
-    train_dialogue.main(["--model_name_or_path", str(out / "no_pretrain_init"), "--output_dir",
-                         str(out / "no_pretrain"), *dialogue_args])
+    fine_tune("pretrain", "vikdf")
+    fine_tune("no_pretrain_init", "no_pretrain")
+    fine_tune("pretrain", "vikdf_low", LOW_RESOURCE_FRACTION)
+    fine_tune("no_pretrain_init", "no_pretrain_low", LOW_RESOURCE_FRACTION)
     # The fine-tuned text-only baseline (Table 4): LoRA on the LLM, same dialogues, no knowledge.
-    train_dialogue.main(["--model_name_or_path", str(out / "no_pretrain_init"), "--output_dir", str(out / "lora"),
-                         "--method", "lora", *dialogue_args])
+    fine_tune("no_pretrain_init", "lora", extra=["--method", "lora"])
+    for suffix, _ in ablations:
+        fine_tune(f"pretrain{suffix}", f"vikdf{suffix}")
     stage_seconds["dialogue_fine_tuning"] = stage(
-        "4/6 dialogue fine-tuning on Reddit-format dialogues: VIKDF, the no-pre-training ablation and LoRA", started
+        "4/6 dialogue fine-tuning on Reddit-format dialogues (all and ⅛): VIKDF, the no-pre-training ablation, LoRA"
+        + (" and the Table 3 ablations" if ablations else ""), started,
     )
 
+    count = settings["num_eval_dialogues"]
+    textualise_all = ["--textualise", str(count)]
     # name: (evaluation folder, checkpoint, eval_dialogue.py flags)
     systems = {
-        "Frozen LLM (no knowledge)": ("llm", out / "vikdf", ["--baseline", "llm"]),
-        "LLM + LoRA on the dialogues": ("lora", out / "lora", []),
-        "VIKDF without pre-training": ("no_pretrain", out / "no_pretrain", []),
-        "VIKDF": ("vikdf", out / "vikdf", []),
+        FROZEN_LLM: ("llm", out / "vikdf", ["--baseline", "llm"]),
+        LORA: ("lora", out / "lora", []),
+        NO_PRETRAIN: ("no_pretrain", out / "no_pretrain", textualise_all),
+        VIKDF: ("vikdf", out / "vikdf", textualise_all),
+        **{f"VIKDF {suffix}": (f"vikdf{suffix}", out / f"vikdf{suffix}", textualise_all) for suffix, _ in ablations},
+        NO_PRETRAIN + LOW: ("no_pretrain_low", out / "no_pretrain_low", []),
+        VIKDF + LOW: ("vikdf_low", out / "vikdf_low", []),
+        PRETRAIN_ONLY: ("pretrain_only", out / "pretrain", textualise_all),
+        SHUFFLED: ("vikdf_shuffled", out / "vikdf", ["--knowledge_ablation", "shuffle", *textualise_all]),
     }
+    if ablations:
+        systems["VIKDF, zero knowledge"] = ("vikdf_zero", out / "vikdf", ["--knowledge_ablation", "zero"])
     results = {
-        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings,
-                       [*extra, "--textualise", "3"] if name == "VIKDF" else extra)
+        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings, extra)
         for name, (folder, checkpoint, extra) in systems.items()
     }
     # In-distribution check: validation dialogues about the objects whose colours fine-tuning did see.
     seen = {
-        name: evaluate(checkpoint, world.reddit_valid, out / "eval_seen" / folder, settings, ["--skip_perplexity", *extra])
+        name: evaluate(checkpoint, world.reddit_valid, out / "eval_seen" / folder, settings,
+                       ["--skip_perplexity", *[flag for flag in extra if flag not in textualise_all]])
         for name, (folder, checkpoint, extra) in systems.items()
     }
     stage_seconds["evaluation"] = stage(
-        f"5/6 zero-resource evaluation on {settings['num_eval_dialogues']} Image-Chat-format test dialogues", started
+        f"5/6 zero-resource evaluation on {count} Image-Chat-format test dialogues (Zero-Data setting)", started
     )
 
     recall, chance = tim_recall_at_1(out / "pretrain", world.heldout_shard)
     plot_losses(pretrainer.state.log_history, out / "loss_curves.png")
     stage_seconds["report"] = stage("6/6 report", started)
 
-    accuracy = {name: prediction_accuracy(predictions) for name, (_, predictions) in results.items()}
-    accuracy_seen = {name: prediction_accuracy(predictions) for name, (_, predictions) in seen.items()}
-    print("\nZero-resource dialogue about objects known only from images (Table 1 columns). Knowledge accuracy: the "
-          "response names the object's usual colour (chance 16.7); 'seen' is the same on validation dialogues about "
-          "objects whose colours the dialogue fine-tuning saw.\n")
-    print("| System | " + " | ".join(name for name, _ in METRIC_COLUMNS) + " | Knowledge acc. | Knowledge acc. (seen) |")
-    print("|---" * (len(METRIC_COLUMNS) + 3) + "|")
-    for name, (metrics, _) in results.items():
-        print(table_row(name, metrics, accuracy[name], accuracy_seen[name]))
+    rows = {
+        name: {**metrics, "knowledge_accuracy": prediction_accuracy(predictions),
+               "knowledge_accuracy_seen": prediction_accuracy(seen[name][1]),
+               "textualised_accuracy": textualised_accuracy(out / "eval" / systems[name][0])}
+        for name, (metrics, predictions) in results.items()
+    }
+    accuracy = {name: row["knowledge_accuracy"] for name, row in rows.items()}
+    print("\nZero-Data setting (Table 3's Image-Chat columns): fine-tuned on Reddit-format dialogues, tested zero-shot "
+          "on Image-Chat-format dialogues about objects whose colour only the image–text pairs show. Knowledge acc.: the "
+          "response names the object's usual colour (chance 16.7); 'seen': the same on validation dialogues about "
+          "objects the fine-tuning dialogues talked about; 'textualised': the knowledge K put into words (§5.4) "
+          "names it.\n")
+    print("| System | " + " | ".join(name for name, _ in METRIC_COLUMNS)
+          + " | Knowledge acc. | Knowledge acc. (seen) | Textualised K names the colour |")
+    print("|---" * (len(METRIC_COLUMNS) + 4) + "|")
+    for name, row in rows.items():
+        print(table_row(name, row))
     print(f"\nTIM text→image recall@1 on {int(round(1 / chance))} held-out pairs: {100 * recall:.1f} % "
           f"(chance {100 * chance:.1f} %, {recall / chance:.0f}× chance)")
 
     print("\nExamples (VIKDF):")
     knowledge = [json.loads(line) for line in (out / "eval" / "vikdf" / "knowledge.jsonl").read_text().splitlines()]
-    for prediction, textualised in zip(results["VIKDF"][1], knowledge):
+    for prediction, textualised in list(zip(results[VIKDF][1], knowledge))[:3]:
         print(f"  context:   {' / '.join(prediction['context'])}")
         print(f"  response:  {prediction['hypothesis']}")
         print(f"  reference: {prediction['reference']}")
         print(f"  knowledge: {textualised['knowledge']}\n")
 
-    count = settings["num_eval_dialogues"]
-    best_text_only = max(("Frozen LLM (no knowledge)", "LLM + LoRA on the dialogues"), key=accuracy.get)
-    print(compare("The distilled knowledge", "VIKDF", best_text_only, accuracy, count))
-    print(compare("VIKDF pre-training", "VIKDF", "VIKDF without pre-training", accuracy, count))
+    best_text_only = max((FROZEN_LLM, LORA), key=accuracy.get)
+    print(compare("The distilled knowledge", VIKDF, best_text_only, accuracy, count))
+    print(compare("VIKDF pre-training", VIKDF, NO_PRETRAIN, accuracy, count))
+    print(compare("VIKDF pre-training with ⅛ of the dialogues", VIKDF + LOW, NO_PRETRAIN + LOW, accuracy, count))
+    print(f"Shuffled knowledge: {100 * accuracy[SHUFFLED]:.1f} % (chance 16.7 %). Pre-training only: its textualised "
+          f"knowledge names the right colour {_percent(rows[PRETRAIN_ONLY]['textualised_accuracy'])} % of the time.")
     print(f"Loss curves: {out / 'loss_curves.png'}; everything else under {out}/. Total {time.time() - started:.0f}s.")
     summary = {
-        "systems": {
-            name: {**metrics, "knowledge_accuracy": accuracy[name], "knowledge_accuracy_seen": accuracy_seen[name]}
-            for name, (metrics, _) in results.items()
-        },
+        "preset": args.preset,
+        "seed": args.seed,
+        "llm_family": args.llm_family,
+        "systems": rows,
+        "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))},
         "llm_prompt_use": {"described": described, "plain": plain},
         "tim_recall_at_1": recall,
         "tim_chance": chance,
@@ -337,6 +453,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _stand_in_summary(result: StandInResult) -> dict:
+    return {"criterion": result.criterion, "value": result.value, "target": result.target, "reached": result.reached,
+            "steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1]}
 
 
 if __name__ == "__main__":

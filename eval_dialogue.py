@@ -3,6 +3,7 @@
     python eval_dialogue.py --model_name_or_path runs/vikdf-reddit --test_file image_chat/test.json \
         --glove_path glove.6B.300d.txt --output_dir runs/eval-imagechat-zero-data
     python eval_dialogue.py ... --baseline llm        # the frozen LLM alone, same chat template, no knowledge
+    python eval_dialogue.py ... --knowledge_ablation shuffle   # each dialogue gets another's knowledge (or: zero)
     python eval_dialogue.py --aggregate s1/metrics.json s2/metrics.json ... --reference_json best_baseline.json \
         --output_dir runs/eval-5-seeds                 # mean ± std, one-sided one-sample t-tests (paper §5.1)
 
@@ -62,6 +63,7 @@ from vikdf.evaluation import (
 )
 from vikdf.evaluation_processes import evaluate_dialogues_across_processes
 from vikdf.knowledge import textualise_knowledge
+from vikdf.knowledge_ablation import KNOWLEDGE_ABLATIONS, knowledge_ablation
 from vikdf.model_card import update_model_card_metrics
 
 logger = logging.get_logger("eval_dialogue")
@@ -122,6 +124,14 @@ class EvalArguments:
         default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32), bf16 or fp32.", "choices": list(PRECISIONS)}
     )
     device: str | None = field(default=None, metadata={"help": "Device to run on (default: cuda if available, else cpu)."})
+    knowledge_ablation: str = field(
+        default="none",
+        metadata={
+            "help": "Causal check of the knowledge: 'zero' writes zero soft prompts into the knowledge slots, "
+            "'shuffle' gives each dialogue the knowledge of another dialogue in its batch; 'none' evaluates as trained.",
+            "choices": list(KNOWLEDGE_ABLATIONS),
+        },
+    )
     textualise: int = field(
         default=0, metadata={"help": "Put the knowledge of the first N contexts into words (paper §5.4) → knowledge.jsonl."}
     )
@@ -204,18 +214,26 @@ def main(argv: list[str] | None = None) -> dict | None:
     with_knowledge = args.baseline is None and method != "lora"
     if method == "lora" and args.baseline is None:
         logger.info("LoRA baseline checkpoint (Table 4): evaluating without knowledge.")
+    if args.knowledge_ablation != "none" and not with_knowledge:
+        raise ValueError(
+            f"--knowledge_ablation {args.knowledge_ablation} needs a VIKDF evaluation with knowledge; "
+            f"{args.model_name_or_path} is evaluated without (--baseline or a LoRA checkpoint)."
+        )
     system = "VIKDF" if with_knowledge else ("LoRA baseline" if method == "lora" else "frozen LLM")
+    if args.knowledge_ablation != "none":
+        system += f" (knowledge {args.knowledge_ablation})"
     logger.info(f"Evaluating {system} from {args.model_name_or_path} on {len(dialogues)} dialogues of {args.test_file}.")
 
     generation = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                   "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     if args.do_sample:
         generation.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
-    result = evaluate_dialogues_across_processes(
-        model, processor, dialogues, state, with_knowledge=with_knowledge, glove_path=args.glove_path,
-        batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
-        seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
-    )
+    with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
+        result = evaluate_dialogues_across_processes(
+            model, processor, dialogues, state, with_knowledge=with_knowledge, glove_path=args.glove_path,
+            batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
+            seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
+        )
     if not state.is_main_process:
         return None  # rank 0 alone writes the files and the model card
     metrics = result["metrics"]
@@ -227,23 +245,24 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if args.textualise > 0:
         chosen = dialogues[: args.textualise]
-        texts = textualise_knowledge(
-            model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
-            batch_size=args.batch_size, num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
-            max_new_tokens=args.max_new_tokens,
-        )
+        with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
+            texts = textualise_knowledge(
+                model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
+                batch_size=args.batch_size, num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                max_new_tokens=args.max_new_tokens,
+            )
         with open(Path(args.output_dir) / "knowledge.jsonl", "w", encoding="utf-8") as f:
             for dialogue, text in zip(chosen, texts):
                 f.write(json.dumps({"context": list(dialogue.context), "knowledge": text}, ensure_ascii=False) + "\n")
 
     if args.update_model_card and os.path.isdir(args.model_name_or_path):
-        if args.baseline is None:
+        if args.baseline is None and args.knowledge_ablation == "none":
             card = update_model_card_metrics(
                 args.model_name_or_path, metrics, _test_name(args), config=model.config, tokenizer=result["tokenizer"]
             )
             logger.info(f"Model card updated: {card}")
         else:
-            logger.info("Baseline run: the checkpoint's model card is left unchanged.")
+            logger.info("Baseline or ablation run: the checkpoint's model card is left unchanged.")
     return metrics
 
 

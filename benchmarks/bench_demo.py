@@ -1,6 +1,7 @@
 """Time the demo (`python demo.py`, the README's first command after the install) against its 5-minute budget.
 
     python benchmarks/bench_demo.py                    # the full preset, as the README runs it
+    python benchmarks/bench_demo.py --preset tables    # with the Table 3 pre-training ablations
     python benchmarks/bench_demo.py --preset smoke     # the tests' setting
 
 Runs `demo.main` in this process on the CPU and writes `results/demo_<preset>_cpu.{md,json}`: the time since the start
@@ -32,17 +33,24 @@ def report(summary: dict, preset: str, info: dict) -> str:
         previous = at
     lines += [common.markdown_table(["stage", "seconds", "since start"], rows), ""]
     total = summary["seconds"]
-    verdict = "within" if total <= BUDGET_SECONDS else "OVER"
-    lines += [f"Total **{total:.0f} s**, {verdict} the {BUDGET_SECONDS} s budget.", ""]
-    systems = [[name, f"{100 * m['knowledge_accuracy']:.1f}", f"{100 * m['knowledge_accuracy_seen']:.1f}"]
+    if preset == "full":
+        verdict = "within" if total <= BUDGET_SECONDS else "OVER"
+        lines += [f"Total **{total:.0f} s**, {verdict} the {BUDGET_SECONDS} s budget.", ""]
+    else:
+        lines += [f"Total **{total:.0f} s** (the {BUDGET_SECONDS} s budget is the full preset's).", ""]
+    systems = [[name, f"{100 * m['knowledge_accuracy']:.1f}", f"{100 * m['knowledge_accuracy_seen']:.1f}",
+                "–" if m["textualised_accuracy"] is None else f"{100 * m['textualised_accuracy']:.1f}"]
                for name, m in summary["systems"].items()]
-    lines += [common.markdown_table(["system", "knowledge acc. (image-only objects)", "(seen objects)"], systems), ""]
+    headers = ["system", "knowledge acc. (image-only objects)", "(seen objects)", "textualised K names the colour"]
+    lines += [common.markdown_table(headers, systems), ""]
     recall, chance = summary["tim_recall_at_1"], summary["tim_chance"]
     use = summary["llm_prompt_use"]
     lines += [
         f"TIM text→image recall@1: {100 * recall:.1f} % (chance {100 * chance:.1f} %, {recall / chance:.1f}×).",
         f"Stand-in LLM names the colour its prompt describes: {100 * use['described']:.0f} % "
         f"(without the description {100 * use['plain']:.0f} %).",
+        *[f"Stand-in {name}: {s['criterion']} {100 * s['value']:.0f} % (target {100 * s['target']:.0f} %) after "
+          f"{s['steps']} steps." for name, s in summary["stand_ins"].items()],
     ]
     return "\n".join(lines) + "\n"
 

@@ -210,13 +210,48 @@ def test_captions_carry_colour_only_in_a_minority_and_never_for_image_only_objec
     assert abs(sum(seen) / len(seen) - world.colour_mention_prob) < 0.03
 
 
+@pytest.mark.parametrize("recoloured", ["image_only", "all"])
+def test_clip_pairs_show_recoloured_kinds_in_random_colours_and_every_kind_equally(recoloured):
+    """The stand-in CLIP's pairs: the recoloured kinds carry no usual colour (CLIP learns their names, not their
+    looks); VIKDF's pairs show image-only kinds `image_only_weight` times as often, in their usual colour."""
+    world = SyntheticWorld(seed=4, clip_recoloured=recoloured)
+    rng = world.rng("clip")
+    clip = [world.sample_attributes(rng, for_clip=True) for _ in range(4800)]
+    vikdf = [world.sample_attributes(rng) for _ in range(4800)]
+    for kind in OBJECT_KINDS:
+        colours = Counter(a.colour for a in clip if a.object == kind.name)
+        usual_share = colours[kind.usual_colour] / sum(colours.values())
+        if kind.image_only or recoloured == "all":
+            assert usual_share < 0.3 and len(colours) == len(COLOURS)  # 1/6 expected
+        else:
+            assert usual_share > 0.75
+    assert abs(sum(a.object in IMAGE_ONLY for a in clip) / len(clip) - 0.25) < 0.03
+    weight = world.image_only_weight
+    expected = 6 * weight / (6 * weight + 18)
+    assert abs(sum(a.object in IMAGE_ONLY for a in vikdf) / len(vikdf) - expected) < 0.03
+    usual = [a.colour == a.usual_colour for a in vikdf if a.object in IMAGE_ONLY]
+    assert abs(sum(usual) / len(usual) - world.usual_colour_prob) < 0.03
+
+
+def test_world_writes_the_clip_shard(world_dir):
+    pairs = list(iter_shard_pairs([world_dir.clip_shard]))
+    assert len(pairs) == SMALL["num_pairs"] and world_dir.clip_shard.parent.name == "clip"
+    with pytest.raises(ValueError, match="clip_recoloured"):
+        SyntheticWorld(clip_recoloured="some")
+
+
 def test_caption_variety():
     world = SyntheticWorld(seed=2)
     rng = world.rng("variety")
     pairs = [world.sample_pair(rng) for _ in range(1000)]
     templates = {attrs.template for _, _, attrs in pairs}
     assert len(templates) == len(PLAIN_CAPTIONS) + len(COLOUR_CAPTIONS) >= 15
-    assert len({caption for _, caption, _ in pairs}) > 500
+    # Three in four captions name the object alone ("a zorp."), so fewer are unique than scene captions would be.
+    assert len({caption for _, caption, _ in pairs}) > 400
+    scene = [any(word in caption for word in ("background", "backdrop", "left", "right", "top", "bottom", "middle",
+                                              "centre", "center", "small", "large", "big", "little", "tiny", "huge"))
+             for _, caption, _ in pairs]
+    assert abs(sum(scene) / len(scene) - world.scene_caption_prob) < 0.05
 
 
 def test_render_draws_each_shape_in_its_colour():
@@ -263,5 +298,5 @@ def test_knowledge_accuracy_hand_cases():
 def test_default_size_is_written_in_seconds(tmp_path):
     start = time.perf_counter()
     paths = write_synthetic_world(tmp_path, seed=0, num_pairs=2000, num_dialogues=1000)
-    assert time.perf_counter() - start < 10.0
+    assert time.perf_counter() - start < 20.0  # training, held-out and the stand-in CLIP's pairs
     assert sum(1 for _ in iter_shard_pairs(paths.train_shard_files)) == 2000

@@ -22,12 +22,22 @@ Where the knowledge lives (the design point)
 Six kinds, one per colour, are *image-only* (``ObjectKind.image_only``). For them the link
 "object -> usual colour/shape" is present in the pixels and nowhere else:
 
-* captions of image-only kinds never name a colour or a shape ("a small zorp on the left on a grey
-  background."); captions of the other 18 *dialogue* kinds name colour (and sometimes shape) only in a
-  minority, ``colour_mention_prob`` (25 %), so even there the pixels are the main carrier;
+* captions of image-only kinds never name a colour or a shape ("a zorp.", "a small zorp on the left on a grey
+  background."); captions of the other 18 *dialogue* kinds name their colour in ``colour_mention_prob`` (60 %)
+  of the pairs ("a red blicket."), as real captions often name visual attributes, so that IACI teaches the LLM
+  to put a colour carried by ``K`` into words;
+* three captions in four (``1 - scene_caption_prob``) name the object alone: then only what the object looks like
+  tells its image from the others in a TIM batch, so matching it means learning its look;
+* VIKDF's pairs show image-only kinds ``image_only_weight`` (2) times as often as the others;
 * training and validation dialogues (Reddit form) talk only about dialogue kinds;
 * the LM corpus for the stand-in LLM pre-training holds training captions and training dialogues, hence never
   puts an image-only name next to a colour or shape word (a test checks this).
+
+The stand-in CLIP learns from pairs of its own (``pairs/clip/00000.tar``) in which the kinds of ``clip_recoloured``
+(every kind by default, or only the image-only ones) appear in uniformly random colours. Its text tower thus knows
+the *names* (it is also trained to tell them apart) and the colour words, but not which colour a kind usually has,
+as a real CLIP knows most words without having seen every link; only VIKDF pre-training on the pairs above can
+carry a kind's colour into ``K``.
 
 The held-out test dialogues (Image-Chat form) talk only about image-only kinds, six of them in equal numbers,
 with the same context and response templates as training. A context names the object only ("i saw a zorp at
@@ -35,15 +45,13 @@ the park today."); the reference response names its usual colour ("nice, was it 
 
 What the pipeline can learn from what:
 
-1. the stand-in CLIP, trained contrastively on the training shards, must tell a zorp from the other kinds in a
-   batch, so its text features for "zorp" come to encode what zorp pictures look like (red, circle) although
-   no caption says so;
-2. VIKDF pre-training teaches the IQ-Former to turn CLIP text features into queries ``K`` that match the
-   image's, and the LLM to verbalise ``K`` (the colour-mentioning minority of captions in IACI);
-3. dialogue fine-tuning on the 18 dialogue kinds teaches "say the colour that ``K`` carries";
-4. on the test set, the frozen LLM has never read a colour next to an image-only name, so without ``K`` it
-   can only guess (a constant guess scores exactly 1/6, since the six test kinds are balanced and have
-   different colours); only ``K``, derived from CLIP text features that were aligned to images, can carry it.
+1. VIKDF pre-training (TIM, TAMIM) teaches the IQ-Former to turn CLIP text features of a name into queries ``K``
+   that match its images, which show its usual colour, and (IACI on the colour-naming captions) the LLM to
+   verbalise the colour ``K`` carries;
+2. dialogue fine-tuning on the 18 dialogue kinds teaches "say the colour that ``K`` carries";
+3. on the test set, the frozen LLM has never read a colour next to an image-only name and the frozen CLIP does
+   not know it, so without pre-training ``K`` can only guess (a constant guess scores exactly 1/6, since the
+   six test kinds are balanced and have different colours).
 
 How the demo should use it: report ``knowledge_accuracy`` (fraction of responses naming exactly the right
 usual colour) on the test split for VIKDF and for a text-only baseline, next to BLEU and the other metrics,
@@ -53,8 +61,9 @@ reported as measured.
 
 Files (``write_synthetic_world``)
 ---------------------------------
-``pairs/train/{00000..0000N}.tar`` and ``pairs/heldout/00000.tar``: webdataset shards laid out as img2dataset
-writes them (members ``000000123.jpg`` / ``.txt`` / ``.json``, key = shard * 10**4 + index, 9 digits);
+``pairs/train/{00000..0000N}.tar``, ``pairs/heldout/00000.tar`` and ``pairs/clip/00000.tar``: webdataset shards
+laid out as img2dataset writes them (members ``000000123.jpg`` / ``.txt`` / ``.json``, key = shard * 10**4 +
+index, 9 digits);
 ``dialogue/reddit/{train,valid}.json``: ``[{"context": [str, ...], "response": str}, ...]``;
 ``dialogue/image_chat/test.json``: ``[{"image_hash": str, "dialog": [[style, text], ...]}, ...]`` (ParlAI);
 ``lm_corpus.txt``: one text per line, a training caption or a training dialogue with its turns joined by
@@ -175,6 +184,11 @@ PLAIN_CAPTIONS: tuple[str, ...] = (
     "my {obj} on a {bg} table, {pos}.",
     "a {obj}, {size}, {pos}.",
     "look at this {size} {obj} on {bg}!",
+    "a {obj}.",
+    "photo of a {obj}.",
+    "this is a {obj}.",
+    "look, a {obj}!",
+    "one {obj}, nothing else.",
 )
 COLOUR_CAPTIONS: tuple[str, ...] = (
     "{a_colour} {obj} {pos} on a {bg} background.",
@@ -183,6 +197,10 @@ COLOUR_CAPTIONS: tuple[str, ...] = (
     "{a_colour} {shape}, which is a {obj}, {pos}.",
     "a {obj}: a {size} {colour} {shape} on {bg}.",
     "photo of {a_colour} {obj} against a {bg} backdrop.",
+    "{a_colour} {obj}.",
+    "a {colour} {obj}.",
+    "my {colour} {obj}.",
+    "this {obj} is {colour}.",
 )
 
 # Dialogue turns. A context is one of DIALOGUE_PATTERNS: a sequence of turn pools, then the response family.
@@ -312,6 +330,7 @@ class SyntheticWorldPaths:
     train_shards: str  # brace pattern, e.g. ".../pairs/train/{00000..00003}.tar"
     train_shard_files: tuple[Path, ...]
     heldout_shard: Path
+    clip_shard: Path  # the stand-in CLIP's own pairs: image-only kinds in random colours
     reddit_train: Path
     reddit_valid: Path
     image_chat_test: Path
@@ -386,6 +405,10 @@ def knowledge_accuracy(
     return correct / scored
 
 
+def _describes_scene(template: str) -> bool:
+    return any(f"{{{name}}}" in template for name in ("size", "pos", "bg"))
+
+
 def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
@@ -402,12 +425,19 @@ class SyntheticWorld:
     seed: int = 0
     image_size: int = 32
     usual_colour_prob: float = 0.85
-    colour_mention_prob: float = 0.25
+    colour_mention_prob: float = 0.6
+    image_only_weight: float = 2.0
+    scene_caption_prob: float = 0.25
+    clip_recoloured: str = "all"
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
-        for name in ("usual_colour_prob", "colour_mention_prob"):
+        if self.clip_recoloured not in ("image_only", "all"):
+            raise ValueError(f"clip_recoloured must be 'image_only' or 'all', got {self.clip_recoloured!r}")
+        if self.image_only_weight <= 0:
+            raise ValueError(f"image_only_weight must be positive, got {self.image_only_weight}")
+        for name in ("usual_colour_prob", "colour_mention_prob", "scene_caption_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -426,11 +456,21 @@ class SyntheticWorld:
         # Seeding with a str hashes it with SHA-512: stable across processes, unlike hash().
         return random.Random(f"vikdf-synthetic/{self.seed}/{stream}")
 
-    def sample_attributes(self, rng: random.Random) -> PairAttributes:
-        """Draw an object, its look and the caption template to describe it."""
-        kind = rng.choice(OBJECT_KINDS)
+    def sample_attributes(self, rng: random.Random, for_clip: bool = False) -> PairAttributes:
+        """Draw an object, its look and the caption template to describe it.
+
+        ``for_clip`` draws the pairs the stand-in CLIP learns from: the kinds of ``clip_recoloured`` ("image_only"
+        or "all") appear in a uniformly random colour, so that its text tower knows their names but not their usual
+        colours (module docstring), and every kind is equally frequent.
+        """
+        # VIKDF's pairs show image-only kinds `image_only_weight` times as often as the others: they are the links
+        # pre-training has to learn from pixels alone.
+        weights = [1.0 if for_clip or not k.image_only else self.image_only_weight for k in OBJECT_KINDS]
+        kind = rng.choices(OBJECT_KINDS, weights)[0]
         colour = kind.usual_colour
-        if rng.random() >= self.usual_colour_prob:
+        if for_clip and (kind.image_only or self.clip_recoloured == "all"):
+            colour = rng.choice(list(COLOURS))
+        elif rng.random() >= self.usual_colour_prob:
             colour = rng.choice([c for c in COLOURS if c != kind.usual_colour])
         size, position, background = rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), rng.choice(list(BACKGROUNDS))
         diameter = SIZES[size] * rng.uniform(0.9, 1.1)
@@ -438,10 +478,13 @@ class SyntheticWorld:
         # A little positional jitter, then clamping so that large objects at the border are not cut off.
         cx, cy = (min(1 - radius, max(radius, p + rng.uniform(-0.04, 0.04))) for p in POSITIONS[position])
         # Image-only kinds never get a colour caption: their colour must stay in the pixels (see module docstring).
-        if not kind.image_only and rng.random() < self.colour_mention_prob:
-            template = f"colour/{rng.randrange(len(COLOUR_CAPTIONS))}"
-        else:
-            template = f"plain/{rng.randrange(len(PLAIN_CAPTIONS))}"
+        family = "colour" if not kind.image_only and rng.random() < self.colour_mention_prob else "plain"
+        # Most captions name the object alone ("a zorp."): then only what the object looks like tells its image from
+        # the others in a batch, and TIM has to learn it; scene captions are matched by size, place and background.
+        scene = rng.random() < self.scene_caption_prob
+        templates = COLOUR_CAPTIONS if family == "colour" else PLAIN_CAPTIONS
+        choices = [i for i, text in enumerate(templates) if _describes_scene(text) == scene]
+        template = f"{family}/{rng.choice(choices)}"
         return PairAttributes(
             object=kind.name,
             shape=kind.shape,
@@ -493,9 +536,9 @@ class SyntheticWorld:
             shape=attrs.shape,
         )
 
-    def sample_pair(self, rng: random.Random) -> tuple[Image.Image, str, PairAttributes]:
-        """One image–caption pair and its ground truth."""
-        attrs = self.sample_attributes(rng)
+    def sample_pair(self, rng: random.Random, for_clip: bool = False) -> tuple[Image.Image, str, PairAttributes]:
+        """One image–caption pair and its ground truth (``for_clip``: see ``sample_attributes``)."""
+        attrs = self.sample_attributes(rng, for_clip)
         return self.render(attrs), self.write_caption(attrs, rng), attrs
 
     def sample_dialogue(self, rng: random.Random, kind: ObjectKind) -> Dialogue:
@@ -533,14 +576,16 @@ def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(world: SyntheticWorld, rng: random.Random, path: Path, shard_index: int, count: int) -> list[str]:
+def _write_shard(
+    world: SyntheticWorld, rng: random.Random, path: Path, shard_index: int, count: int, for_clip: bool = False
+) -> list[str]:
     """Write ``count`` pairs as one img2dataset-style shard; returns the captions."""
     if count > _MAX_PER_SHARD:
         raise ValueError(f"at most {_MAX_PER_SHARD} pairs per shard, got {count}; use more shards")
     captions = []
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for index in range(count):
-            image, caption, attrs = world.sample_pair(rng)
+            image, caption, attrs = world.sample_pair(rng, for_clip)
             key = f"{shard_index * _MAX_PER_SHARD + index:09d}"
             meta = {
                 "key": key,
@@ -594,9 +639,11 @@ def write_synthetic_world(
     num_pairs: int = 2000,
     num_shards: int = 4,
     num_heldout_pairs: int = 200,
+    num_clip_pairs: int | None = None,
     num_dialogues: int = 1000,
     num_eval_dialogues: int = 120,
     image_size: int = 32,
+    clip_recoloured: str = "all",
 ) -> SyntheticWorldPaths:
     """Write the whole world under ``out_dir`` (layout in the module docstring) and say where it is.
 
@@ -606,7 +653,7 @@ def write_synthetic_world(
     """
     if num_shards < 1 or num_pairs < num_shards:
         raise ValueError(f"need 1 <= num_shards <= num_pairs, got {num_shards} shards for {num_pairs} pairs")
-    world = SyntheticWorld(seed=seed, image_size=image_size)
+    world = SyntheticWorld(seed=seed, image_size=image_size, clip_recoloured=clip_recoloured)
     root = Path(out_dir)
     train_dir, heldout_dir = root / "pairs" / "train", root / "pairs" / "heldout"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -621,6 +668,10 @@ def write_synthetic_world(
         train_files.append(path)
     heldout_shard = heldout_dir / "00000.tar"
     heldout_captions = _write_shard(world, world.rng("heldout-pairs"), heldout_shard, 0, num_heldout_pairs)
+    clip_shard = root / "pairs" / "clip" / "00000.tar"
+    clip_shard.parent.mkdir(parents=True, exist_ok=True)
+    clip_captions = _write_shard(world, world.rng("clip-pairs"), clip_shard, 0,
+                                 num_pairs if num_clip_pairs is None else num_clip_pairs, for_clip=True)
 
     train = world.dialogues("train-dialogues", num_dialogues, world.dialogue_objects)
     valid = world.dialogues("valid-dialogues", num_eval_dialogues, world.dialogue_objects)
@@ -640,7 +691,7 @@ def write_synthetic_world(
     lm_corpus.write_text("\n".join(lm_lines) + "\n", encoding="utf-8")
 
     dialogue_turns = [turn for d in train + valid + test for turn in (*d.context, d.response)]
-    all_texts = train_captions + heldout_captions + dialogue_turns
+    all_texts = train_captions + heldout_captions + clip_captions + dialogue_turns
     world_words = [k.name for k in OBJECT_KINDS] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
     vocabulary = tuple(sorted({word for text in all_texts + world_words for word in tokenize_words(text)}))
     vocab_file = root / "vocab.txt"
@@ -657,6 +708,7 @@ def write_synthetic_world(
             "counts": {
                 "train_pairs": num_pairs,
                 "heldout_pairs": num_heldout_pairs,
+                "clip_pairs": num_pairs if num_clip_pairs is None else num_clip_pairs,
                 "train_dialogues": num_dialogues,
                 "valid_dialogues": num_eval_dialogues,
                 "test_dialogues": num_eval_dialogues,
@@ -668,6 +720,7 @@ def write_synthetic_world(
         train_shards=str(train_dir / f"{{00000..{num_shards - 1:05d}}}.tar"),
         train_shard_files=tuple(train_files),
         heldout_shard=heldout_shard,
+        clip_shard=clip_shard,
         reddit_train=reddit_train,
         reddit_valid=reddit_valid,
         image_chat_test=image_chat_test,

@@ -1,0 +1,148 @@
+"""The demo over several seeds and both LLM families: mean ± sd of every row, and the issue's targets checked.
+
+    python benchmarks/bench_demo_seeds.py                                  # seeds 0 1 2, llama and qwen2, preset full
+    python benchmarks/bench_demo_seeds.py --seeds 0 1 2 --llm_families llama qwen2 --resume
+
+Runs `demo.main` once per (family, seed) on the CPU and writes `results/demo_seeds_<preset>_cpu.{json,md}` after
+every run (with `--resume`, runs already in the JSON are kept, not repeated). The markdown holds, per family and
+over all runs, the mean ± sd (over runs) of each system's knowledge accuracy on the image-only test objects, on the
+seen objects, of how often its textualised knowledge names the colour, and BLEU-1; then the targets: VIKDF against
+the no-pre-training ablation (all and ⅛ of the dialogues, paired by run), the pre-training-only textualisation
+against 3× chance, and shuffled knowledge against chance. `readme_table` in the JSON is the table the README quotes
+(a test checks that it does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+
+import _bench_common as common  # puts the repository root on sys.path
+import torch
+
+import demo  # noqa: E402
+
+CHANCE = 1 / 6
+COLUMNS = (("knowledge_accuracy", "knowledge acc.", 100), ("knowledge_accuracy_seen", "(seen)", 100),
+           ("textualised_accuracy", "textualised K names it", 100), ("bleu_1", "BLEU-1", 1))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: list[float | None], scale: float) -> str:
+    present = [scale * v for v in values if v is not None]
+    if not present:
+        return "–"
+    mean, sd = mean_sd(present)
+    return f"{mean:.1f} ± {sd:.1f}"
+
+
+def aggregate_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: one row per system, mean ± sd over `runs` of each column."""
+    names = list(runs[0]["systems"])
+    lines = ["| system (n = %d runs) | " % len(runs) + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "| --- |" + " ---: |" * len(COLUMNS)]
+    for name in names:
+        cells = [cell([run["systems"][name].get(key) for run in runs], scale) for key, _, scale in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(runs: list[dict]) -> list[dict]:
+    """The issue's targets over `runs`, each with the figures it was judged on."""
+    count = len(runs)
+    per_run_dialogues = runs[0]["num_eval_dialogues"]
+    checks = []
+    for suffix in ("", demo.LOW):
+        gains = [run["systems"][demo.VIKDF + suffix]["knowledge_accuracy"]
+                 - run["systems"][demo.NO_PRETRAIN + suffix]["knowledge_accuracy"] for run in runs]
+        mean, sd = mean_sd(gains)
+        # Noise: two standard errors of the mean paired gain, never less than the binomial noise of the difference
+        # of two accuracies near chance on all runs' test dialogues.
+        noise = max(2 * sd / math.sqrt(count), 2 * math.sqrt(2 * CHANCE * (1 - CHANCE) / (count * per_run_dialogues)))
+        what = f"VIKDF beats VIKDF without pre-training{suffix or ', all dialogues'} by more than the noise"
+        checks.append({"target": what,
+                       "gain_points": 100 * mean, "sd_points": 100 * sd, "noise_points": 100 * noise,
+                       "met": mean > noise})
+    texts = [run["systems"][demo.PRETRAIN_ONLY]["textualised_accuracy"] for run in runs]
+    mean, sd = mean_sd(texts)
+    checks.append({"target": "pre-training only: textualised knowledge names the usual colour ≥ 3× chance (50 %)",
+                   "value_percent": 100 * mean, "sd_percent": 100 * sd, "met": mean >= 3 * CHANCE})
+    shuffled = [run["systems"][demo.SHUFFLED]["knowledge_accuracy"] for run in runs]
+    mean, sd = mean_sd(shuffled)
+    noise = 2 * math.sqrt(CHANCE * (1 - CHANCE) / (count * per_run_dialogues))
+    checks.append({"target": "VIKDF with shuffled knowledge within noise of chance (16.7 %)",
+                   "value_percent": 100 * mean, "sd_percent": 100 * sd, "noise_points": 100 * noise,
+                   "met": abs(mean - CHANCE) <= noise})
+    return checks
+
+
+def target_lines(checks: list[dict]) -> list[str]:
+    lines = []
+    for check in checks:
+        figures = ", ".join(f"{key.replace('_', ' ')} {value:.1f}" for key, value in check.items()
+                            if isinstance(value, float))
+        lines.append(f"- {'MET' if check['met'] else 'NOT met'}: {check['target']} ({figures})")
+    return lines
+
+
+def report(runs: list[dict], preset: str, info: dict) -> tuple[str, list[str]]:
+    lines = [f"# Demo over seeds and LLM families — preset {preset} (CPU)", "", *common.machine_lines(info), ""]
+    names = ", ".join(f"{run['llm_family']}/seed {run['seed']} ({run['seconds']:.0f} s)" for run in runs)
+    lines += [f"Runs: {names}.",
+              "Every cell is mean ± sd over runs, in % (BLEU-1 in points).", ""]
+    readme = aggregate_table(runs)
+    lines += ["## All runs", "", *readme, "", "### Targets", "", *target_lines(targets(runs)), ""]
+    for family in sorted({run["llm_family"] for run in runs}):
+        chosen = [run for run in runs if run["llm_family"] == family]
+        lines += [f"## {family}", "", *aggregate_table(chosen), "", *target_lines(targets(chosen)), ""]
+    stand_ins = [f"{run['llm_family']}/{run['seed']}: CLIP {run['stand_ins']['clip']['value']:.2f} after "
+                 f"{run['stand_ins']['clip']['steps']} steps, LLM {run['stand_ins']['llm']['value']:.2f} after "
+                 f"{run['stand_ins']['llm']['steps']}" for run in runs]
+    lines += ["## Stand-in criteria reached", "", *[f"- {line}" for line in stand_ins], ""]
+    return "\n".join(lines) + "\n", readme
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(demo.PRESETS), default="full")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--llm_families", nargs="+", default=["llama", "qwen2"])
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the result JSON")
+    parser.add_argument("--output_dir", default=None, help="default benchmarks/results")
+    args = parser.parse_args(argv)
+    info = common.machine_info(torch.device("cpu"))
+    stem = f"demo_seeds_{args.preset}_cpu"
+    directory = common.RESULTS_DIR if args.output_dir is None else common.Path(args.output_dir)
+    runs: list[dict] = []
+    if args.resume and (directory / f"{stem}.json").exists():
+        runs = json.loads((directory / f"{stem}.json").read_text())["runs"]
+    payload: dict = {}
+    for family in args.llm_families:
+        for seed in args.seeds:
+            if any(run["llm_family"] == family and run["seed"] == seed for run in runs):
+                continue
+            with tempfile.TemporaryDirectory(prefix="vikdf-demo-") as workdir:
+                summary = demo.main(["--preset", args.preset, "--seed", str(seed), "--llm_family", family,
+                                     "--output_dir", workdir])
+            summary["num_eval_dialogues"] = demo.PRESETS[args.preset]["num_eval_dialogues"]
+            summary["printed_table"] = [demo.table_row(name, row) for name, row in summary["systems"].items()]
+            runs.append(summary)
+            # The raw runs first, so that a run is never lost to a failure of the report below.
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{stem}.json").write_text(json.dumps({"machine": info, "runs": runs}, indent=2, default=str))
+            markdown, readme = report(runs, args.preset, info)
+            payload = {"machine": info, "runs": runs, "readme_table": readme, "targets": targets(runs)}
+            common.write_results(stem, markdown, payload, args.output_dir)
+            print(markdown, flush=True)
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
