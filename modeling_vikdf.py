@@ -10,6 +10,7 @@ E = CLIP projection width, H = LLM width.
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,18 @@ def _damaged_weights(folder) -> str:
                 except Exception:
                     return os.path.join(folder, name)
     return f"A weights file of {folder!r}"
+
+
+def _next_token_loss(
+    logits: torch.Tensor, labels: torch.LongTensor, positions: torch.BoolTensor, num_items_in_batch=None
+) -> torch.Tensor:
+    """transformers' causal-LM loss (`ForCausalLMLoss`) from the logits (M, V) of `positions` (B, S) only: position
+    t predicts `labels[t + 1]`; a sum over `num_items_in_batch` when given (the Trainer's accumulation), else a mean."""
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:][positions]
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+    total = nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
 
 
 @dataclass
@@ -284,6 +297,14 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.language_model.set_output_embeddings(new_embeddings)
 
+    @property
+    def _logits_are_head_outputs(self) -> bool:
+        """Whether the LLM's logits are its output embeddings applied to its base model's last states (Llama, Qwen2,
+        Mistral), so the head can run on chosen positions; not for LLMs that cap or scale them (Gemma-2, Cohere)."""
+        text = self.config.text_config
+        rescaled = getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None)
+        return not rescaled and self.language_model.base_model is not self.language_model
+
     # ----------------------------------------------------------------------------------------------------------
     # Frozen CLIP towers (§3.1.1). The IQ-Former reads the projected states of *all* tokens, not the pooled one.
     # ----------------------------------------------------------------------------------------------------------
@@ -375,8 +396,13 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         return is_slot
 
     def knowledge_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Column indices (B, n) of the `<knowledge>` placeholders in each row."""
-        return self.knowledge_slots(input_ids).nonzero()[:, 1].view(-1, self.config.num_query_tokens)
+        """Column indices (B, n) of the `<knowledge>` placeholders in each row, in order.
+
+        Not checked and sync-free (no `nonzero`, no count test on the host): a stable sort puts each row's slots
+        first. Rows are assumed valid; `knowledge_slots`, which every forward runs first, checks them.
+        """
+        is_slot = (input_ids == self.config.knowledge_token_id).to(torch.uint8)
+        return is_slot.argsort(dim=1, descending=True, stable=True)[:, : self.config.num_query_tokens]
 
     def reconstruct_knowledge(self, llm_hidden_states: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         """IAKR (eq. 7–8): `K̂` (B, n, D) from the LLM's final states one position before each knowledge slot.
@@ -413,22 +439,41 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         knowledge: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        logits_positions: torch.BoolTensor | None = None,
         **kwargs,
     ) -> VIKDFCausalLMOutput:
         """Causal-LM forward of P(R | C, K): `K` from `clip_input_ids` (or given), written into the placeholders.
 
         Without clip inputs and placeholders this is the frozen LLM alone (the paper's Llama-2 baseline).
+
+        `logits_positions` (B, S), boolean: the LM head runs on these positions only, and `logits` is (M, V) for
+        the M True ones, in row-major order. The trainers pass the positions whose next token is labelled (the
+        captions of eq. 6, the responses), since at a 32k vocabulary the head over every position is most of the
+        LLM's cost. With `labels`, they must cover every labelled next token: the loss is then the LLM's own.
         """
         if knowledge is None and clip_input_ids is not None:
             knowledge = self.get_text_knowledge(clip_input_ids, clip_attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_knowledge(input_ids, knowledge)
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
-        )
+        if logits_positions is None:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+            loss, logits = outputs.loss, outputs.logits
+        else:
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            if self._logits_are_head_outputs:
+                outputs = self.language_model.base_model(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+                )
+                logits = self.get_output_embeddings()(outputs.last_hidden_state[logits_positions])
+            else:
+                outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+                logits = outputs.logits[logits_positions]
+            loss = None if labels is None else _next_token_loss(logits, labels, logits_positions, num_items_in_batch)
         return VIKDFCausalLMOutput(
-            loss=outputs.loss,
-            logits=outputs.logits,
+            loss=loss,
+            logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -451,6 +496,10 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         `generate` does for any decoder-only model; `VIKDFProcessor.decode_responses` keeps the new part. Decoding
         follows this model's generation config (the checkpoint's `generation_config.json`, the paper's settings by
         default), not the LLM's; `generate_kwargs` override it.
+
+        As released, the LLM is given the embeddings only, so logits processors see the new tokens alone:
+        `no_repeat_ngram_size` blocks repeats within the response, not n-grams of the context, and does not walk
+        the prompt's ids at every step.
         """
         if knowledge is None and clip_input_ids is not None:
             knowledge = self.get_text_knowledge(clip_input_ids, clip_attention_mask)
@@ -458,9 +507,18 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("generation_config", self.generation_config)
-        return self.language_model.generate(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
-        )
+        with warnings.catch_warnings():  # transformers warns that n-grams of the prompt are not blocked: the intent
+            warnings.filterwarnings("ignore", message=".*n-gram constraints only to newly generated tokens")
+            outputs = self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )
+        new_tokens = getattr(outputs, "sequences", outputs)  # (B · returned sequences, new)
+        prompt = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, new_tokens], dim=1)
+        if isinstance(outputs, torch.Tensor):
+            return sequences
+        outputs.sequences = sequences
+        return outputs
 
 
 # Every `save_pretrained` then carries this file and its `auto_map` entry (AutoModelForCausalLM is in the config's).

@@ -56,13 +56,13 @@ PEAK_BF16_TFLOPS = (
 # ------------------------------------------------------------------------------------------------ device and dtype
 
 
-def argument_parser(docstring: str, llm_layers_help: str) -> argparse.ArgumentParser:
+def argument_parser(docstring: str, llm_layers_help: str, sizes: tuple[str, ...] = ("tiny", "paper")) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the benchmark's `docstring`, with the flags every model benchmark
     takes: model size, device and dtype, threads, seed, result files."""
     parser = argparse.ArgumentParser(
         description=docstring.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=("tiny", "paper"), default="tiny")
+    parser.add_argument("--size", choices=sizes, default="tiny")
     parser.add_argument("--llm_family", choices=("llama", "qwen2", "mistral"), default="llama", help="tiny size only")
     parser.add_argument("--llm_layers", type=int, default=None, help=llm_layers_help)
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")

@@ -19,11 +19,15 @@ Every response is forced to exactly `--max_new_tokens` new tokens (`min_new_toke
 behaviour is; a trained model stops some beams early, which favours batch 1 a little. "responses/s" = dialogues /
 wall time of the generation of all of them (inputs built before the timer at paper size; inside it at tiny size,
 as `generate_responses` builds them). With `--rounds R`, every batch size runs R times interleaved and the median
-is reported. Rows "without no_repeat_ngram" show the share of transformers' n-gram blocking, which runs on the host.
+is reported. Rows "without no_repeat_ngram" show the share of transformers' n-gram blocking, which runs on the host;
+rows "previous code" time `model.generate` as it was before it matched the release (the prompt's ids passed to the
+LLM with its embeddings, so that the n-gram blocking walked the whole prompt at every step), interleaved with the
+current code's, in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import statistics
@@ -47,6 +51,14 @@ TINY_OVERRIDES = dict(
 
 
 # ---------------------------------------------------------------------------------------------------------------- tiny
+
+
+CURRENT, NO_NGRAM, PREVIOUS = "current", "no_ngram", "previous"
+VARIANT_LABELS = {
+    CURRENT: "",
+    NO_NGRAM: " (without no_repeat_ngram, reference)",
+    PREVIOUS: " (previous code: prompt ids to the logits processors)",
+}
 
 
 def synthetic_dialogues(count: int, seed: int) -> list[list[str]]:
@@ -165,10 +177,34 @@ class PaperPipeline:
 # ---------------------------------------------------------------------------------------------------------------- timing
 
 
-def timed_run(pipeline, batch_size: int, settings: dict) -> tuple[float, float, list[list[int]]]:
+@contextlib.contextmanager
+def prompt_ids_to_the_llm(model):
+    """`model.generate` as before it matched the release: the prompt's ids went to the LLM with its embeddings, so
+    every logits processor (the n-gram blocking included) walked them at every step and blocked the context's
+    n-grams. Outputs may differ from the current code's for that reason."""
+
+    def previous_generate(input_ids, attention_mask=None, clip_input_ids=None, clip_attention_mask=None,
+                          knowledge=None, **generate_kwargs):
+        if knowledge is None and clip_input_ids is not None:
+            knowledge = model.get_text_knowledge(clip_input_ids, clip_attention_mask)
+        generate_kwargs.setdefault("generation_config", model.generation_config)
+        return model.language_model.generate(
+            input_ids=input_ids, inputs_embeds=model.embed_with_knowledge(input_ids, knowledge),
+            attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask, **generate_kwargs,
+        )
+
+    model.generate = previous_generate
+    try:
+        yield
+    finally:
+        del model.generate
+
+
+def timed_run(pipeline, batch_size: int, settings: dict, previous_code: bool = False) -> tuple[float, float, list]:
     """(seconds, peak GiB, outputs) of generating every dialogue at `batch_size`, from inputs the pipeline prepared."""
     prepared = pipeline.prepare(batch_size)
-    with common.PeakMemory(pipeline.device) as memory:
+    variant = prompt_ids_to_the_llm(pipeline.model) if previous_code else contextlib.nullcontext()
+    with variant, common.PeakMemory(pipeline.device) as memory:
         common.synchronize(pipeline.device)
         start = time.perf_counter()
         outputs = pipeline.generate(prepared, batch_size, settings)
@@ -188,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--context_tokens", type=int, default=64, help="paper size: longest synthetic context")
     p.add_argument("--no_ngram_reference", action="store_true",
                    help="skip the reference rows without no_repeat_ngram_size")
+    p.add_argument("--no_previous_code", action="store_true",
+                   help="skip the rows of the previous generate (prompt ids shown to the logits processors)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions per row (median reported)")
     return p.parse_args(argv)
 
@@ -213,9 +251,12 @@ def main(argv=None):
         settings["min_new_tokens"] = args.max_new_tokens
 
     sizes = sorted(set(args.batch_sizes))
-    configs = [(size, True) for size in sizes]
+    ends = sorted({sizes[0], sizes[-1]})
+    configs = [(size, CURRENT) for size in sizes]
     if not args.no_ngram_reference and args.no_repeat_ngram_size:
-        configs += [(size, False) for size in sorted({sizes[0], sizes[-1]})]
+        configs += [(size, NO_NGRAM) for size in ends]
+    if not args.no_previous_code:
+        configs += [(size, PREVIOUS) for size in ends]
 
     # Warm-up: one batch of each size (kernels, allocator, tokenizers), not timed.
     for size in sizes:
@@ -228,41 +269,43 @@ def main(argv=None):
     raw = {config: [] for config in configs}
     outputs_by_size = {}
     for _ in range(args.rounds):
-        for size, ngram in configs:
-            run_settings = dict(settings) if ngram else {**settings, "no_repeat_ngram_size": 0}
+        for size, variant in configs:
+            run_settings = {**settings, "no_repeat_ngram_size": 0} if variant == NO_NGRAM else dict(settings)
             try:
-                seconds, peak, outputs = timed_run(pipeline, size, run_settings)
+                seconds, peak, outputs = timed_run(pipeline, size, run_settings, previous_code=variant == PREVIOUS)
             except Exception as error:  # noqa: BLE001 - an OOM at a large batch must not end the run
                 common.free_memory(device)
-                raw[(size, ngram)].append({"error": "OOM" if common.is_oom(error) else f"{type(error).__name__}: {error}"})
+                raw[(size, variant)].append({"error": "OOM" if common.is_oom(error) else f"{type(error).__name__}: {error}"})
                 continue
-            raw[(size, ngram)].append({"seconds": seconds, "peak_gib": peak})
-            if ngram:
+            raw[(size, variant)].append({"seconds": seconds, "peak_gib": peak})
+            if variant == CURRENT:
                 outputs_by_size[size] = outputs
-            print(f"batch {size}{'' if ngram else ' (no n-gram blocking)'}: {seconds:.2f} s", flush=True)
+            print(f"batch {size} ({variant}): {seconds:.2f} s", flush=True)
 
     n = args.num_dialogues
     rows = []
-    for (size, ngram), runs in raw.items():
+    for (size, variant), runs in raw.items():
         good = [r for r in runs if "error" not in r]
         if not good:
-            rows.append({"batch_size": size, "no_repeat_ngram": ngram, "error": runs[0]["error"]})
+            rows.append({"batch_size": size, "variant": variant, "error": runs[0]["error"]})
             continue
         seconds = statistics.median(r["seconds"] for r in good)
         rows.append({
-            "batch_size": size, "no_repeat_ngram": ngram, "seconds": seconds,
+            "batch_size": size, "variant": variant, "seconds": seconds,
             "round_seconds": [r["seconds"] for r in good],
             "responses_per_s": n / seconds, "new_tokens_per_s": n * args.max_new_tokens / seconds,
             "peak_memory_gib": max(r["peak_gib"] for r in good),
         })
-    base = {r["no_repeat_ngram"]: r for r in rows if r["batch_size"] == sizes[0] and "error" not in r}
+    base = {r["variant"]: r for r in rows if r["batch_size"] == sizes[0] and "error" not in r}
+    current = {r["batch_size"]: r for r in rows if r["variant"] == CURRENT and "error" not in r}
     reference_outputs = outputs_by_size.get(sizes[0])
     for r in rows:
         if "error" in r:
             continue
-        b = base.get(r["no_repeat_ngram"])
+        b, same_size = base.get(r["variant"]), current.get(r["batch_size"])
         r["speedup_vs_batch1"] = r["responses_per_s"] / b["responses_per_s"] if b else None
-        if r["no_repeat_ngram"] and reference_outputs is not None and r["batch_size"] in outputs_by_size:
+        r["vs_current_code"] = r["responses_per_s"] / same_size["responses_per_s"] if same_size else None
+        if r["variant"] == CURRENT and reference_outputs is not None and r["batch_size"] in outputs_by_size:
             same = sum(a == b for a, b in zip(outputs_by_size[r["batch_size"]], reference_outputs))
             r["identical_to_batch1"] = f"{same}/{n}"
 
@@ -284,18 +327,20 @@ def main(argv=None):
     ]
     table = []
     for r in rows:
-        name = f"{r['batch_size']}" + ("" if r["no_repeat_ngram"] else " (without no_repeat_ngram, reference)")
+        name = f"{r['batch_size']}" + VARIANT_LABELS[r["variant"]]
         if "error" in r:
-            table.append([name, r["error"], "", "", "", "", ""])
+            table.append([name, r["error"], "", "", "", "", "", ""])
             continue
         table.append([name, common.fmt(r["responses_per_s"], 2), common.fmt(r["new_tokens_per_s"], 0),
                       common.fmt(r["seconds"], 2), f"{common.fmt(r['speedup_vs_batch1'], 2)}x",
-                      common.fmt(r["peak_memory_gib"], 2), r.get("identical_to_batch1", "")])
+                      f"{common.fmt(r['vs_current_code'], 2)}x", common.fmt(r["peak_memory_gib"], 2),
+                      r.get("identical_to_batch1", "")])
     md.append(common.markdown_table(
-        ["batch size", "responses/s", "new tokens/s", f"seconds for {n}", "vs batch 1", "peak GiB",
-         "same output as batch 1"], table))
-    best = max((r for r in rows if "error" not in r and r["no_repeat_ngram"]), key=lambda r: r["responses_per_s"], default=None)
-    if best is not None and base.get(True):
+        ["batch size", "responses/s", "new tokens/s", f"seconds for {n}", "vs batch 1 (same code)",
+         "vs the current code", "peak GiB", "same output as batch 1"], table))
+    best = max((r for r in rows if "error" not in r and r["variant"] == CURRENT), key=lambda r: r["responses_per_s"],
+               default=None)
+    if best is not None and base.get(CURRENT):
         md += ["", f"Batched / batch-1 responses/s: **{best['speedup_vs_batch1']:.2f}x** at batch {best['batch_size']} "
                "(project target: >= 10x on the GPU)."]
     md.append("")

@@ -23,6 +23,10 @@ matching tiny shapes; `paper` = `VIKDFConfig()` defaults: CLIP ViT-L/14 (224 px,
 projection 768; text width 768), BERT-base IQ-Former (12 layers, cross-attention every 2nd), n = 32, Llama-2-7B
 shapes (32 layers, width 4096, vocab 32000 + the `<knowledge>` token = 32001), random weights. `--llm_layers N`
 cuts the LLM to N layers (everything else at full width) so that the non-LLM parts can be timed on a small machine.
+`medium` = `medium_vikdf_config`: every tower 256 wide and 4 deep (CLIP at 112 px, patch 14; IQ-Former with n = 32;
+a Llama with Llama-2's vocabulary), where the LM head's share of the step is as large as at paper size:
+
+    python benchmarks/bench_pretrain_step.py --size medium --micro_batch_sizes 8 --caption_tokens 39 --ablations g
 
 LLM rows (IACI / IAKR, paper eq. 6-8): `[bos] <k>xn {prompt} {caption}[eos]` and `[bos] {prompt} {caption} <k>xn`
 (padded to the same length), so one row has S = 1 + n + prompt_tokens + caption_tokens + 1 tokens and a step has
@@ -56,8 +60,7 @@ P = 1 + (image/patch)^2 vision tokens, S = LLM row length, H/F/V = LLM width/MLP
      E -> 49408 vocabulary map on the masked ones (0.15 (L_c - 2) expected); language_projection D->H on n slots of 2B rows; IAKR head H->D on
      n positions of B rows. All trained, x3.
   LLM (frozen, x2 / core x3): 2B rows of S tokens, per layer 2S(2H^2 + 2H H_kv + 3HF) + 4S^2 H; LM head 2SHV on the
-     B IACI rows only (the logits of IAKR rows are computed by the current code but unused, so they do not count
-     as model FLOPs; FlopCounterMode's executed count includes them).
+     caption positions of the B IACI rows only (the trainer's `logits_positions`).
   BLIP-2: vision x1 on B images (no projection), Q-Former x3 on P tokens of width d_v, language_projection x3,
      LLM x2 on B rows of n + caption + 2 tokens with the LM head on all of them.
 LayerNorms, softmaxes, GELUs, embeddings lookups and the losses are left out (well under 1 %).
@@ -70,9 +73,9 @@ time, > 1 means the "after" is faster): (a) one batched frozen vision pass for c
 `activation_checkpointing_enable`, what the Trainer's flag calls), and of every layer (transformers' generic
 switch, which the model overrides) (memory vs time); (d) AdamW for-loop -> foreach ->
 fused; (e) `torch.compile` of the IQ-Former (skipped with the reason if it fails); (f) cached CLIP features of the
-clean image (precomputed vision states, copied from host memory each step) -> no clean vision forward; (g) a proposed
-model change: the LM head applied only to the labelled positions of the IACI rows (the current forward computes
-logits for every position of every row, IAKR rows included, and keeps them for backward); (h) the IAMTM vocabulary
+clean image (precomputed vision states, copied from host memory each step) -> no clean vision forward; (g) the LM
+head on every position of every row, IAKR rows included, with the logits kept for backward (the code before
+`logits_positions`) -> on the IACI rows' caption positions only (the trainer); (h) the IAMTM vocabulary
 head on every caption token (the earlier code) -> on the masked tokens only (the trainer). Each variant overrides a
 stage of the trainer's step (`StepVariant`) and is checked to give the same losses (eval mode, before timing).
 
@@ -100,13 +103,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench_common as common  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import Blip2Config, Blip2ForConditionalGeneration, PreTrainedModel  # noqa: E402
+from transformers import BertConfig, Blip2Config, Blip2ForConditionalGeneration, CLIPConfig, PreTrainedModel  # noqa: E402
 
 from configuration_vikdf import LLAMA_2_7B, VIKDFConfig  # noqa: E402
 from modeling_vikdf import VIKDFForConditionalGeneration  # noqa: E402
-from vikdf.losses import IGNORE_INDEX, iaci_loss, iamtm_loss  # noqa: E402
+from vikdf.losses import IGNORE_INDEX, iaci_loss, iamtm_loss, next_token_positions  # noqa: E402
 from vikdf.masking import mask_caption_tokens, tamim_pixel_masks  # noqa: E402
+from vikdf.components import iq_former_config_from_bert  # noqa: E402
 from vikdf.testing import tiny_llm_config, tiny_vikdf_config  # noqa: E402
 from vikdf.trainers import VIKDFPretrainTrainer, count_items, enabled_objectives, loss_weights  # noqa: E402
 
@@ -127,10 +130,30 @@ def vikdf_config(args) -> VIKDFConfig:
             text["num_hidden_layers"] = args.llm_layers
             config = tiny_vikdf_config(args.llm_family, text_config=text)
         return config
+    if args.size == "medium":
+        return medium_vikdf_config(args.llm_layers or 4)
     text = {**LLAMA_2_7B, "vocab_size": 32001, "pad_token_id": 0}
     if args.llm_layers:
         text["num_hidden_layers"] = args.llm_layers
     return VIKDFConfig(text_config=text, knowledge_token_id=32000)
+
+
+def medium_vikdf_config(llm_layers: int = 4) -> VIKDFConfig:
+    """Width 256, 4 layers everywhere: CLIP towers at 112 px (patch 14, 65 vision tokens) and CLIP's 49,408-token
+    vocabulary, an IQ-Former of 32 queries, a Llama of Llama-2's 32k vocabulary (+ `<knowledge>`)."""
+    width, layers = 256, 4
+    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=4)
+    clip = CLIPConfig(
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(tower, image_size=112, patch_size=14), projection_dim=width,
+    )
+    bert = BertConfig(**tower)
+    text = {**LLAMA_2_7B, "hidden_size": width, "intermediate_size": 688, "num_hidden_layers": llm_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32001, "pad_token_id": 0}
+    return VIKDFConfig(
+        clip_config=clip.to_dict(), qformer_config=iq_former_config_from_bert(bert, width).to_dict(),
+        text_config=text, knowledge_token_id=32000, head_num_attention_heads=4, head_intermediate_size=4 * width,
+    )
 
 
 def blip2_config(vikdf: VIKDFConfig) -> Blip2Config:
@@ -162,6 +185,11 @@ def blip2_config(vikdf: VIKDFConfig) -> Blip2Config:
 class RowShape:
     caption: int  # caption tokens (LLM and CLIP alike)
     prompt: int  # instruction prompt tokens in the LLM rows
+
+    @property
+    def labelled_caption(self) -> int:
+        """IACI targets per row: the caption and its end of sequence (`make_vikdf_batch` labels both)."""
+        return self.caption + 1
 
     def vikdf_llm_len(self, n: int) -> int:
         return 1 + n + self.prompt + self.caption + 1
@@ -264,7 +292,6 @@ class FlopCount:
 
     def __init__(self):
         self.parts: dict[str, float] = {}
-        self.unused = 0.0  # executed by the current code but not needed by the maths (IAKR rows' logits)
 
     def add(self, component: str, forward_flops: float, multiplier: int) -> None:
         self.parts[component] = self.parts.get(component, 0.0) + forward_flops * multiplier
@@ -272,10 +299,6 @@ class FlopCount:
     @property
     def total(self) -> float:
         return sum(self.parts.values())
-
-    @property
-    def executed(self) -> float:
-        return self.total + self.unused
 
 
 def _linear(tokens: float, d_in: int, d_out: int) -> float:
@@ -312,7 +335,7 @@ def knowledge_block_flops(flops: FlopCount, name: str, config: VIKDFConfig, seqs
     flops.add(name, seqs * _linear(tokens, E, F) * 2, 3)
 
 
-def llm_flops(flops: FlopCount, name: str, text, rows: int, seq: int, lm_head_rows: int) -> None:
+def llm_flops(flops: FlopCount, name: str, text, rows: int, seq: int, lm_head_tokens: int) -> None:
     """Frozen causal LLM (Llama/Qwen2/Mistral layout), forward + input gradients."""
     H, F, V = text.hidden_size, text.intermediate_size, text.vocab_size
     heads = text.num_attention_heads
@@ -322,7 +345,7 @@ def llm_flops(flops: FlopCount, name: str, text, rows: int, seq: int, lm_head_ro
     per_layer += 3 * _linear(seq, H, F)
     flops.add(name, rows * text.num_hidden_layers * per_layer, 2)
     flops.add(name, rows * text.num_hidden_layers * _attention_core(seq, seq, q_width), 3)
-    flops.add(name + " LM head", lm_head_rows * _linear(seq, H, V), 2)
+    flops.add(name + " LM head", _linear(lm_head_tokens, H, V), 2)
 
 
 def vikdf_step_flops(config: VIKDFConfig, batch: int, rows: RowShape) -> FlopCount:
@@ -359,8 +382,7 @@ def vikdf_step_flops(config: VIKDFConfig, batch: int, rows: RowShape) -> FlopCou
         flops.add("heads (TIM, TAMIM, IAMTM, IAKR)", batch * _linear(masked_tokens, E, clip.text_config.vocab_size), 3)
     llm_rows = 2 * batch if "iakr" in objectives else batch
     flops.add("language_projection", llm_rows * _linear(n, D, text.hidden_size), 3)
-    llm_flops(flops, "LLM (frozen)", text, llm_rows, S, lm_head_rows=batch)
-    flops.unused += (llm_rows - batch) * _linear(S, text.hidden_size, text.vocab_size) * 2  # IAKR logits, fwd + dX
+    llm_flops(flops, "LLM (frozen)", text, llm_rows, S, lm_head_tokens=batch * rows.labelled_caption)
     if "iakr" in objectives:
         flops.add("heads (TIM, TAMIM, IAMTM, IAKR)", batch * _linear(n, text.hidden_size, D), 3)
     return flops
@@ -375,7 +397,7 @@ def blip2_step_flops(config: Blip2Config, batch: int, rows: RowShape) -> FlopCou
     flops.add("vision (frozen)", batch * _linear(P - 1, 3 * vision.patch_size**2, vision.hidden_size), 1)
     qformer_flops(flops, "Q-Former", q, n, batch, P, vision.hidden_size)
     flops.add("language_projection", batch * _linear(n, q.hidden_size, text.hidden_size), 3)
-    llm_flops(flops, "LLM (frozen)", text, batch, rows.blip2_llm_len(n), lm_head_rows=batch)
+    llm_flops(flops, "LLM (frozen)", text, batch, rows.blip2_llm_len(n), lm_head_tokens=batch * rows.blip2_llm_len(n))
     return flops
 
 
@@ -408,15 +430,15 @@ class StepVariant(VIKDFPretrainTrainer):
     full_iamtm_logits: the IAMTM vocabulary head on every caption token, as before the trainer applied it to the
         masked tokens only.
     separate_llm: IACI rows and IAKR rows through the LLM in two calls instead of one.
-    lean_llm_logits: (proposed model change) run the LLM's decoder for hidden states and apply the LM head only to
-        the labelled positions of the IACI rows, instead of computing logits for every position of every row.
+    full_llm_logits: the LM head on every position of every row, IAKR rows included, as before the trainer passed
+        `logits_positions` (the IACI rows' caption positions).
     """
 
     def __init__(self, separate_vision=False, clean_image_states=None, full_iamtm_logits=False, separate_llm=False,
-                 lean_llm_logits=False):
+                 full_llm_logits=False):
         self.separate_vision, self.clean_image_states = separate_vision, clean_image_states
         self.full_iamtm_logits = full_iamtm_logits
-        self.separate_llm, self.lean_llm_logits = separate_llm, lean_llm_logits
+        self.separate_llm, self.full_llm_logits = separate_llm, full_llm_logits
 
     def _image_states(self, vikdf, pixel_values, masked_pixels):
         if self.clean_image_states is None and not self.separate_vision:
@@ -432,20 +454,19 @@ class StepVariant(VIKDFPretrainTrainer):
     def _language_pass(self, model, batch, text_knowledge, wants_iakr):
         images = text_knowledge.shape[0]
         llm_ids, llm_mask = batch["llm_input_ids"], batch["llm_attention_mask"]
-        if self.lean_llm_logits:
-            llm = model.language_model
-            embeddings = model.embed_with_knowledge(llm_ids, text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1))
-            hidden = llm.get_decoder()(inputs_embeds=embeddings, attention_mask=llm_mask, use_cache=False).last_hidden_state
-            targets = batch["llm_labels"][:images, 1:]
-            selected = targets != IGNORE_INDEX
-            logits = llm.get_output_embeddings()(hidden[:images, :-1][selected])
-            iaci = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
-            return iaci, hidden[images:] if wants_iakr else None
+        labels = batch["llm_labels"][:images]
+        if self.full_llm_logits:
+            outputs = model(input_ids=llm_ids, attention_mask=llm_mask, output_hidden_states=wants_iakr,
+                            knowledge=text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1), use_cache=False)
+            iaci = iaci_loss(outputs.logits[:images], labels, reduction="sum")
+            return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
         if self.separate_llm and wants_iakr:
-            iaci = model(input_ids=llm_ids[:images], attention_mask=llm_mask[:images], knowledge=text_knowledge)
+            iaci = model(input_ids=llm_ids[:images], attention_mask=llm_mask[:images], knowledge=text_knowledge,
+                         logits_positions=next_token_positions(labels), use_cache=False)
             iakr = model(input_ids=llm_ids[images:], attention_mask=llm_mask[images:], knowledge=text_knowledge,
-                         output_hidden_states=True)
-            return iaci_loss(iaci.logits, batch["llm_labels"][:images], reduction="sum"), iakr.hidden_states[-1]
+                         logits_positions=torch.zeros_like(llm_ids[images:], dtype=torch.bool),
+                         output_hidden_states=True, use_cache=False)
+            return iaci_loss(iaci.logits, labels, reduction="sum"), iakr.hidden_states[-1]
         return super()._language_pass(model, batch, text_knowledge, wants_iakr)
 
 
@@ -598,7 +619,7 @@ class VIKDFBench:
                     "(a) two vision passes": {"separate_vision": True},
                     "(b) two LLM calls": {"separate_llm": True},
                     "(f) cached clean-image states": {"cache": self.clean_image_cache(size)},
-                    "(g) LM head on labelled IACI positions only": {"lean_llm_logits": True},
+                    "(g) LM head on every position of every row": {"full_llm_logits": True},
                     "(h) IAMTM head on every caption token": {"full_iamtm_logits": True},
                 }
                 for name, variant in variants.items():
@@ -779,8 +800,8 @@ def run_ablations(bench: VIKDFBench, size: int, which: list[str], gc_flag: bool,
         add("f", "clean-image CLIP features", "vision forward on clean + masked", "cached clean states (H2D copy)",
             before, after)
     if "g" in which:
-        before, after = interleaved([measure(), measure(lean_llm_logits=True)], rounds, device)
-        add("g", "LLM logits (proposed model change)", "all rows, all positions", "IACI labelled positions only",
+        before, after = interleaved([measure(full_llm_logits=True), measure()], rounds, device)
+        add("g", "LM-head logits", "all rows, all positions (the previous code)", "IACI caption positions (the trainer)",
             before, after)
     if "h" in which:
         before, after = interleaved([measure(full_iamtm_logits=True), measure()], rounds, device)
@@ -903,10 +924,10 @@ def render(args, info, meta, results, ablations, projections, checks, flops_b1) 
     out.append(flop_table(flops_b1["vikdf"], flops_b1.get("blip2")))
     if checks.get("flop_counter"):
         out += ["", "Formula vs `torch.utils.flop_counter.FlopCounterMode` (executed matmul/conv/SDPA FLOPs of one "
-                "step, which also include the unused LM-head logits of the IAKR rows):"]
-        for model, (formula, executed, counted) in checks["flop_counter"].items():
-            out.append(f"- {model}: model FLOPs {formula / 1e9:,.4f} GFLOP, + unused IAKR logits = {executed / 1e9:,.4f} "
-                       f"GFLOP; counted {counted / 1e9:,.4f} GFLOP; executed formula / counted {executed / counted:.3f}"
+                "step):"]
+        for model, (formula, counted) in checks["flop_counter"].items():
+            out.append(f"- {model}: model FLOPs {formula / 1e9:,.4f} GFLOP; counted {counted / 1e9:,.4f} GFLOP; "
+                       f"formula / counted {formula / counted:.3f}"
                        if counted else f"- {model}: not counted")
         out.append("  (FlopCounterMode counts SDPA's backward as 2.5x its forward, the formula 2x; rotary-embedding "
                    "matmuls are counted there, not here.)")
@@ -955,7 +976,8 @@ def analytic_projection(args) -> str:
 
 
 def parse_args(argv=None):
-    p = common.argument_parser(__doc__, llm_layers_help="cut the LLM to this many layers (e.g. 2 on CPU)")
+    p = common.argument_parser(__doc__, llm_layers_help="cut the LLM to this many layers (e.g. 2 on CPU)",
+                               sizes=("tiny", "medium", "paper"))
     p.add_argument("--micro_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -1023,7 +1045,7 @@ def main(argv=None):
         checks["variants"] = guarded(lambda: bench.check_variants(min(2, ablation_mb)), device)
         counted = guarded(lambda: counted_flops(bench.loss_fn(sizes[0])), device)
         bench.model.zero_grad(set_to_none=True)
-        checks["flop_counter"] = {"VIKDF": (flops_first["vikdf"].total, flops_first["vikdf"].executed,
+        checks["flop_counter"] = {"VIKDF": (flops_first["vikdf"].total,
                                             counted if isinstance(counted, float) else None)}
         print(f"checks: {checks}", flush=True)
 
@@ -1059,7 +1081,7 @@ def main(argv=None):
             counted = guarded(lambda: counted_flops(blip.loss_fn(sizes[0])), device)
             blip.model.zero_grad(set_to_none=True)
             checks.setdefault("flop_counter", {})["BLIP-2"] = (
-                flops_first["blip2"].total, flops_first["blip2"].executed, counted if isinstance(counted, float) else None)
+                flops_first["blip2"].total, counted if isinstance(counted, float) else None)
         main_rows("BLIP-2", blip, lambda size: blip2_step_flops(blip.model.config, size, rows_shape),
                   lambda size: size * rows_shape.blip2_llm_len(n))
         blip.close()

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import train_dialogue
 from modeling_vikdf import PAPER_GENERATION
@@ -98,3 +99,28 @@ def test_the_text_generation_pipeline_runs_the_whole_vikdf_path_in_a_fresh_proce
         [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
     )
     assert "PIPELINE OK" in result.stdout, result.stderr[-3000:]
+
+
+class _SeenLengths(LogitsProcessor):
+    """Records how many ids the logits processors are shown at each step."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, input_ids, scores):
+        self.lengths.append(input_ids.shape[1])
+        return scores
+
+
+def test_logits_processors_see_the_response_only_as_released(build_tiny):
+    # The release calls the LLM with embeddings only: `no_repeat_ngram_size` then never blocks n-grams of the context.
+    model, processor = build_tiny("llama")
+    inputs = processor(text=[CONTEXT, "hello there."])
+    seen = _SeenLengths()
+    generated = model.generate(**inputs, num_beams=3, max_new_tokens=4, min_new_tokens=4,
+                               logits_processor=LogitsProcessorList([seen]))
+    assert seen.lengths == [0, 1, 2, 3]
+    assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])  # prompt, then response
+    dict_output = model.generate(**inputs, num_beams=3, max_new_tokens=4, min_new_tokens=4,
+                                 return_dict_in_generate=True, num_return_sequences=2)
+    assert torch.equal(dict_output.sequences[::2], generated)

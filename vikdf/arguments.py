@@ -62,7 +62,7 @@ class PretrainTrainingArguments(VIKDFTrainingArguments):
     lr_scheduler_type: str = field(
         default="constant_with_warmup",
         metadata={
-            "help": "Schedule: linear warm-up (the paper's 10 %), then constant, as the release's scripts/run_train.sh "
+            "help": "Schedule: linear warm-up (a tenth of the steps, as in the paper), then constant, as the release's scripts/run_train.sh "
             "asked for (`linear` decays to 0 instead). The release's DeepSpeed config (ds_config_zero1.json) replaced "
             "even that with DeepSpeed's WarmupLR: a logarithmic warm-up over the same steps, then constant. Our "
             "ds_configs/ have no scheduler block, so this flag holds under DeepSpeed too."

@@ -35,6 +35,7 @@ from transformers.utils import logging
 from modeling_vikdf import PAPER_GENERATION, VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.checks import load_checkpoint_config
+from vikdf.losses import next_token_positions
 from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 from vikdf.stats import aggregate_runs, format_markdown_table, significance_mark
 
@@ -194,11 +195,12 @@ def response_nll(
                 processor, [contexts[i] for i in indices], [responses[i] for i in indices], with_knowledge
             )
             labels = batch.pop("labels").to(device)
-            logits = model(**_to_device(batch, device), use_cache=False).logits
-            # Position t predicts token t+1; only labelled positions are scored, in fp32.
+            # Position t predicts token t+1; the LM head runs on the scored positions only, scored in fp32.
+            positions = next_token_positions(labels)
+            logits = model(**_to_device(batch, device), logits_positions=positions, use_cache=False).logits  # (M, V)
             targets = labels[:, 1:]
             scored = targets != IGNORE_INDEX
-            nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+            nll = F.cross_entropy(logits.float(), targets[scored], reduction="none")
             per_row = torch.zeros(len(indices), dtype=torch.float64, device=nll.device)
             per_row.index_add_(0, scored.nonzero()[:, 0], nll.double())
             for row, index in enumerate(indices):

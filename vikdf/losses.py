@@ -95,12 +95,21 @@ def iaci_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
 
     `labels` are aligned with the inputs (-100 on knowledge, prompt and padding); the shift happens here, so N_t
     of eq. 6 counts the labelled tokens: the caption's, and its end-of-sequence only with
-    `config.caption_loss_on_eos` (the release leaves eos out).
+    `config.caption_loss_on_eos` (the release leaves eos out). `logits` are (B, S, V), or (M, V) at
+    `next_token_positions(labels)` only (what the trainer computes).
     """
-    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
-    selected = shifted_labels != IGNORE_INDEX
-    nll = F.cross_entropy(shifted_logits[selected].float(), shifted_labels[selected], reduction="none")
-    return _reduce(nll, reduction)
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    if logits.dim() == 3:
+        logits = logits[:, :-1][selected]
+    return _reduce(F.cross_entropy(logits.float(), targets[selected], reduction="none"), reduction)
+
+
+def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, S) True where the next token is labelled: the only positions whose logits a next-token loss reads."""
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return positions
 
 
 def iakr_loss(reconstructed_knowledge: torch.Tensor, knowledge: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -113,4 +122,4 @@ def iakr_loss(reconstructed_knowledge: torch.Tensor, knowledge: torch.Tensor, re
     return _reduce(per_slot, reduction)
 
 
-__all__ = ["tim_loss", "tim_similarity", "tamim_loss", "iamtm_loss", "iaci_loss", "iakr_loss", "gather_across_ranks"]
+__all__ = ["tim_loss", "tim_similarity", "tamim_loss", "iamtm_loss", "iaci_loss", "iakr_loss", "gather_across_ranks", "next_token_positions"]

@@ -36,7 +36,15 @@ from vikdf.atomic import (
     last_complete_checkpoint,
     staging_folder,
 )
-from vikdf.losses import IGNORE_INDEX, iaci_loss, iakr_loss, iamtm_loss, tamim_loss, tim_loss
+from vikdf.losses import (
+    IGNORE_INDEX,
+    iaci_loss,
+    iakr_loss,
+    iamtm_loss,
+    next_token_positions,
+    tamim_loss,
+    tim_loss,
+)
 from vikdf.masking import apply_pixel_mask
 
 logger = logging.get_logger(__name__)
@@ -369,17 +377,23 @@ class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
 
     def _language_pass(self, model, batch: dict[str, torch.Tensor], text_knowledge: torch.Tensor, wants_iakr: bool):
         """IACI (eq. 6) summed over caption tokens, and the IAKR rows' final LLM states (None without IAKR): IACI rows
-        then IAKR rows in one call through the (possibly distributed) model's forward."""
+        then IAKR rows in one call through the (possibly distributed) model's forward.
+
+        The LM head runs on the IACI rows' caption positions only: nothing reads the IAKR rows' logits, and at a
+        32k vocabulary the head over every position cost more than the rest of the LLM (benchmarks/)."""
         images = text_knowledge.shape[0]
-        llm_ids = batch["llm_input_ids"]
+        llm_ids, iaci_labels = batch["llm_input_ids"], batch["llm_labels"][:images]
+        positions = torch.zeros_like(llm_ids, dtype=torch.bool)
+        positions[:images] = next_token_positions(iaci_labels)
         outputs = model(
             input_ids=llm_ids,
             attention_mask=batch["llm_attention_mask"],
             knowledge=text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1),
+            logits_positions=positions,
             output_hidden_states=wants_iakr,
             use_cache=False,
         )
-        iaci = iaci_loss(outputs.logits[:images], batch["llm_labels"][:images], reduction="sum")
+        iaci = iaci_loss(outputs.logits, iaci_labels, reduction="sum")  # logits: (caption tokens, V)
         return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
 
 
@@ -397,6 +411,11 @@ class VIKDFDialogueTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
         self.model_card_writer = model_card_writer
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The LLM's response NLL (the base `Trainer`'s loss), with the LM head run on the response positions only."""
+        inputs = {**inputs, "logits_positions": next_token_positions(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The VIKDF card of `model_card_writer` (see `vikdf.model_card`) when one was given, else Trainer's draft."""
