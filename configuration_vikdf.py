@@ -5,7 +5,6 @@ Hub remote code: this file travels with every checkpoint, so it imports only tra
 """
 
 from transformers import AutoConfig, Blip2QFormerConfig, CLIPConfig, PreTrainedConfig
-from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 try:
@@ -219,6 +218,8 @@ class VIKDFConfig(PreTrainedConfig):
                 f"mask_patch_size={self.mask_patch_size} must be a multiple of the vision patch size "
                 f"({vision.patch_size}) and divide the image size ({vision.image_size})."
             )
+        from transformers.activations import ACT2FN  # imports torch: not at import time, which --help and Hub configs need
+
         if self.head_hidden_act not in ACT2FN:
             raise ValueError(
                 f"head_hidden_act={self.head_hidden_act!r} is not a transformers activation; choose one of "

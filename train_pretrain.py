@@ -11,25 +11,12 @@ every checkpoint loads with `AutoModel.from_pretrained(dir, trust_remote_code=Tr
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
-from configuration_vikdf import VIKDFConfig
-from modeling_vikdf import VIKDFForConditionalGeneration
-from processing_vikdf import VIKDFProcessor
-from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
-from vikdf.checks import (
-    check_continued_query_count,
-    check_model_source,
-    check_num_query_tokens,
-    check_tim_pooling,
-    load_checkpoint_config,
-    parse_config_overrides,
-)
-from vikdf.components import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, build_vikdf_from_components
-from vikdf.data.collators import PretrainCollator
-from vikdf.data.pairs import build_pair_dataset
-from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
+from vikdf.defaults import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, PretrainSchedule
+from vikdf.quick_help import exit_on_quick_help, full_help_argv
+
+# torch, the model and the Trainer are imported inside the functions, so that `--help` answers in a second.
 
 # Inside the transformers namespace, so that --log_level (set_verbosity) governs and prints these lines too.
 logger = logging.get_logger("transformers.train_pretrain")
@@ -78,6 +65,15 @@ class PretrainDataArguments:
 
 def check_model_arguments(model_args: PretrainModelArguments):
     """The model flags, checked before anything loads; the checkpoint's config (None when building from parts)."""
+    from vikdf.checks import (
+        check_continued_query_count,
+        check_model_source,
+        check_num_query_tokens,
+        check_tim_pooling,
+        load_checkpoint_config,
+        parse_config_overrides,
+    )
+
     check_num_query_tokens(model_args.num_query_tokens)
     check_tim_pooling(model_args.tim_pooling)
     parse_config_overrides(model_args.config_overrides)
@@ -97,6 +93,12 @@ def check_model_arguments(model_args: PretrainModelArguments):
 
 
 def build_model(model_args: PretrainModelArguments, dtype):
+    from configuration_vikdf import VIKDFConfig
+    from modeling_vikdf import VIKDFForConditionalGeneration
+    from processing_vikdf import VIKDFProcessor
+    from vikdf.checks import parse_config_overrides
+    from vikdf.components import build_vikdf_from_components
+
     overrides = {
         "use_tim": model_args.use_tim,
         "use_tamim": model_args.use_tamim,
@@ -115,8 +117,19 @@ def build_model(model_args: PretrainModelArguments, dtype):
     return model, VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
 
 
-def main(argv: list[str] | None = None) -> VIKDFPretrainTrainer:
+def main(argv: list[str] | None = None):
+    """Pre-train; returns the `VIKDFPretrainTrainer` after its final save."""
+    exit_on_quick_help(argv, "train_pretrain.py", __doc__.split("\n\n")[0],
+                       (PretrainModelArguments, PretrainDataArguments, PretrainSchedule))
+    from transformers import HfArgumentParser, set_seed
+
+    from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
+    from vikdf.data.collators import PretrainCollator
+    from vikdf.data.pairs import build_pair_dataset
+    from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
+
     parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
+    argv = full_help_argv(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.set_verbosity(training_args.get_process_log_level())
 

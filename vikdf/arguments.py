@@ -2,14 +2,14 @@
 switch that picks bf16 on GPUs that have it and fp32 elsewhere (paper §4.2 trains in bf16)."""
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from accelerate import PartialState
 from transformers import TrainingArguments
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from vikdf.defaults import PRECISIONS, DialogueSchedule, PrecisionFlag, PretrainSchedule
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -22,11 +22,8 @@ def resolve_dtype(precision: str) -> torch.dtype:
 
 
 @dataclass
-class VIKDFTrainingArguments(TrainingArguments):
-    precision: str = field(
-        default="auto",
-        metadata={"help": "auto (bf16 on a GPU that supports it, fp32 on CPU), bf16 or fp32. Sets --bf16 for you."},
-    )
+class VIKDFTrainingArguments(PrecisionFlag, TrainingArguments):
+    """`TrainingArguments` with `--precision`."""
 
     def __post_init__(self):
         self.bf16 = self.bf16 or resolve_dtype(self.precision) == torch.bfloat16
@@ -50,36 +47,10 @@ def _start_deepspeed_processes(backend: str, timeout: int) -> None:
 
 
 @dataclass
-class PretrainTrainingArguments(VIKDFTrainingArguments):
-    """Paper §4.2: 4 GPUs × 32 = global batch 128, 100k steps, AdamW lr 1e-4, weight decay 0.05, 10 % linear warm-up
-    (then constant, as released)."""
-
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Micro-batch per device (paper: 4 × 32)."})
-    max_steps: int = field(default=100_000, metadata={"help": "Training steps (paper: 100k)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate (paper: 1e-4)."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (paper: 0.05)."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "Linear warm-up: steps, or a ratio < 1 (paper: 0.1)."})
-    lr_scheduler_type: str = field(
-        default="constant_with_warmup",
-        metadata={
-            "help": "Schedule: linear warm-up (a tenth of the steps, as in the paper), then constant, as the release's scripts/run_train.sh "
-            "asked for (`linear` decays to 0 instead). The release's DeepSpeed config (ds_config_zero1.json) replaced "
-            "even that with DeepSpeed's WarmupLR: a logarithmic warm-up over the same steps, then constant. Our "
-            "ds_configs/ have no scheduler block, so this flag holds under DeepSpeed too."
-        },
-    )
-    save_steps: float = field(default=5000, metadata={"help": "Checkpoint every N steps."})
-    logging_steps: float = field(default=50, metadata={"help": "Log the five objectives every N steps."})
+class PretrainTrainingArguments(PretrainSchedule, VIKDFTrainingArguments):
+    """`TrainingArguments` with the paper's pre-training schedule (`vikdf.defaults.PretrainSchedule`)."""
 
 
 @dataclass
-class DialogueTrainingArguments(VIKDFTrainingArguments):
-    """Dialogue fine-tuning defaults (the paper gives none beyond pre-training's optimiser)."""
-
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch per device."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the (fraction of the) dialogue set."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "Linear warm-up: steps, or a ratio < 1."})
-    logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint."})
+class DialogueTrainingArguments(DialogueSchedule, VIKDFTrainingArguments):
+    """`TrainingArguments` with the dialogue fine-tuning defaults (`vikdf.defaults.DialogueSchedule`)."""

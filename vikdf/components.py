@@ -21,12 +21,10 @@ from transformers.utils import logging
 from configuration_vikdf import VIKDFConfig
 from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
 from processing_vikdf import VIKDFProcessor
+from vikdf.defaults import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-DEFAULT_BERT = "bert-base-uncased"
-DEFAULT_LLM = "meta-llama/Llama-2-7b-chat-hf"
 
 # BERT → Blip2QFormerModel key map. The Q-Former names its self-attention `attention.attention` and its embedding
 # LayerNorm `layernorm`; queries have their own FFN (`intermediate_query`/`output_query`) that LAVIS initialises

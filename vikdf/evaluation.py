@@ -36,7 +36,6 @@ from modeling_vikdf import PAPER_GENERATION, VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.checks import load_checkpoint_config
 from vikdf.losses import next_token_positions
-from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 from vikdf.stats import aggregate_runs, format_markdown_table, significance_mark
 
 logger = logging.get_logger(__name__)
@@ -312,6 +311,8 @@ def score_responses(
 ) -> dict[str, Any]:
     """The result of :func:`evaluate_dialogues` from its parts (`ppl`: :func:`perplexities`, or None values): the
     metrics and the predictions."""
+    from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics  # evaluate, NLTK, pycocoevalcap: when scoring
+
     scores = compute_dialogue_metrics(hypotheses, references, glove_path=glove_path)
     metrics = {key: ppl[key] if key in ppl else scores.get(key) for key in METRIC_KEYS}
     predictions = [

@@ -1,0 +1,77 @@
+"""What starting an entry point costs: `--help` without torch, and no metrics, plotting or DeepSpeed stack imported
+before it is used (benchmarks/bench_startup.py times both)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser
+
+import demo
+import eval_dialogue
+import train_dialogue
+import train_pretrain
+from vikdf.arguments import DialogueTrainingArguments, PretrainTrainingArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+# Imported only where used. scipy itself is not listed: transformers imports scipy.optimize (for its object-detection
+# losses) whenever scipy is installed, before any line of ours runs; our t-tests import scipy.stats when they run.
+LAZY = ("deepspeed", "matplotlib", "pycocoevalcap", "evaluate", "nltk", "scipy.stats", "statsmodels")
+
+
+def fresh_process(code: str) -> dict:
+    """`code` run in a new interpreter at the repository root; it leaves its answer in the variable `result`."""
+    script = f"import json, sys\n{code}\nprint(json.dumps(result))"
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_quick_help_lists_the_projects_flags_without_importing_torch():
+    result = fresh_process(
+        "import contextlib, io, train_pretrain\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        train_pretrain.main(['--help'])\n"
+        "    except SystemExit as stop:\n"
+        "        code = stop.code\n"
+        "result = {'code': code, 'help': out.getvalue(), 'torch': 'torch' in sys.modules}"
+    )
+    assert result["code"] == 0 and not result["torch"]
+    for flag in ("--train_sources", "--use_tim", "--learning_rate", "--precision", "--help_all"):
+        assert flag in result["help"]
+    assert "(default: 0.0001)" in " ".join(result["help"].split())  # the paper's learning rate, not the Trainer's
+
+
+def test_help_all_lists_every_trainer_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_pretrain.main(["--help_all"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "--gradient_accumulation_steps" in text and "--train_sources" in text and "--help_all" not in text
+
+
+@pytest.mark.parametrize(
+    "dataclass_types",
+    [
+        (train_pretrain.PretrainModelArguments, train_pretrain.PretrainDataArguments, PretrainTrainingArguments),
+        (train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, DialogueTrainingArguments),
+        (eval_dialogue.EvalArguments,),
+        (demo.DemoArguments,),
+    ],
+    ids=["train_pretrain", "train_dialogue", "eval_dialogue", "demo"],
+)
+def test_every_full_help_text_formats(dataclass_types):
+    # argparse %-formats help texts: a bare "%" in one made --help crash.
+    assert "--" in HfArgumentParser(dataclass_types).format_help()
+
+
+def test_importing_the_model_and_the_entry_points_leaves_the_heavy_stacks_unimported():
+    result = fresh_process(
+        "import modeling_vikdf, processing_vikdf, pipeline_vikdf, train_pretrain, train_dialogue, eval_dialogue, demo\n"
+        f"result = [name for name in {LAZY!r} if name in sys.modules]"
+    )
+    assert result == []
