@@ -37,35 +37,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from vikdf.arguments import PRECISIONS, resolve_dtype
-from vikdf.checks import (
-    check_glove_file,
-    check_input_file,
-    check_max_new_tokens,
-    fit_generation_length,
-    load_checkpoint_config,
-)
 from vikdf.data.dialogue import FORMATS, load_dialogues, parse_turn_counts
-from vikdf.evaluation import (
-    aggregate_metrics,
-    load_checkpoint,
-    load_metrics_json,
-    metrics_markdown,
-    metrics_notes,
-    summary_markdown,
-    tokenizer_of_run,
-    write_evaluation,
-)
-from vikdf.evaluation_processes import evaluate_dialogues_across_processes
-from vikdf.knowledge import textualise_knowledge
-from vikdf.knowledge_ablation import KNOWLEDGE_ABLATIONS, knowledge_ablation
-from vikdf.model_card import update_model_card_metrics
+from vikdf.defaults import KNOWLEDGE_ABLATIONS, PRECISIONS
 
+# torch, the model and the metrics are imported once the flags are parsed, so that `--help` answers in a second.
 logger = logging.get_logger("eval_dialogue")
 
 
@@ -155,6 +133,8 @@ class EvalArguments:
 
 def run_aggregate(args: EvalArguments) -> dict:
     """Mean ± std over runs and one-sample t-tests against the reference (paper §5.1) → aggregate.{json,md}."""
+    from vikdf.evaluation import aggregate_metrics, load_metrics_json, summary_markdown, tokenizer_of_run
+
     runs = [load_metrics_json(path) for path in args.aggregate]
     reference = load_metrics_json(args.reference_json) if args.reference_json else None
     summary = aggregate_metrics(runs, reference)
@@ -183,6 +163,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
     None on the other processes of a multi-process run."""
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    import torch
+    from accelerate import PartialState
+
+    from vikdf.arguments import resolve_dtype
+    from vikdf.checks import check_glove_file, check_input_file, check_max_new_tokens, fit_generation_length, load_checkpoint_config
+    from vikdf.evaluation import load_checkpoint, metrics_markdown, metrics_notes, write_evaluation
+    from vikdf.evaluation_processes import evaluate_dialogues_across_processes
+    from vikdf.knowledge import textualise_knowledge
+    from vikdf.knowledge_ablation import knowledge_ablation
+    from vikdf.model_card import update_model_card_metrics
+
     # Without a GPU, cpu=True lets accelerate join the launched processes over gloo (it finds no backend otherwise).
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     if args.aggregate:

@@ -30,22 +30,20 @@ import logging as pylogging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import HfArgumentParser, set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from modeling_vikdf import VIKDFForConditionalGeneration, paper_generation_config
-from processing_vikdf import VIKDFProcessor
-from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
-from vikdf.atomic import commit_folder, staging_folder
-from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
-from vikdf.data.collators import DialogueCollator
 from vikdf.data.dialogue import FORMATS, SUBSETS, Dialogue, load_dialogues, parse_turn_counts
-from vikdf.evaluation import load_checkpoint
-from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
-from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
+from vikdf.defaults import DialogueSchedule
+from vikdf.quick_help import exit_on_quick_help, full_help_argv
+
+# torch, the model and the Trainer are imported inside the functions, so that `--help` answers in a second.
+if TYPE_CHECKING:
+    from modeling_vikdf import VIKDFForConditionalGeneration
+    from processing_vikdf import VIKDFProcessor
+    from vikdf.arguments import DialogueTrainingArguments
+    from vikdf.trainers import VIKDFDialogueTrainer
 
 logger = logging.get_logger("train_dialogue")
 
@@ -274,6 +272,9 @@ def set_lengths(processor: VIKDFProcessor, data_args: DialogueDataArguments) -> 
 def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> tuple[list[Dialogue], list[Dialogue]]:
     """Everything checked before the model loads: the checkpoint's folder, config and weight files, the lengths,
     and the data, read and validated; returns the training and validation dialogues."""
+    from processing_vikdf import VIKDFProcessor
+    from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
+
     config = load_checkpoint_config(model_args.model_name_or_path)
     check_max_length(config, data_args.max_length)
     if data_args.max_length is not None or data_args.max_response_length is not None:
@@ -290,6 +291,8 @@ def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArgumen
 def save_inference_checkpoint(model, processor: VIKDFProcessor, output_dir: str) -> None:
     """Weights, config, remote code and processor in `output_dir` (main process only), written to a staging folder
     first and moved in with config.json last, so that a kill never leaves a loadable-looking half checkpoint."""
+    from vikdf.atomic import commit_folder, staging_folder
+
     staged = staging_folder(output_dir, "model")
     model.save_pretrained(staged)
     processor.save_pretrained(staged)
@@ -313,8 +316,20 @@ def push_folder(output_dir: str, training_args: DialogueTrainingArguments, messa
 
 
 def main(argv: list[str] | None = None) -> DialogueTrainingResult:
+    exit_on_quick_help(argv, "train_dialogue.py", __doc__.split("\n\n")[0],
+                       (DialogueModelArguments, DialogueDataArguments, DialogueSchedule))
+    from transformers import HfArgumentParser, set_seed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from modeling_vikdf import paper_generation_config
+    from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
+    from vikdf.data.collators import DialogueCollator
+    from vikdf.evaluation import load_checkpoint
+    from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
+    from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
+
     parser = HfArgumentParser((DialogueModelArguments, DialogueDataArguments, DialogueTrainingArguments))
-    argv = with_preset(sys.argv[1:] if argv is None else argv)
+    argv = full_help_argv(with_preset(sys.argv[1:] if argv is None else argv))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, data_args)

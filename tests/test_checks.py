@@ -15,6 +15,7 @@ from modeling_vikdf import VIKDFForConditionalGeneration
 from pretrain_helpers import pretrain_argv
 from vikdf.checks import fit_generation_length
 from vikdf.data.dialogue import load_dialogues
+import vikdf.evaluation
 from vikdf.evaluation import load_checkpoint
 from vikdf.testing import tiny_vikdf_config
 
@@ -45,8 +46,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(train_dialogue, "load_checkpoint", refuse)
-    monkeypatch.setattr(eval_dialogue, "load_checkpoint", refuse)
+    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", refuse)  # both dialogue entry points load through it
     monkeypatch.setattr(train_pretrain, "build_model", refuse)
 
 

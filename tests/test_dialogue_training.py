@@ -77,7 +77,7 @@ def test_every_cli_field_has_help():
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
     # The training dataclass inherits TrainingArguments' documented fields; the ones it (re)declares need their own.
     for cls in DialogueTrainingArguments.__mro__:
-        if cls.__module__ == "vikdf.arguments":
+        if cls.__module__ in ("vikdf.arguments", "vikdf.defaults"):
             for name in vars(cls).get("__annotations__", {}):
                 assert cls.__dataclass_fields__[name].metadata.get("help"), f"{cls.__name__}.{name} has no help text"
 

@@ -8,6 +8,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
 import train_dialogue
+from vikdf.arguments import DialogueTrainingArguments
 from vikdf.evaluation import EXTRA_COLUMNS, METRIC_KEYS, TABLE1_COLUMNS
 from vikdf.model_card import PAPER_URL, build_model_card, default_license, update_model_card_metrics
 
@@ -99,7 +100,7 @@ def test_push_folder_does_not_upload_the_pickled_training_arguments(zero_resourc
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *args, **kwargs: Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.update(kwargs))
-    train_dialogue.push_folder(str(out), train_dialogue.DialogueTrainingArguments(output_dir=str(out)), "test")
+    train_dialogue.push_folder(str(out), DialogueTrainingArguments(output_dir=str(out)), "test")
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
     uploaded = set(filter_repo_objects(files, ignore_patterns=uploads["ignore_patterns"]))
     assert "training_args.bin" not in uploaded

@@ -29,29 +29,39 @@ def fresh_process(code: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_quick_help_lists_the_projects_flags_without_importing_torch():
+@pytest.mark.parametrize(
+    "entry_point, flags",
+    [
+        ("train_pretrain", ("--train_sources", "--use_tim", "--learning_rate", "--precision", "--help_all")),
+        ("train_dialogue", ("--train_file", "--preset", "--learning_rate", "--precision", "--help_all")),
+        ("eval_dialogue", ("--test_file", "--knowledge_ablation", "--num_beams")),
+    ],
+)
+def test_help_lists_the_projects_flags_without_importing_torch(entry_point, flags):
     result = fresh_process(
-        "import contextlib, io, train_pretrain\n"
+        f"import contextlib, io, {entry_point}\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    try:\n"
-        "        train_pretrain.main(['--help'])\n"
+        f"        {entry_point}.main(['--help'])\n"
         "    except SystemExit as stop:\n"
         "        code = stop.code\n"
         "result = {'code': code, 'help': out.getvalue(), 'torch': 'torch' in sys.modules}"
     )
     assert result["code"] == 0 and not result["torch"]
-    for flag in ("--train_sources", "--use_tim", "--learning_rate", "--precision", "--help_all"):
+    for flag in flags:
         assert flag in result["help"]
-    assert "(default: 0.0001)" in " ".join(result["help"].split())  # the paper's learning rate, not the Trainer's
+    if entry_point == "train_pretrain":
+        assert "(default: 0.0001)" in " ".join(result["help"].split())  # the paper's learning rate, not the Trainer's
 
 
-def test_help_all_lists_every_trainer_flag(capsys):
+@pytest.mark.parametrize("entry_point", [train_pretrain, train_dialogue])
+def test_help_all_lists_every_trainer_flag(entry_point, capsys):
     with pytest.raises(SystemExit) as stop:
-        train_pretrain.main(["--help_all"])
+        entry_point.main(["--help_all"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    assert "--gradient_accumulation_steps" in text and "--train_sources" in text and "--help_all" not in text
+    assert "--gradient_accumulation_steps" in text and "--output_dir" in text and "--help_all" not in text
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ DEFAULT_BERT = "bert-base-uncased"
 DEFAULT_LLM = "meta-llama/Llama-2-7b-chat-hf"
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# eval_dialogue.py --knowledge_ablation: K as distilled, zeros, or shuffled across the batch (vikdf.knowledge_ablation).
+KNOWLEDGE_ABLATIONS = ("none", "zero", "shuffle")
 
 
 @dataclass

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 
 import torch
 
-KNOWLEDGE_ABLATIONS = ("none", "zero", "shuffle")
+from vikdf.defaults import KNOWLEDGE_ABLATIONS
+
 
 
 def _derangement(size: int, generator: torch.Generator) -> torch.Tensor:
