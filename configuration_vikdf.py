@@ -257,5 +257,8 @@ class VIKDFConfig(PreTrainedConfig):
 
 
 VIKDFConfig.register_for_auto_class()
+# `AutoTokenizer.from_pretrained(checkpoint)` (which `VIKDFProcessor.from_pretrained` runs) reads the folder's config:
+# with the type registered it needs no remote code, so it does not stop to ask whether to trust it.
+AutoConfig.register(VIKDFConfig.model_type, VIKDFConfig, exist_ok=True)
 
 __all__ = ["VIKDFConfig"]

@@ -12,7 +12,7 @@ Layouts (DESIGN.md §3), `<k>×n` being n copies of the knowledge placeholder:
 The CLIP text side joins the context turns and truncates them from the *left* to 77 tokens, so that the latest
 turn, which the response answers, survives; captions keep their start, as CLIP truncates.
 
-Hub remote code: imports only torch and transformers.
+Hub remote code: imports only torch, transformers and `configuration_vikdf`.
 """
 
 from collections.abc import Sequence
@@ -21,6 +21,12 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import logging
+
+# Imported for its registration of the `vikdf` model type: loading the tokenizer reads the checkpoint's config.
+try:
+    from . import configuration_vikdf  # noqa: F401
+except ImportError:
+    import configuration_vikdf  # noqa: F401
 
 logger = logging.get_logger(__name__)
 

@@ -85,3 +85,14 @@ def test_importing_the_model_and_the_entry_points_leaves_the_heavy_stacks_unimpo
         f"result = [name for name in {LAZY!r} if name in sys.modules]"
     )
     assert result == []
+
+
+def test_loading_a_processor_never_stops_to_ask_about_remote_code(save_tiny_vikdf, tmp_path):
+    # AutoTokenizer reads the checkpoint's config: an unregistered `vikdf` type made it prompt "[y/N]" and wait.
+    folder = str(save_tiny_vikdf(tmp_path / "checkpoint"))
+    completed = subprocess.run(
+        [sys.executable, "-c", f"from processing_vikdf import VIKDFProcessor\nVIKDFProcessor.from_pretrained({folder!r})"],
+        cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "custom code" not in completed.stdout + completed.stderr

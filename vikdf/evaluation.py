@@ -34,6 +34,7 @@ from transformers.utils import logging
 
 from modeling_vikdf import PAPER_GENERATION, VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
+import vikdf.auto  # noqa: F401  (the Auto classes know VIKDF checkpoints)
 from vikdf.checks import load_checkpoint_config
 from vikdf.losses import next_token_positions
 from vikdf.stats import aggregate_runs, format_markdown_table, significance_mark
