@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import train_pretrain
 from vikdf.arguments import PretrainTrainingArguments
+from vikdf import trainers
 from vikdf.data import pairs
 from vikdf.data.collators import PretrainCollator
 from vikdf.data.pairs import build_image_transform, build_pair_dataset
@@ -253,7 +254,7 @@ def _main_with_callbacks(monkeypatch, argv, *callbacks, batches: list | None = N
 
     with monkeypatch.context() as patch:
         patch.setattr(train_pretrain, "build_model", build_with_dropout)
-        patch.setattr(train_pretrain, "VIKDFPretrainTrainer", Trainer)
+        patch.setattr(trainers, "VIKDFPretrainTrainer", Trainer)  # main imports it when it runs
         patch.setattr(pairs, "_make_pair", counting_make_pair)
         return train_pretrain.main(argv)
 
