@@ -62,8 +62,8 @@ PRESETS = {
         pretrain_batch=32, dialogue_epochs=8, eval_batch=24, num_query_tokens=8, table3=False,
     ),
     "smoke": dict(
-        num_pairs=1000, num_heldout_pairs=100, num_dialogues=200, num_eval_dialogues=24, clip_max_steps=100,
-        clip_target=0.6, llm_max_steps=120, llm_target=0.95, criterion_every=60, pretrain_steps=100,
+        num_pairs=600, num_heldout_pairs=100, num_dialogues=120, num_eval_dialogues=16, clip_max_steps=50,
+        clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
         pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8, table3=True,
     ),
 }

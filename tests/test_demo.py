@@ -22,7 +22,8 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     for split in ("eval", "eval_seen"):
         for system in ("llm", "lora", "no_pretrain", "vikdf"):
             assert (out / split / system / "predictions.jsonl").exists() and (out / split / system / "metrics.md").exists()
-    assert len((out / "eval" / "vikdf" / "knowledge.jsonl").read_text().splitlines()) == 24  # every test dialogue
+    count = demo.PRESETS["smoke"]["num_eval_dialogues"]
+    assert len((out / "eval" / "vikdf" / "knowledge.jsonl").read_text().splitlines()) == count  # every test dialogue
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     # The smoke preset runs every row: the main ones, ⅛ of the dialogues, pre-training only, the causal check and
     # the Table 3 ablations, each its own pre-training run followed by the same fine-tuning.
