@@ -1,6 +1,8 @@
 """Shared fixtures: tiny component folders and a small pair world (written once per session), models built from them."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,13 @@ from vikdf.data.synthetic import write_synthetic_world  # noqa: E402
 from vikdf.testing import TINY_HEADS, write_tiny_components  # noqa: E402
 
 TINY_OVERRIDES = {"num_query_tokens": 8, **TINY_HEADS}
+
+
+def run_outside_the_checkout(script: str, folder) -> subprocess.CompletedProcess:
+    """`script` in a new interpreter started in `folder` without the checkout on PYTHONPATH: a user's process that
+    loads a checkpoint as remote code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,10 @@
 """Inference that honours the knowledge: the checkpoint's generation config and the Hub pipeline (paper §3.4.2)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
+from conftest import run_outside_the_checkout
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import train_dialogue
@@ -94,10 +92,7 @@ def test_the_text_generation_pipeline_runs_the_whole_vikdf_path_in_a_fresh_proce
         print("PIPELINE OK")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_outside_the_checkout(script, elsewhere)
     assert "PIPELINE OK" in result.stdout, result.stderr[-3000:]
 
 

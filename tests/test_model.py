@@ -1,13 +1,11 @@
 """The VIKDF model, processor and component loading (issue: HF-native remote-code model)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_outside_the_checkout
 from safetensors.torch import load_file, save_file
 from transformers import BertModel, CLIPModel
 
@@ -106,10 +104,7 @@ def test_remote_code_round_trip_in_another_process(build_tiny, tmp_path):
         print("ROUND TRIP OK")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_outside_the_checkout(script, elsewhere)
     assert "ROUND TRIP OK" in result.stdout, result.stderr[-3000:]
 
 
