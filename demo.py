@@ -93,6 +93,11 @@ class DemoArguments:
     output_dir: str = field(default="demo_output", metadata={"help": "Where every stage writes (replaced)."})
     llm_family: str = field(default="llama", metadata={"help": "Tiny LLM family: llama, qwen2 or mistral."})
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every stage."})
+    pretrain_steps: int | None = field(
+        default=None,
+        metadata={"help": "VIKDF pre-training steps instead of the preset's (e.g. 3000 for the longer pre-training "
+                          "the README's diagnosis measures)."},
+    )
 
 
 def stage(message: str, started: float) -> float:
@@ -291,7 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}; choose one of {sorted(PRESETS)}.")
-    settings = PRESETS[args.preset]
+    settings = dict(PRESETS[args.preset])
+    if args.pretrain_steps is not None:
+        settings["pretrain_steps"] = args.pretrain_steps
     logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
@@ -443,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": args.preset,
         "seed": args.seed,
         "llm_family": args.llm_family,
+        "pretrain_steps": settings["pretrain_steps"],
         "systems": rows,
         "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))},
         "llm_prompt_use": {"described": described, "plain": plain},

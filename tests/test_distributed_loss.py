@@ -7,6 +7,7 @@ every step sees the same weights, so each step's logged loss and grad_norm can b
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -118,6 +119,13 @@ def _worker(rank: int, port: int, folder: str, out_dir: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Results are on disk. Under load, a rank sometimes aborted in interpreter finalisation ("terminate called without
+    # an active exception": a C++ thread still joinable while torch's globals are destroyed) after everything had
+    # finished; leaving without finalisation turns that teardown race into the clean exit it is. Failures above
+    # still raise and reach mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
