@@ -297,6 +297,9 @@ def machine_info(device: torch.device) -> dict:
         "device": device_label(device),
         "device_type": device.type,
         "cpu": cpu_model(),
+        # Float results on the CPU depend on which vector kernels ATen picks (AVX2 or AVX512): runs on machines of
+        # different capability can differ, even with the same seed and library versions.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -318,7 +321,8 @@ def machine_lines(info: dict) -> list[str]:
         f"- date: {info['date']}",
         f"- device: **{info['device']}**"
         + (f" ({info['gpu_memory_gib']} GiB, CUDA {info['cuda']})" if "gpu_memory_gib" in info else ""),
-        f"- host: {info['cpu']}, {info['cpu_cores']} cores, torch threads {info['torch_threads']}; {info['platform']}",
+        f"- host: {info['cpu']} ({info['cpu_capability']} kernels), {info['cpu_cores']} cores, "
+        f"torch threads {info['torch_threads']}; {info['platform']}",
         f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
     ]
     return lines

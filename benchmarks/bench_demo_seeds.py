@@ -1,4 +1,4 @@
-"""The demo over several seeds and both LLM families: mean ± sd of every row, and the issue's targets checked.
+"""The demo over several seeds and both LLM families: mean ± sd of every row, and the demo's targets checked.
 
     python benchmarks/bench_demo_seeds.py                                  # seeds 0 1 2, llama and qwen2, preset full
     python benchmarks/bench_demo_seeds.py --seeds 0 1 2 --llm_families llama qwen2 --resume
@@ -55,7 +55,7 @@ def aggregate_table(runs: list[dict]) -> list[str]:
 
 
 def targets(runs: list[dict]) -> list[dict]:
-    """The issue's targets over `runs`, each with the figures it was judged on."""
+    """The demo's targets over `runs`, each with the figures it was judged on."""
     count = len(runs)
     per_run_dialogues = runs[0]["num_eval_dialogues"]
     checks = []
