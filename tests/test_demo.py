@@ -73,3 +73,16 @@ def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
     assert len(runs) >= 3 and f"over {len(runs)} runs" in readme
     for check in results["targets"]:
         assert f"{'MET' if check['met'] else 'NOT met'}: {check['target']}" in readme, check["target"]
+
+
+def test_readme_table3_rows_are_the_tables_benchmark_lines():
+    """The README's Table 3 rows are lines of the benchmark's own table (`bench_demo.py --preset tables`), so they
+    cannot drift from the file that holds the measurement."""
+    readme = (ROOT / "README.md").read_text()
+    benchmark = (ROOT / "benchmarks" / "results" / "demo_tables_cpu.md").read_text().splitlines()
+    names = [demo.VIKDF, *(f"VIKDF {suffix}" for suffix in demo.PRETRAINING_ABLATIONS), demo.NO_PRETRAIN,
+             "VIKDF, zero knowledge"]
+    for name in names:
+        (line,) = [line for line in benchmark if line.startswith(f"| {name} |")]
+        assert line in readme, line
+
