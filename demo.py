@@ -12,13 +12,12 @@ Image-Chat-format test set: the paper's Zero-Data setting. Systems: VIKDF, VIKDF
 pre-training only, VIKDF with its knowledge shuffled across the batch (the causal check), the frozen LLM and the
 LoRA-fine-tuned LLM. It then prints a Table-1-style comparison with the knowledge accuracy (responses naming the
 right usual colour of an object whose colour only the image–text pairs ever showed, and the same on objects the
-dialogues did show), how often the textualised knowledge names that colour, a verdict on each comparison that
-accounts for sampling noise, TIM text→image recall@1, three examples, and saves the loss curves of all five
+dialogues did show), how often the textualised knowledge names that colour, 95 % intervals and verdicts from a
+bootstrap over object kinds (a model gets a kind right or wrong as a whole), TIM text→image recall@1, three examples, and saves the loss curves of all five
 objectives as a PNG.
 """
 
 import json
-import math
 import random
 import shutil
 import sys
@@ -42,6 +41,7 @@ from vikdf.data.synthetic import (
     OBJECT_KINDS,
     iter_shard_pairs,
     knowledge_accuracy,
+    knowledge_outcomes,
     knowledge_table,
     mentioned_object,
     scramble_visual_facts,
@@ -50,6 +50,7 @@ from vikdf.data.synthetic import (
 )
 from vikdf.evaluation import load_checkpoint
 from vikdf.losses import tim_similarity
+from vikdf.stats import nested_bootstrap_interval
 from vikdf.standin import Criterion, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
 
@@ -257,19 +258,43 @@ def table_row(name: str, row: dict) -> str:
     return f"| {name} | " + " | ".join(cells + knowledge) + " |"
 
 
+def prediction_outcomes(predictions: list[dict], field_name: str = "hypothesis") -> list[tuple[str, bool] | None]:
+    return knowledge_outcomes([p["context"] for p in predictions], [p[field_name] for p in predictions])
+
+
 def prediction_accuracy(predictions: list[dict], field_name: str = "hypothesis") -> float:
     return knowledge_accuracy([p["context"] for p in predictions], [p[field_name] for p in predictions])
 
 
-def compare(what: str, system: str, reference: str, accuracy: dict[str, float], count: int) -> str:
-    """A verdict on `system` against `reference`: a gain counts when it exceeds two standard errors of the difference
-    of two accuracies measured on `count` dialogues each."""
-    gain = accuracy[system] - accuracy[reference]
-    noise = 2 * math.sqrt(sum(accuracy[name] * (1 - accuracy[name]) for name in (system, reference)) / count)
-    if gain > noise:
-        return f"{what} helped: {system} {100 * gain:+.1f} points of knowledge accuracy over {reference} (noise ±{100 * noise:.0f})."
+def by_kind(values: list[tuple[str, float]]) -> list[list[float]]:
+    """Per-dialogue values grouped by the object kind their context mentions: the clusters of the bootstrap."""
+    groups: dict[str, list[float]] = {}
+    for kind, value in values:
+        groups.setdefault(kind, []).append(value)
+    return list(groups.values())
+
+
+def accuracy_by_kind(outcomes: list) -> list[list[float]]:
+    """Per kind, 1.0 for each right response and 0.0 for each wrong one (`outcomes` as `prediction_outcomes`)."""
+    return by_kind([(kind, float(right)) for kind, right in filter(None, outcomes)])
+
+
+def gains_by_kind(ours: list, theirs: list) -> list[list[float]]:
+    """Per kind, the paired per-dialogue differences (-1, 0 or 1) of two systems scored on the same test dialogues."""
+    return by_kind([(a[0], float(a[1]) - float(b[1])) for a, b in zip(ours, theirs) if a is not None])
+
+
+def compare(what: str, system: str, reference: str, outcomes: dict[str, list]) -> str:
+    """A verdict on `system` against `reference` on the same test dialogues: a gain counts when the 95 % interval of
+    the paired difference, bootstrapped over object kinds (a model gets a kind right or wrong as a whole, so kinds,
+    not dialogues, are the sampling unit), lies above 0."""
+    gains = gains_by_kind(outcomes[system], outcomes[reference])
+    gain, low, high = nested_bootstrap_interval(gains)
+    interval = f"95 % interval over {len(gains)} kinds [{100 * low:+.1f}, {100 * high:+.1f}]"
+    if low > 0:
+        return f"{what} helped: {system} {100 * gain:+.1f} points of knowledge accuracy over {reference} ({interval})."
     return (f"{what} did NOT measurably help on this run: {system} {100 * gain:+.1f} points over {reference}; "
-            f"differences within ±{100 * noise:.0f} points are noise on {count} dialogues.")
+            f"{interval} includes 0.")
 
 
 def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict, extra: list[str] = ()) -> tuple[dict, list[dict]]:
@@ -411,8 +436,13 @@ def main(argv: list[str] | None = None) -> dict:
     plot_losses(pretrainer.state.log_history, out / "loss_curves.png")
     stage_seconds["report"] = stage("6/6 report", started)
 
+    outcomes = {name: prediction_outcomes(predictions) for name, (_, predictions) in results.items()}
     rows = {
         name: {**metrics, "knowledge_accuracy": prediction_accuracy(predictions),
+               "knowledge_accuracy_interval": list(nested_bootstrap_interval(accuracy_by_kind(outcomes[name]))[1:]),
+               # Per test dialogue in the test set's order, its kind and whether the response was right: what a
+               # benchmark pools over runs (the bootstrap draws runs, then kinds).
+               "knowledge_outcomes": outcomes[name],
                "knowledge_accuracy_seen": prediction_accuracy(seen[name][1]),
                "textualised_accuracy": textualised_accuracy(out / "eval" / systems[name][0])}
         for name, (metrics, predictions) in results.items()
@@ -428,6 +458,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---" * (len(METRIC_COLUMNS) + 4) + "|")
     for name, row in rows.items():
         print(table_row(name, row))
+    kinds = len(accuracy_by_kind(outcomes[VIKDF]))
+    print(f"\nKnowledge acc. with its 95 % interval from a bootstrap over the {kinds} image-only kinds (a kind moves it "
+          f"by {100 / kinds:.1f} points):")
+    for name, row in rows.items():
+        low, high = row["knowledge_accuracy_interval"]
+        print(f"  {name}: {_percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]")
     print(f"\nTIM text→image recall@1 on {int(round(1 / chance))} held-out pairs: {100 * recall:.1f} % "
           f"(chance {100 * chance:.1f} %, {recall / chance:.0f}× chance)")
 
@@ -440,9 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  knowledge: {textualised['knowledge']}\n")
 
     best_text_only = max((FROZEN_LLM, LORA), key=accuracy.get)
-    print(compare("The distilled knowledge", VIKDF, best_text_only, accuracy, count))
-    print(compare("VIKDF pre-training", VIKDF, NO_PRETRAIN, accuracy, count))
-    print(compare("VIKDF pre-training with ⅛ of the dialogues", VIKDF + LOW, NO_PRETRAIN + LOW, accuracy, count))
+    print(compare("The distilled knowledge", VIKDF, best_text_only, outcomes))
+    print(compare("VIKDF pre-training", VIKDF, NO_PRETRAIN, outcomes))
+    print(compare("VIKDF pre-training with ⅛ of the dialogues", VIKDF + LOW, NO_PRETRAIN + LOW, outcomes))
     print(f"Shuffled knowledge: {100 * accuracy[SHUFFLED]:.1f} % (chance 16.7 %). Pre-training only: its textualised "
           f"knowledge names the right colour {_percent(rows[PRETRAIN_ONLY]['textualised_accuracy'])} % of the time.")
     print(f"Loss curves: {out / 'loss_curves.png'}; everything else under {out}/. Total {time.time() - started:.0f}s.")

@@ -40,6 +40,9 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
                     "knowledge_accuracy_seen"):
             assert math.isfinite(metrics[key]), (name, key)
         assert metrics["embedding_average"] is None  # no GloVe file: reported as missing, never as 0
+        low, high = metrics["knowledge_accuracy_interval"]
+        assert 0.0 <= low <= metrics["knowledge_accuracy"] <= high <= 1.0, name
+    assert "95 % interval from a bootstrap over the 6 image-only kinds" in printed
     assert 0.0 <= summary["systems"][demo.PRETRAIN_ONLY]["textualised_accuracy"] <= 1.0
     for stand_in in summary["stand_ins"].values():
         assert stand_in["steps"] >= 1 and 0.0 <= stand_in["value"] <= 1.0 and stand_in["criterion"]
@@ -53,10 +56,15 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     assert 0.0 <= summary["tim_recall_at_1"] <= 1.0
 
 
-def test_verdict_counts_a_gain_only_beyond_sampling_noise():
-    accuracy = {"a": 0.80, "b": 0.15, "c": 0.75}
-    assert demo.compare("X", "a", "b", accuracy, count=120).startswith("X helped")
-    assert "did NOT measurably help" in demo.compare("X", "a", "c", accuracy, count=120)
+def test_verdict_counts_a_gain_only_when_its_interval_over_kinds_excludes_zero():
+    kinds = [f"kind{i}" for i in range(12)]
+    right = {"all": [(k, True) for k in kinds for _ in range(6)],
+             "none": [(k, False) for k in kinds for _ in range(6)],
+             "one_kind": [(k, k == "kind0") for k in kinds for _ in range(6)]}
+    assert demo.compare("X", "all", "none", right).startswith("X helped")
+    # One kind right: +8.3 points, but over 72 dialogues that is one name, and the interval over kinds includes 0.
+    verdict = demo.compare("X", "one_kind", "none", right)
+    assert "did NOT measurably help" in verdict and "+8.3 points" in verdict and "over 12 kinds" in verdict
 
 
 def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():

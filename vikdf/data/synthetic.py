@@ -376,33 +376,41 @@ def mentioned_object(context: str | Sequence[str], names: Sequence[str] | None =
     return found[-1] if found else None
 
 
-def knowledge_accuracy(
+def knowledge_outcomes(
     contexts: Sequence[str | Sequence[str]],
     hypotheses: Sequence[str],
     table: Mapping[str, str] | None = None,
-) -> float:
-    """Fraction of responses that name exactly the right usual colour of the object the context mentions.
+) -> list[tuple[str, bool] | None]:
+    """Per response, ``(object, right)``: the object its context mentions and whether the response names exactly
+    its usual colour; ``None`` where the context mentions no known object.
 
     A response counts as right when the set of attribute values it names (colour words by default) is exactly
-    ``{table[object]}``: naming another colour too is a hedge, not knowledge. Contexts that mention no known
-    object are left out of the denominator. ``table`` maps object -> value, default ``knowledge_table()``;
-    pass ``knowledge_table("shape")`` to score shapes instead.
+    ``{table[object]}``: naming another colour too is a hedge, not knowledge. ``table`` maps object -> value,
+    default ``knowledge_table()``; pass ``knowledge_table("shape")`` to score shapes instead.
     """
     if len(contexts) != len(hypotheses):
         raise ValueError(f"{len(contexts)} contexts but {len(hypotheses)} hypotheses")
     table = knowledge_table() if table is None else table
     values = set(table.values())
-    scored = correct = 0
+    outcomes: list[tuple[str, bool] | None] = []
     for context, hypothesis in zip(contexts, hypotheses):
         obj = mentioned_object(context, names=list(table))
-        if obj is None:
-            continue
-        scored += 1
         named = {word for word in tokenize_words(hypothesis) if word in values}
-        correct += named == {table[obj]}
-    if scored == 0:
+        outcomes.append(None if obj is None else (obj, named == {table[obj]}))
+    return outcomes
+
+
+def knowledge_accuracy(
+    contexts: Sequence[str | Sequence[str]],
+    hypotheses: Sequence[str],
+    table: Mapping[str, str] | None = None,
+) -> float:
+    """Fraction of responses that name exactly the right usual colour of the object the context mentions
+    (:func:`knowledge_outcomes`); contexts that mention no known object are left out of the denominator."""
+    scored = [outcome[1] for outcome in knowledge_outcomes(contexts, hypotheses, table) if outcome is not None]
+    if not scored:
         raise ValueError("no context mentions a known object; nothing to score")
-    return correct / scored
+    return sum(scored) / len(scored)
 
 
 def _describes_scene(template: str) -> bool:
