@@ -88,6 +88,10 @@ LLAMA_2_7B = {
 }
 
 TIM_POOLINGS = ("first", "max")
+LOSS_WEIGHTS = ("loss_weight_tim", "loss_weight_tamim", "loss_weight_iamtm", "loss_weight_iaci", "loss_weight_iakr")
+PROBABILITIES = ("mask_ratio", "mask_keep_ratio", "text_mask_ratio", "text_mask_keep_ratio", "head_dropout")
+POSITIVE_SIZES = ("mask_patch_size", "head_num_attention_heads", "head_intermediate_size", "tim_embed_dim",
+                  "caption_max_length", "clip_max_length")
 
 
 class VIKDFConfig(PreTrainedConfig):
@@ -196,10 +200,25 @@ class VIKDFConfig(PreTrainedConfig):
                 "type": "text",
             }
         }
-        self.validate_shapes()
+        self.validate_fields()
 
-    def validate_shapes(self) -> None:
-        """Raise a ValueError naming the field when two parts of the model cannot be wired together."""
+    def validate_fields(self) -> None:
+        """Raise a ValueError naming the field when a value makes no sense or two parts of the model cannot be wired
+        together. The entry points run it on the config they will build before any tower loads
+        (`vikdf.checks.check_config_fields`)."""
+        for name in LOSS_WEIGHTS:
+            # λ1..λ5 weigh losses that are minimised (eq. 5, eq. 9): a negative weight would maximise its loss.
+            if not getattr(self, name) >= 0:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be 0 (objective off) or positive; a negative weight would "
+                    "maximise its loss."
+                )
+        for name in PROBABILITIES:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1]; it is a probability or share.")
+        for name in POSITIVE_SIZES:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive.")
         projection_dim = self.clip_config.projection_dim
         if self.qformer_config.encoder_hidden_size != projection_dim:
             raise ValueError(

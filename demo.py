@@ -13,7 +13,8 @@ pre-training only, VIKDF with its knowledge shuffled across the batch (the causa
 LoRA-fine-tuned LLM. It then prints a Table-1-style comparison with the knowledge accuracy (responses naming the
 right usual colour of an object whose colour only the image–text pairs ever showed, and the same on objects the
 dialogues did show), how often the textualised knowledge names that colour, 95 % intervals and verdicts from a
-bootstrap over object kinds (a model gets a kind right or wrong as a whole), TIM text→image recall@1, three examples, and saves the loss curves of all five
+bootstrap over object kinds (a model gets a kind right or wrong as a whole), TIM text→image recall@1, three
+examples, and saves the loss curves of all five
 objectives as a PNG.
 """
 
@@ -38,11 +39,9 @@ from vikdf.data.dialogue import load_dialogues
 from vikdf.data.pairs import build_image_transform
 from vikdf.data.synthetic import (
     COLOURS,
-    OBJECT_KINDS,
     iter_shard_pairs,
     knowledge_accuracy,
     knowledge_outcomes,
-    knowledge_table,
     mentioned_object,
     scramble_visual_facts,
     tokenize_words,
@@ -51,20 +50,24 @@ from vikdf.data.synthetic import (
 from vikdf.evaluation import load_checkpoint
 from vikdf.losses import tim_similarity
 from vikdf.stats import nested_bootstrap_interval
-from vikdf.standin import Criterion, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
+from vikdf.standin import Criterion, CriterionCallback, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
 
 # Sizes and schedules per preset: "full" is the README's demo, "tables" adds the Table 3 ablations to it, "smoke" is
 # the tests' smaller setting. The stand-ins train until their criterion holds, up to a cap of steps.
 PRESETS = {
     "full": dict(
+        names_per_look=2, image_only_per_colour=2,
         num_pairs=2000, num_heldout_pairs=200, num_dialogues=1000, num_eval_dialogues=120, clip_max_steps=600,
-        clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=300,
+        clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=1500,
+        pretrain_target=0.5, pretrain_every=100, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_epochs=8, eval_batch=24, num_query_tokens=8, table3=False,
     ),
     "smoke": dict(
-        num_pairs=600, num_heldout_pairs=100, num_dialogues=120, num_eval_dialogues=16, clip_max_steps=50,
+        names_per_look=2, image_only_per_colour=2,
+        num_pairs=600, num_heldout_pairs=100, num_dialogues=120, num_eval_dialogues=12, clip_max_steps=50,
         clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
+        pretrain_target=0.5, pretrain_every=10, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8, table3=True,
     ),
 }
@@ -75,9 +78,6 @@ PRETRAINING_ABLATIONS = {
 }
 CLIP_HELDOUT_PAIRS = 240  # the stand-in CLIP's own pairs kept out of its training, for its criterion
 LOW_RESOURCE_FRACTION = 0.125  # the paper's ⅛ of the dialogues
-COLOUR_OF, SHAPE_OF = knowledge_table("colour"), knowledge_table("shape")
-OBJECT_NAMES = [kind.name for kind in OBJECT_KINDS]
-IMAGE_ONLY = {kind.name for kind in OBJECT_KINDS if kind.image_only}
 METRIC_COLUMNS = [
     ("PPL", "ppl"), ("BLEU-1", "bleu_1"), ("ROUGE-L", "rouge_l"), ("Average", "embedding_average"),
     ("Extrema", "vector_extrema"), ("Greedy", "greedy_matching"), ("Dis-1", "distinct_1"), ("Dis-2", "distinct_2"),
@@ -88,17 +88,42 @@ FROZEN_LLM, LORA = "Frozen LLM (no knowledge)", "LLM + LoRA on the dialogues"
 LOW = f", {LOW_RESOURCE_FRACTION:g} of the dialogues".replace("0.125", "⅛")
 
 
+# Marks a folder as a demo's output, which a later demo run may delete and write again.
+DEMO_MARKER = "_demo_output"
+
+
 @dataclass
 class DemoArguments:
     preset: str = field(default="full", metadata={"help": f"Size and schedule: one of {sorted(PRESETS)}."})
-    output_dir: str = field(default="demo_output", metadata={"help": "Where every stage writes (replaced)."})
+    output_dir: str = field(
+        default="demo_output",
+        metadata={"help": "Where every stage writes: a new or empty folder, or an earlier demo's output (replaced)."},
+    )
     llm_family: str = field(default="llama", metadata={"help": "Tiny LLM family: llama, qwen2 or mistral."})
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every stage."})
     pretrain_steps: int | None = field(
         default=None,
-        metadata={"help": "VIKDF pre-training steps instead of the preset's (e.g. 3000 for the longer pre-training "
-                          "the README's diagnosis measures)."},
+        metadata={"help": "Cap of VIKDF pre-training steps instead of the preset's; pre-training stops earlier when "
+                          "its criterion holds."},
     )
+
+
+def replace_demo_output(out: Path) -> Path:
+    """`out`, emptied for a new run: deleted only when it is new, empty or an earlier demo's output (its marker
+    file says so), never a folder of the user's own files, since every stage writes there."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output_dir {str(out)!r} is an existing file: give a folder for the demo's output.")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise ValueError(
+                f"--output_dir {str(out)!r} holds files that the demo did not write (it has no {DEMO_MARKER}), and "
+                "the demo replaces its output folder: give a new or empty folder, or delete this one yourself if "
+                "it is only the output of an older demo version."
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("Written by demo.py: a later demo run with this --output_dir replaces it.\n")
+    return out
 
 
 def stage(message: str, started: float) -> float:
@@ -121,7 +146,8 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
     clip_train, clip_heldout = clip_pairs[:-CLIP_HELDOUT_PAIRS], clip_pairs[-CLIP_HELDOUT_PAIRS:]
     clip = pretrain_clip(
         paths.clip, clip_train, max_steps=settings["clip_max_steps"], seed=seed,
-        name_labels=[OBJECT_NAMES.index(mentioned_object(caption)) for _, caption in clip_train],
+        name_labels=[world.object_names.index(mentioned_object(caption, world.object_names))
+                     for _, caption in clip_train],
         criterion=Criterion("colour-word retrieval", clip_colour_retrieval(paths.clip, clip_heldout),
                             settings["clip_target"], every=max(1, settings["criterion_every"] // 5)),
     )
@@ -130,7 +156,8 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
     valid = load_dialogues(world.reddit_valid)
     llm = pretrain_llm(
         paths.llm, llm_reading(world, pairs, tokenizer, seed), max_steps=settings["llm_max_steps"], seed=seed,
-        criterion=Criterion("prompt copy", lambda model: prompt_copy_rate(model, tokenizer, valid, described=True),
+        criterion=Criterion("prompt copy",
+                            lambda model: prompt_copy_rate(model, tokenizer, valid, world, described=True),
                             settings["llm_target"], every=settings["criterion_every"]),
     )
     return paths, clip, llm
@@ -176,27 +203,28 @@ def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
     texts = [caption for _, caption in pairs]
     for dialogue in load_dialogues(world.reddit_train):
         context = list(dialogue.context)
-        described = describe_object(context)
+        described = describe_object(context, world)
         texts += [chat_formatted(tokenizer, turns, dialogue.response) for turns in (described, described, context)]
     return [scramble_visual_facts(text, rng) for text in texts]
 
 
-def describe_object(context: list[str]) -> list[str]:
+def describe_object(context: list[str], world) -> list[str]:
     """`context` opened with its object's colour and shape ("a red circle. ..."), where the knowledge slots sit."""
-    name = mentioned_object(context)
-    return [f"a {COLOUR_OF[name]} {SHAPE_OF[name]}. {context[0]}", *context[1:]]
+    name = mentioned_object(context, world.object_names)
+    return [f"a {world.knowledge_table('colour')[name]} {world.knowledge_table('shape')[name]}. {context[0]}",
+            *context[1:]]
 
 
 @torch.no_grad()
-def prompt_copy_rate(model, tokenizer, dialogues: list, described: bool) -> float:
+def prompt_copy_rate(model, tokenizer, dialogues: list, world, described: bool) -> float:
     """How often the LLM, teacher-forced up to the colour word of each response, ranks the right colour first, with
     the object described at the start of its prompt (`described`) or not. The LLM read the visual facts scrambled,
     so only the description can tell it the colour: this measures whether it uses its prompt."""
     hits = 0
     for dialogue in dialogues:
         context = list(dialogue.context)
-        truth = COLOUR_OF[mentioned_object(context)]
-        text = chat_formatted(tokenizer, describe_object(context) if described else context, dialogue.response)
+        truth = world.knowledge_table()[mentioned_object(context, world.object_names)]
+        text = chat_formatted(tokenizer, describe_object(context, world) if described else context, dialogue.response)
         prefix = text[: text.index(truth, text.rindex(dialogue.response.strip()))]
         # Byte-level BPE merges a space with the next word: score " red", not " " then "red".
         ids = tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"]
@@ -211,6 +239,29 @@ def prompt_copy_rate(model, tokenizer, dialogues: list, described: bool) -> floa
 # ----------------------------------------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------------------------------------
+class LookRetrieval:
+    """VIKDF pre-training's criterion: how often the 5 held-out images nearest in TIM space to `K_T` of a context
+    about a kind show that kind's usual colour. It asks whether pre-training put each name's look into the knowledge
+    a dialogue context yields, where the response will need it; about 1/6 when `K_T` knows no colours."""
+
+    def __init__(self, heldout_shard: Path, contexts: list[list[str]], colour_of: dict[str, str], processor,
+                 image_size: int):
+        pairs = list(iter_shard_pairs([heldout_shard]))
+        transform = build_image_transform(image_size, train=False)
+        self.pixels = torch.stack([transform(image) for _, image, _ in pairs])
+        self.shown = [_shown_colour(image) for _, image, _ in pairs]
+        self.usual = [colour_of[mentioned_object(context, colour_of)] for context in contexts]
+        self.clip = processor.clip_text_inputs(contexts)
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        text = model.get_text_knowledge(self.clip["clip_input_ids"], self.clip["clip_attention_mask"])
+        similarity = tim_similarity(*model.tim_embeddings(text, model.get_image_knowledge(self.pixels)))
+        nearest = similarity.topk(5, dim=-1).indices.tolist()  # (contexts, 5)
+        right = [sum(self.shown[j] == usual for j in row) / 5 for usual, row in zip(self.usual, nearest)]
+        return sum(right) / len(right)
+
+
 def tim_recall_at_1(checkpoint: Path, heldout_shard: Path) -> tuple[float, float]:
     """TIM text→image recall@1 over held-out pairs, and chance (1/N)."""
     model, processor = load_checkpoint(checkpoint)
@@ -258,12 +309,15 @@ def table_row(name: str, row: dict) -> str:
     return f"| {name} | " + " | ".join(cells + knowledge) + " |"
 
 
-def prediction_outcomes(predictions: list[dict], field_name: str = "hypothesis") -> list[tuple[str, bool] | None]:
-    return knowledge_outcomes([p["context"] for p in predictions], [p[field_name] for p in predictions])
+def prediction_outcomes(predictions: list[dict], world, field_name: str = "hypothesis") -> list:
+    """Per prediction, (kind, right) or None (`knowledge_outcomes`)."""
+    return knowledge_outcomes([p["context"] for p in predictions], [p[field_name] for p in predictions],
+                              world.knowledge_table())
 
 
-def prediction_accuracy(predictions: list[dict], field_name: str = "hypothesis") -> float:
-    return knowledge_accuracy([p["context"] for p in predictions], [p[field_name] for p in predictions])
+def prediction_accuracy(predictions: list[dict], world, field_name: str = "hypothesis") -> float:
+    return knowledge_accuracy([p["context"] for p in predictions], [p[field_name] for p in predictions],
+                              world.knowledge_table())
 
 
 def by_kind(values: list[tuple[str, float]]) -> list[list[float]]:
@@ -306,12 +360,12 @@ def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict
     return metrics, predictions
 
 
-def textualised_accuracy(evaluation_dir: Path) -> float | None:
+def textualised_accuracy(evaluation_dir: Path, world) -> float | None:
     """How often the knowledge put into words (knowledge.jsonl) names exactly the right usual colour."""
     path = evaluation_dir / "knowledge.jsonl"
     if not path.exists():
         return None
-    return prediction_accuracy([json.loads(line) for line in path.read_text().splitlines()], "knowledge")
+    return prediction_accuracy([json.loads(line) for line in path.read_text().splitlines()], world, "knowledge")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,18 +380,19 @@ def main(argv: list[str] | None = None) -> dict:
         settings["pretrain_steps"] = args.pretrain_steps
     logging.set_verbosity_error()
     torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-    shutil.rmtree(out, ignore_errors=True)
+    out = replace_demo_output(Path(args.output_dir))
     started = time.time()
     stage_seconds: dict[str, float] = {}
 
     world = write_synthetic_world(
         out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_heldout_pairs=settings["num_heldout_pairs"],
         num_dialogues=settings["num_dialogues"], num_eval_dialogues=settings["num_eval_dialogues"],
+        names_per_look=settings["names_per_look"], image_only_per_colour=settings["image_only_per_colour"],
     )
     stage_seconds["world"] = stage(
-        f"1/6 synthetic world written: {settings['num_pairs']} image–text pairs, dialogues in Reddit and Image-Chat "
-        f"form ({out / 'world'})", started,
+        f"1/6 synthetic world written: {len(world.kinds)} object kinds ({len(world.image_only_objects)} image-only), "
+        f"{settings['num_pairs']} image–text pairs, dialogues in Reddit and Image-Chat form ({out / 'world'})",
+        started,
     )
 
     components, clip_result, llm_result = prepare_components(
@@ -346,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(components.llm)
     llm = AutoModelForCausalLM.from_pretrained(components.llm).eval()
     test_dialogues = load_dialogues(world.image_chat_test)
-    described, plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, flag) for flag in (True, False))
+    described, plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, world, flag) for flag in (True, False))
     stage_seconds["stand_in_towers"] = stage(
         f"2/6 stand-in towers: CLIP {clip_result.describe()}; LLM {llm_result.describe()} (on the test dialogues: "
         f"{100 * described:.0f} % with the description, {100 * plain:.0f} % without, chance 17 %)", started,
@@ -356,21 +411,40 @@ def main(argv: list[str] | None = None) -> dict:
               str(components.llm), "--num_query_tokens", str(settings["num_query_tokens"]),
               "--config_overrides", json.dumps(TINY_HEADS), "--seed", str(args.seed)]
 
-    def pretrain(folder: str, extra: list[str] = ()):
+    def pretrain(folder: str, steps: int, extra: list[str] = (), callbacks: list = ()):
         return train_pretrain.main([
             *common, "--train_sources", f"synthetic=wds:{world.train_shards}", "--output_dir", str(out / folder),
-            "--max_steps", str(settings["pretrain_steps"]), "--per_device_train_batch_size",
-            str(settings["pretrain_batch"]), "--learning_rate", "1e-3", "--warmup_steps", "0.05", "--logging_steps",
+            "--max_steps", str(steps), "--per_device_train_batch_size", str(settings["pretrain_batch"]),
+            "--learning_rate", str(settings["pretrain_learning_rate"]), "--warmup_steps", "0.05", "--logging_steps",
             "10", "--save_strategy", "no", "--shuffle_buffer", "200", "--disable_tqdm", "true", *extra,
-        ])
+        ], callbacks=list(callbacks))
 
-    pretrainer = pretrain("pretrain")
+    # Pre-training runs until K_T of held-out contexts about image-only kinds finds images of their usual colour
+    # (the criterion, checked every `pretrain_every` steps), with `pretrain_steps` as its cap, as the stand-ins do.
+    # The ablation's starting point, and the processor the criterion reads contexts with: a VIKDF that never saw an
+    # image–text pair.
+    torch.manual_seed(args.seed)
+    untrained, processor = build_vikdf_from_components(
+        str(components.clip), str(components.bert), str(components.llm),
+        num_query_tokens=settings["num_query_tokens"], **TINY_HEADS,
+    )
+    untrained.save_pretrained(out / "no_pretrain_init")
+    processor.save_pretrained(out / "no_pretrain_init")
+    look_retrieval = LookRetrieval(
+        world.heldout_shard, [list(d.context) for d in load_dialogues(world.image_only_probe)],
+        world.knowledge_table(), processor, untrained.config.clip_config.vision_config.image_size,
+    )
+    criterion = CriterionCallback(Criterion("image-only look retrieval (TIM top-5)", look_retrieval,
+                                            settings["pretrain_target"], every=settings["pretrain_every"]))
+    untrained_retrieval = look_retrieval(untrained.eval())
+    pretrainer = pretrain("pretrain", settings["pretrain_steps"], callbacks=[criterion])
     ablations = list(PRETRAINING_ABLATIONS.items()) if settings["table3"] else []
-    for suffix, flag in ablations:
-        pretrain(f"pretrain{suffix}", [flag, "false"])
+    for suffix, flag in ablations:  # each ablation gets the steps the full objective took
+        pretrain(f"pretrain{suffix}", criterion.result.steps, [flag, "false"])
     stage_seconds["pretrain"] = stage(
-        f"3/6 VIKDF pre-training: {settings['pretrain_steps']} steps of the five objectives"
-        + (f", and once without each of {', '.join(PRETRAINING_ABLATIONS)}" if ablations else ""), started,
+        f"3/6 VIKDF pre-training of the five objectives: {criterion.result.describe()} (untrained IQ-Former "
+        f"{100 * untrained_retrieval:.0f} %, chance 17 %)"
+        + (f"; and as many steps without each of {', '.join(PRETRAINING_ABLATIONS)}" if ablations else ""), started,
     )
 
     def fine_tune(initial: str, folder: str, fraction: float = 1.0, extra: list[str] = ()) -> None:
@@ -381,14 +455,6 @@ def main(argv: list[str] | None = None) -> dict:
             "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed), *extra,
         ])
 
-    # The ablation's starting point: a VIKDF that never saw an image–text pair.
-    torch.manual_seed(args.seed)
-    untrained, processor = build_vikdf_from_components(
-        str(components.clip), str(components.bert), str(components.llm),
-        num_query_tokens=settings["num_query_tokens"], **TINY_HEADS,
-    )
-    untrained.save_pretrained(out / "no_pretrain_init")
-    processor.save_pretrained(out / "no_pretrain_init")
     fine_tune("pretrain", "vikdf")
     fine_tune("no_pretrain_init", "no_pretrain")
     fine_tune("pretrain", "vikdf_low", LOW_RESOURCE_FRACTION)
@@ -436,15 +502,15 @@ def main(argv: list[str] | None = None) -> dict:
     plot_losses(pretrainer.state.log_history, out / "loss_curves.png")
     stage_seconds["report"] = stage("6/6 report", started)
 
-    outcomes = {name: prediction_outcomes(predictions) for name, (_, predictions) in results.items()}
+    outcomes = {name: prediction_outcomes(predictions, world) for name, (_, predictions) in results.items()}
     rows = {
-        name: {**metrics, "knowledge_accuracy": prediction_accuracy(predictions),
+        name: {**metrics, "knowledge_accuracy": prediction_accuracy(predictions, world),
                "knowledge_accuracy_interval": list(nested_bootstrap_interval(accuracy_by_kind(outcomes[name]))[1:]),
                # Per test dialogue in the test set's order, its kind and whether the response was right: what a
                # benchmark pools over runs (the bootstrap draws runs, then kinds).
                "knowledge_outcomes": outcomes[name],
-               "knowledge_accuracy_seen": prediction_accuracy(seen[name][1]),
-               "textualised_accuracy": textualised_accuracy(out / "eval" / systems[name][0])}
+               "knowledge_accuracy_seen": prediction_accuracy(seen[name][1], world),
+               "textualised_accuracy": textualised_accuracy(out / "eval" / systems[name][0], world)}
         for name, (metrics, predictions) in results.items()
     }
     accuracy = {name: row["knowledge_accuracy"] for name, row in rows.items()}
@@ -459,8 +525,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, row in rows.items():
         print(table_row(name, row))
     kinds = len(accuracy_by_kind(outcomes[VIKDF]))
-    print(f"\nKnowledge acc. with its 95 % interval from a bootstrap over the {kinds} image-only kinds (a kind moves it "
-          f"by {100 / kinds:.1f} points):")
+    print(f"\nKnowledge acc. with its 95 % interval from a bootstrap over the {kinds} image-only kinds (a kind "
+          f"moves it by {100 / kinds:.1f} points):")
     for name, row in rows.items():
         low, high = row["knowledge_accuracy_interval"]
         print(f"  {name}: {_percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]")
@@ -487,6 +553,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "llm_family": args.llm_family,
         "pretrain_steps": settings["pretrain_steps"],
+        "pretraining_criterion": {**_stand_in_summary(criterion.result), "untrained_value": untrained_retrieval,
+                                  "history": criterion.result.history},
         "systems": rows,
         "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))},
         "llm_prompt_use": {"described": described, "plain": plain},
@@ -500,8 +568,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _stand_in_summary(result: StandInResult) -> dict:
+    losses = {"first_loss": result.losses[0], "last_loss": result.losses[-1]} if result.losses else {}
     return {"criterion": result.criterion, "value": result.value, "target": result.target, "reached": result.reached,
-            "steps": result.steps, "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+            "steps": result.steps, **losses}
 
 
 if __name__ == "__main__":

@@ -159,10 +159,30 @@ def _test_name(args: EvalArguments) -> str:
     return name if args.max_test_dialogues is None else f"{name} (first {args.max_test_dialogues})"
 
 
+def check_arguments(args: EvalArguments) -> None:
+    """The flags alone, checked before any file is read or the model loads."""
+    from vikdf.checks import check_device, check_positive
+
+    for flag, value in (("--batch_size", args.batch_size), ("--num_beams", args.num_beams),
+                        ("--max_test_dialogues", args.max_test_dialogues)):
+        check_positive(value, flag)
+    if args.no_repeat_ngram_size < 0:
+        raise ValueError(f"--no_repeat_ngram_size {args.no_repeat_ngram_size} must be 0 (off) or positive.")
+    if args.do_sample and args.temperature is not None and not args.temperature > 0:
+        raise ValueError(
+            f"--temperature {args.temperature} with --do_sample must be above 0 (sampling divides the logits by it); "
+            "for deterministic decoding leave --do_sample out."
+        )
+    if args.do_sample and args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p {args.top_p} with --do_sample must lie in (0, 1].")
+    check_device(args.device)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
     None on the other processes of a multi-process run."""
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    check_arguments(args)
     import torch
     from accelerate import PartialState
 
@@ -173,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from vikdf.knowledge import textualise_knowledge
     from vikdf.knowledge_ablation import knowledge_ablation
     from vikdf.model_card import update_model_card_metrics
+    from vikdf.output_folder import MODEL_CARD_LOCK, folder_lock, writer_lock
 
     # Without a GPU, cpu=True lets accelerate join the launched processes over gloo (it finds no backend otherwise).
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
@@ -195,66 +216,74 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not dialogues:
         raise ValueError(f"{args.test_file}: no test dialogues.")
 
-    # Each process on its own device (cuda:LOCAL_RANK under accelerate launch; cpu without a GPU).
-    device = torch.device(args.device) if args.device else state.device
-    model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
-    model.to(device).eval()
-    fit_generation_length(model.config, processor, args.max_new_tokens)
+    # Every process checks that --output_dir is not a file; the one that writes the files holds the folder's lock.
+    with writer_lock(args.output_dir, state.is_main_process):
+        # Each process on its own device (cuda:LOCAL_RANK under accelerate launch; cpu without a GPU).
+        device = torch.device(args.device) if args.device else state.device
+        model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
+        model.to(device).eval()
+        fit_generation_length(model.config, processor, args.max_new_tokens)
 
-    method = getattr(model.config, "dialogue_method", "vikdf")
-    with_knowledge = args.baseline is None and method != "lora"
-    if method == "lora" and args.baseline is None:
-        logger.info("LoRA baseline checkpoint (Table 4): evaluating without knowledge.")
-    if args.knowledge_ablation != "none" and not with_knowledge:
-        raise ValueError(
-            f"--knowledge_ablation {args.knowledge_ablation} needs a VIKDF evaluation with knowledge; "
-            f"{args.model_name_or_path} is evaluated without (--baseline or a LoRA checkpoint)."
+        method = getattr(model.config, "dialogue_method", "vikdf")
+        with_knowledge = args.baseline is None and method != "lora"
+        if method == "lora" and args.baseline is None:
+            logger.info("LoRA baseline checkpoint (Table 4): evaluating without knowledge.")
+        if args.knowledge_ablation != "none" and not with_knowledge:
+            raise ValueError(
+                f"--knowledge_ablation {args.knowledge_ablation} needs a VIKDF evaluation with knowledge; "
+                f"{args.model_name_or_path} is evaluated without (--baseline or a LoRA checkpoint)."
+            )
+        system = "VIKDF" if with_knowledge else ("LoRA baseline" if method == "lora" else "frozen LLM")
+        if args.knowledge_ablation != "none":
+            system += f" (knowledge {args.knowledge_ablation})"
+        logger.info(
+            f"Evaluating {system} from {args.model_name_or_path} on {len(dialogues)} dialogues of {args.test_file}."
         )
-    system = "VIKDF" if with_knowledge else ("LoRA baseline" if method == "lora" else "frozen LLM")
-    if args.knowledge_ablation != "none":
-        system += f" (knowledge {args.knowledge_ablation})"
-    logger.info(f"Evaluating {system} from {args.model_name_or_path} on {len(dialogues)} dialogues of {args.test_file}.")
 
-    generation = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
-                  "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
-    if args.do_sample:
-        generation.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
-    with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
-        result = evaluate_dialogues_across_processes(
-            model, processor, dialogues, state, with_knowledge=with_knowledge, glove_path=args.glove_path,
-            batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
-            seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
-        )
-    if not state.is_main_process:
-        return None  # rank 0 alone writes the files and the model card
-    metrics = result["metrics"]
-    info = {**asdict(args), "system": system, "with_knowledge": with_knowledge, "num_dialogues": len(dialogues),
-            "num_processes": state.num_processes, "generation": generation}
-    write_evaluation(args.output_dir, result, info)
-    notes = metrics_notes(metrics, result["tokenizer"])
-    logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}{notes}")
-
-    if args.textualise > 0:
-        chosen = dialogues[: args.textualise]
+        generation = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                      "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+        if args.do_sample:
+            sampling = (("temperature", args.temperature), ("top_p", args.top_p))
+            generation.update({k: v for k, v in sampling if v is not None})
         with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
-            texts = textualise_knowledge(
-                model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
-                batch_size=args.batch_size, num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                max_new_tokens=args.max_new_tokens,
+            result = evaluate_dialogues_across_processes(
+                model, processor, dialogues, state, with_knowledge=with_knowledge, glove_path=args.glove_path,
+                batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
+                seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
             )
-        with open(Path(args.output_dir) / "knowledge.jsonl", "w", encoding="utf-8") as f:
-            for dialogue, text in zip(chosen, texts):
-                f.write(json.dumps({"context": list(dialogue.context), "knowledge": text}, ensure_ascii=False) + "\n")
+        if not state.is_main_process:
+            return None  # rank 0 alone writes the files and the model card
+        metrics = result["metrics"]
+        info = {**asdict(args), "system": system, "with_knowledge": with_knowledge, "num_dialogues": len(dialogues),
+                "num_processes": state.num_processes, "generation": generation}
+        write_evaluation(args.output_dir, result, info)
+        notes = metrics_notes(metrics, result["tokenizer"])
+        logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}{notes}")
 
-    if args.update_model_card and os.path.isdir(args.model_name_or_path):
-        if args.baseline is None and args.knowledge_ablation == "none":
-            card = update_model_card_metrics(
-                args.model_name_or_path, metrics, _test_name(args), config=model.config, tokenizer=result["tokenizer"]
-            )
-            logger.info(f"Model card updated: {card}")
-        else:
-            logger.info("Baseline or ablation run: the checkpoint's model card is left unchanged.")
-    return metrics
+        if args.textualise > 0:
+            chosen = dialogues[: args.textualise]
+            with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
+                texts = textualise_knowledge(
+                    model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
+                    batch_size=args.batch_size, num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    max_new_tokens=args.max_new_tokens,
+                )
+            with open(Path(args.output_dir) / "knowledge.jsonl", "w", encoding="utf-8") as f:
+                for dialogue, text in zip(chosen, texts):
+                    f.write(json.dumps({"context": list(dialogue.context), "knowledge": text}, ensure_ascii=False) + "\n")
+
+        if args.update_model_card and os.path.isdir(args.model_name_or_path):
+            if args.baseline is None and args.knowledge_ablation == "none":
+                # Another evaluation of this checkpoint may be adding its row: one read-modify-write at a time.
+                with folder_lock(args.model_name_or_path, "--model_name_or_path", MODEL_CARD_LOCK, wait=True):
+                    card = update_model_card_metrics(
+                        args.model_name_or_path, metrics, _test_name(args), config=model.config,
+                        tokenizer=result["tokenizer"],
+                    )
+                logger.info(f"Model card updated: {card}")
+            else:
+                logger.info("Baseline or ablation run: the checkpoint's model card is left unchanged.")
+        return metrics
 
 
 if __name__ == "__main__":

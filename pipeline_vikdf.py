@@ -55,7 +55,8 @@ def textualise_knowledge(
     """Text the LLM writes from the knowledge `K` distilled from each context (no image, no context text).
 
     The LLM reads `K` in the IACI caption layout, `[bos] <k>×n {caption prompt}`, exactly the prefix it was
-    pre-trained with, and writes what it "sees". `prompt` defaults to the model's first caption prompt (the paper's
+    pre-trained with, and writes what it "sees" (a chat template's reply marker it writes first is dropped,
+    `VIKDFProcessor.without_reply_marker`). `prompt` defaults to the model's first caption prompt (the paper's
     "Write a short description for the image."); `generate_kwargs` override the checkpoint's generation config.
     """
     if prompt is None:
@@ -73,7 +74,7 @@ def textualise_knowledge(
         generated = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), knowledge=knowledge, **generate_kwargs
         )
-        texts.extend(processor.decode_responses(generated, input_ids.shape[1]))
+        texts.extend(map(processor.without_reply_marker, processor.decode_responses(generated, input_ids.shape[1])))
     return texts
 
 
@@ -92,9 +93,13 @@ class VIKDFDialoguePipeline(Pipeline):
     _load_feature_extractor = False
 
     def __call__(self, inputs: Any, **kwargs: Any):
-        single = isinstance(inputs, str) or (
-            isinstance(inputs, Sequence) and bool(inputs) and not isinstance(inputs[0], (list, tuple))
-        )
+        if isinstance(inputs, Sequence) and not isinstance(inputs, str) and not inputs:
+            raise ValueError(
+                "The pipeline got an empty list: pass a context (a string, a list of turns or of chat messages) or a "
+                "list of contexts."
+            )
+        # Anything but a list of lists is one context; `context_turns` refuses what is not one (None, a number).
+        single = not isinstance(inputs, Sequence) or isinstance(inputs, str) or not isinstance(inputs[0], (list, tuple))
         contexts = [inputs] if single else list(inputs)
         # Wrapped, so that the base class neither splits a list of turns into a batch nor reads it as a chat.
         outputs = super().__call__([{"context": context_turns(c)} for c in contexts], **kwargs)

@@ -228,6 +228,26 @@ class VIKDFProcessor(ProcessorMixin):
         messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def _template_around_context(self, with_knowledge: bool) -> tuple[str, str]:
+        """The chat template's text before the context (with the slots) and after it, up to the response."""
+        marker = "\x00context\x00"
+        head, tail = self._dialogue_prompt_text(marker, with_knowledge).split(marker)
+        return head, tail
+
+    def without_reply_marker(self, text: str) -> str:
+        """`text` without the chat template's reply marker at its start (Llama-2's `[/INST]`, ChatML's
+        `assistant`).
+
+        An LLM fine-tuned on dialogues has seen the knowledge slots open a user turn that this marker closes, so
+        it may write the marker first when it reads the slots in the caption layout (§5.4); that is template text,
+        not knowledge.
+        """
+        if self.tokenizer.chat_template is None:
+            return text
+        tail = self._template_around_context(with_knowledge=False)[1]
+        marker = self.tokenizer.decode(self._ids(tail), skip_special_tokens=True).strip()
+        return text[len(marker) :].strip() if marker and text.startswith(marker) else text
+
     def dialogue_response_ids(self, response: str) -> list[int]:
         """Token ids of `response` as the chat template writes an assistant turn, ending with eos.
 
@@ -257,8 +277,7 @@ class VIKDFProcessor(ProcessorMixin):
             return ids
         # The context starts after the last knowledge slot (or after the template's head without knowledge) and ends
         # where the template's tail begins; the oldest context ids go first, so the prompt takes exactly `budget`.
-        marker = "\x00context\x00"
-        head, tail = self._dialogue_prompt_text(marker, with_knowledge).split(marker)
+        head, tail = self._template_around_context(with_knowledge)
         slot_id = self.knowledge_token_id
         start = len(ids) - ids[::-1].index(slot_id) if with_knowledge else len(self._ids(head))
         overflow = len(ids) - budget

@@ -193,6 +193,10 @@ class DialogueTrainingResult:
 
 
 def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> None:
+    from vikdf.checks import check_positive
+
+    # A budget of 0 would cut every response to nothing: training would score no token and still save a checkpoint.
+    check_positive(data_args.max_response_length, "--max_response_length")
     if not 0.0 <= data_args.train_fraction <= 1.0:
         raise ValueError(f"--train_fraction must be in [0, 1] (paper: 1, 0.25, 0.125, 0), got {data_args.train_fraction}.")
     if data_args.train_fraction not in FRACTIONS:
@@ -326,6 +330,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     from vikdf.data.collators import DialogueCollator
     from vikdf.evaluation import load_checkpoint
     from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
+    from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
     from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
     parser = HfArgumentParser((DialogueModelArguments, DialogueDataArguments, DialogueTrainingArguments))
@@ -335,76 +340,83 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
     train, validation = preflight(model_args, data_args)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_not_input_folder(training_args.output_dir, model_args.model_name_or_path, "--model_name_or_path")
+    with writer_lock(training_args.output_dir, training_args.should_save):
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        check_fresh_start(training_args.output_dir, resume)
 
-    model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
-    model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
-    # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
-    # generation config is the LLM's own (Llama-2-chat's samples).
-    model.generation_config = paper_generation_config(model.generation_config)
-    set_lengths(processor, data_args)
-    model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
-    output_dir = training_args.output_dir
+        model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
+        model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
+        # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
+        # generation config is the LLM's own (Llama-2-chat's samples).
+        model.generation_config = paper_generation_config(model.generation_config)
+        set_lengths(processor, data_args)
+        model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
+        output_dir = training_args.output_dir
 
-    def write_card(directory: str) -> None:
-        write_model_card(
-            directory,
-            base_model=model_args.base_model_name or base_model_from_config(model.config),
-            **component_names_from_config(model.config),
-            license=model_args.license,
-            method=model_args.method,
-            train_file=data_args.train_file,
-            train_fraction=data_args.train_fraction if train else 0.0,
-            datasets=[d.strip() for d in data_args.dataset_names.split(",")] if data_args.dataset_names else None,
-            model_id=training_args.hub_model_id,
+        def write_card(directory: str) -> None:
+            write_model_card(
+                directory,
+                base_model=model_args.base_model_name or base_model_from_config(model.config),
+                **component_names_from_config(model.config),
+                license=model_args.license,
+                method=model_args.method,
+                train_file=data_args.train_file,
+                train_fraction=data_args.train_fraction if train else 0.0,
+                datasets=[d.strip() for d in data_args.dataset_names.split(",")] if data_args.dataset_names else None,
+                model_id=training_args.hub_model_id,
+            )
+
+        if not train:
+            logger.info("--train_fraction 0: no dialogue fine-tuning; saving the inference checkpoint only.")
+            if training_args.should_save:
+                save_inference_checkpoint(model, processor, output_dir)
+                write_card(output_dir)
+                if training_args.push_to_hub:
+                    push_folder(output_dir, training_args, "Zero-resource VIKDF checkpoint")
+            return DialogueTrainingResult(output_dir, model, processor, None, 0)
+
+        logger.info(f"Fine-tuning ({model_args.method}) on {len(train)} dialogues from {data_args.train_file}.")
+        if model_args.method == "vikdf":
+            model.set_trainable_stage("dialogue")
+            trained = model
+        else:
+            if is_deepspeed_zero3_enabled():
+                raise ValueError(
+                    "--method lora merges the adapters into full LLM weights at the end; use ZeRO-2, not ZeRO-3."
+                )
+            trained = add_lora(model, model_args)
+
+        trainer = VIKDFDialogueTrainer(
+            model=trained,
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=validation or None,
+            data_collator=DialogueCollator(processor, with_knowledge=model_args.method == "vikdf"),
+            processing_class=processor,
+            model_card_writer=write_card,
         )
+        result = trainer.train(resume_from_checkpoint=resume)
+        if trainer.finished_before_start:
+            return DialogueTrainingResult(output_dir, model, processor, trainer, len(train))
 
-    if not train:
-        logger.info("--train_fraction 0: no dialogue fine-tuning; saving the inference checkpoint only.")
-        if training_args.should_save:
-            save_inference_checkpoint(model, processor, output_dir)
-            write_card(output_dir)
-            if training_args.push_to_hub:
-                push_folder(output_dir, training_args, "Zero-resource VIKDF checkpoint")
-        return DialogueTrainingResult(output_dir, model, processor, None, 0)
-
-    logger.info(f"Fine-tuning ({model_args.method}) on {len(train)} dialogues from {data_args.train_file}.")
-    if model_args.method == "vikdf":
-        model.set_trainable_stage("dialogue")
-        trained = model
-    else:
-        if is_deepspeed_zero3_enabled():
-            raise ValueError("--method lora merges the adapters into full LLM weights at the end; use ZeRO-2, not ZeRO-3.")
-        trained = add_lora(model, model_args)
-
-    trainer = VIKDFDialogueTrainer(
-        model=trained,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=validation or None,
-        data_collator=DialogueCollator(processor, with_knowledge=model_args.method == "vikdf"),
-        processing_class=processor,
-        model_card_writer=write_card,
-    )
-    result = trainer.train(resume_from_checkpoint=resume)
-
-    if model_args.method == "vikdf":
-        trainer.save_model()  # also pushes (with our card) when --push_to_hub
-        final = trainer.accelerator.unwrap_model(trainer.model)
+        if model_args.method == "vikdf":
+            trainer.save_model()  # also pushes (with our card) when --push_to_hub
+            final = trainer.accelerator.unwrap_model(trainer.model)
+            if trainer.is_world_process_zero():
+                write_card(output_dir)
+        else:
+            # Merge the adapters into the LLM so the folder is an ordinary VIKDF checkpoint.
+            final = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            if trainer.is_world_process_zero():
+                save_inference_checkpoint(final, processor, output_dir)
+                write_card(output_dir)
+                if training_args.push_to_hub:
+                    push_folder(output_dir, training_args, "LoRA baseline (merged)")
         if trainer.is_world_process_zero():
-            write_card(output_dir)
-    else:
-        # Merge the adapters into the LLM so the folder is an ordinary VIKDF checkpoint.
-        final = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        if trainer.is_world_process_zero():
-            save_inference_checkpoint(final, processor, output_dir)
-            write_card(output_dir)
-            if training_args.push_to_hub:
-                push_folder(output_dir, training_args, "LoRA baseline (merged)")
-    if trainer.is_world_process_zero():
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    return DialogueTrainingResult(output_dir, final, processor, trainer, len(train), dict(result.metrics))
+            trainer.save_metrics("train", result.metrics)
+            trainer.save_state()
+        return DialogueTrainingResult(output_dir, final, processor, trainer, len(train), dict(result.metrics))
 
 
 if __name__ == "__main__":

@@ -63,24 +63,43 @@ class PretrainDataArguments:
     shuffle_buffer: int = field(default=1000, metadata={"help": "Examples held in the streaming shuffle buffer."})
 
 
+def requested_config_fields(model_args: PretrainModelArguments) -> dict:
+    """The VIKDFConfig fields the flags set: the ablation switches, the TIM pooling and --config_overrides."""
+    from vikdf.checks import parse_config_overrides
+
+    return {
+        "use_tim": model_args.use_tim,
+        "use_tamim": model_args.use_tamim,
+        "use_iamtm": model_args.use_iamtm,
+        "use_bvif": model_args.use_bvif,
+        "tim_pooling": model_args.tim_pooling,
+        **parse_config_overrides(model_args.config_overrides),
+    }
+
+
 def check_model_arguments(model_args: PretrainModelArguments):
-    """The model flags, checked before anything loads; the checkpoint's config (None when building from parts)."""
+    """The model flags, checked before anything loads; the checkpoint's config (None when building from parts).
+
+    The config the run will build is validated from config files alone, so a bad field costs no tower load.
+    """
     from vikdf.checks import (
+        check_config_fields,
         check_continued_query_count,
         check_model_source,
         check_num_query_tokens,
+        check_parts_config,
         check_tim_pooling,
         load_checkpoint_config,
-        parse_config_overrides,
     )
 
     check_num_query_tokens(model_args.num_query_tokens)
     check_tim_pooling(model_args.tim_pooling)
-    parse_config_overrides(model_args.config_overrides)
+    fields = requested_config_fields(model_args)
     if model_args.model_name_or_path is None:
         for flag, source in (("--clip_model", model_args.clip_model), ("--bert_model", model_args.bert_model),
                              ("--llm_model", model_args.llm_model)):
             check_model_source(source, flag)
+        check_parts_config(model_args.clip_model, model_args.bert_model, model_args.llm_model, fields)
         return None
     config = load_checkpoint_config(model_args.model_name_or_path)
     check_continued_query_count(config, model_args.num_query_tokens, model_args.model_name_or_path)
@@ -89,6 +108,7 @@ def check_model_arguments(model_args: PretrainModelArguments):
             f"{model_args.model_name_or_path} is an inference checkpoint without pre-training heads; "
             "pre-train from component models or from a pre-training checkpoint."
         )
+    check_config_fields(config, fields)
     return config
 
 
@@ -96,29 +116,23 @@ def build_model(model_args: PretrainModelArguments, dtype):
     from configuration_vikdf import VIKDFConfig
     from modeling_vikdf import VIKDFForConditionalGeneration
     from processing_vikdf import VIKDFProcessor
-    from vikdf.checks import parse_config_overrides
     from vikdf.components import build_vikdf_from_components
 
-    overrides = {
-        "use_tim": model_args.use_tim,
-        "use_tamim": model_args.use_tamim,
-        "use_iamtm": model_args.use_iamtm,
-        "use_bvif": model_args.use_bvif,
-        "tim_pooling": model_args.tim_pooling,
-        **parse_config_overrides(model_args.config_overrides),
-    }
+    overrides = requested_config_fields(model_args)
     if model_args.model_name_or_path is None:
         return build_vikdf_from_components(
             model_args.clip_model, model_args.bert_model, model_args.llm_model,
             num_query_tokens=model_args.num_query_tokens or VIKDFConfig.num_query_tokens, dtype=dtype, **overrides,
         )
     model = VIKDFForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype, **overrides)
-    model.config.validate_shapes()  # from_pretrained sets the overrides on the config without validating them
+    model.config.validate_fields()  # from_pretrained sets the overrides on the config without validating them
     return model, VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
 
 
-def main(argv: list[str] | None = None):
-    """Pre-train; returns the `VIKDFPretrainTrainer` after its final save."""
+def main(argv: list[str] | None = None, callbacks: list | None = None):
+    """Pre-train; returns the `VIKDFPretrainTrainer` after its final save (none when it resumed a
+    finished run: nothing is written then). `callbacks` are `TrainerCallback`s for the trainer (the demo stops its
+    pre-training on a criterion with one)."""
     exit_on_quick_help(argv, "train_pretrain.py", __doc__.split("\n\n")[0],
                        (PretrainModelArguments, PretrainDataArguments, PretrainSchedule))
     from transformers import HfArgumentParser, set_seed
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None):
     from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
     from vikdf.data.collators import PretrainCollator
     from vikdf.data.pairs import build_pair_dataset
+    from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
+    from vikdf.stream_state import check_stream_resume
     from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
 
     parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
@@ -137,24 +153,32 @@ def main(argv: list[str] | None = None):
     set_seed(training_args.seed)
     # Flags, checkpoint and data sources (shard patterns expanded, files opened) first: a typo costs no model load.
     check_model_arguments(model_args)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_not_input_folder(training_args.output_dir, model_args.model_name_or_path, "--model_name_or_path")
     dataset = build_pair_dataset(
         data_args.train_sources, data_args.source_probabilities, seed=training_args.seed,
         shuffle_buffer=data_args.shuffle_buffer,
     )
-    model, processor = build_model(model_args, resolve_dtype(training_args.precision))
-    model.set_trainable_stage("pretrain")
-    logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
-    trainer = VIKDFPretrainTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        # One seed per rank, so that ranks do not draw the same crops and masks for their n-th batches.
-        data_collator=PretrainCollator(processor, model.config, seed=training_args.seed + training_args.process_index),
-        processing_class=processor,
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    with writer_lock(training_args.output_dir, training_args.should_save):
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        check_fresh_start(training_args.output_dir, resume)
+        check_stream_resume(resume, training_args)
+        model, processor = build_model(model_args, resolve_dtype(training_args.precision))
+        model.set_trainable_stage("pretrain")
+        logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
+        trainer = VIKDFPretrainTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset,
+            # One seed per rank, so that ranks do not draw the same crops and masks for their n-th batches.
+            data_collator=PretrainCollator(
+                processor, model.config, seed=training_args.seed + training_args.process_index
+            ),
+            processing_class=processor,
+            callbacks=callbacks,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        if not trainer.finished_before_start:
+            trainer.save_model()
     logger.info(f"Skipped pairs: {dataset.skips.summary()}")
     return trainer
 

@@ -9,8 +9,8 @@ over all runs, the mean ± sd (over runs) of each system's knowledge accuracy on
 seen objects, of how often its textualised knowledge names the colour (reported, not a target: IACI cannot teach
 the LLM to word a colour that only pixels showed) and BLEU-1, and the knowledge accuracy's 95 % interval from a
 bootstrap over runs and object kinds; then the targets, judged on such intervals: VIKDF against the no-pre-training
-ablation (paired by dialogue), against the frozen LLM and LoRA, and shuffled knowledge against chance. `readme_table` in the JSON is the table the README quotes
-(a test checks that it does).
+ablation (paired by dialogue), against the frozen LLM and LoRA, and shuffled knowledge against chance.
+`readme_table` in the JSON is the table the README quotes (a test checks that it does).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Responses per second of `eval_dialogue.py` at 1 and 2 processes (`accelerate launch --num_processes N`), and
 their ratio, on this machine's CPUs.
 
-    python benchmarks/bench_eval_processes.py                        # tiny VIKDF, 64 synthetic dialogues
-    python benchmarks/bench_eval_processes.py --dialogues 256 --processes 1 2 4
+    python benchmarks/bench_eval_processes.py                        # tiny VIKDF, 72 synthetic dialogues
+    python benchmarks/bench_eval_processes.py --dialogues 264 --processes 1 2 4
 
 Each run is one `accelerate launch ... eval_dialogue.py` (beam 3, `no_repeat_ngram_size` 3, 16 new tokens, PPL
 on), timed from launch to exit: process start, model loading and the metrics are included, which a short run at
@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dialogues", type=int, default=64)
+    parser.add_argument("--dialogues", type=int, default=72, help="a multiple of the 12 image-only kinds")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output_dir", default=None, help="default benchmarks/results")

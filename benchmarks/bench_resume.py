@@ -6,8 +6,8 @@
 
 One `train_pretrain.py` run (tiny components, `wds:` synthetic shards, shuffle buffer 100) saves checkpoints at
 every k. Each k is then resumed twice to step k + 1: from the checkpoint as saved ("restore": the loader loads
-`pair_stream_0.pt`), and from a copy without that file ("re-read": the Trainer's fallback, what every resume did
-before, iterating over the k consumed batches). Measured: seconds from `trainer.train()` to the end of the first
+`pair_stream_0.safetensors`), and from a copy without that file ("re-read": the Trainer's fallback, what every
+resume did before, iterating over the k consumed batches). Measured: seconds from `trainer.train()` to the end of the first
 resumed step, and the images the stream decoded until then (exact, unlike the timings). Timings on a shared machine
 are noisy; what matters is flat (restore) against growing with k (re-read).
 """
@@ -137,7 +137,8 @@ def main() -> None:
         f"- tiny components, `wds:` synthetic shards (512 pairs, 8 shards), batch {args.batch_size}, shuffle buffer "
         f"{args.shuffle_buffer}, 1 process, no DataLoader workers; the checkpoints came from one {max(args.steps)}-step "
         f"run ({training_seconds:.0f} s)",
-        "- restore: the loader loads the checkpoint's `pair_stream_0.pt`; re-read: the same checkpoint without it, "
+        "- restore: the loader loads the checkpoint's `pair_stream_0.safetensors`; re-read: the same checkpoint "
+        "without it, "
         "the Trainer iterating over the k consumed batches (every resume before this change)",
         "- seconds from `trainer.train()` to the end of the first resumed step (model and checkpoint loading "
         "included); decoded = images the stream decoded until then, exact. The machine is shared: timings are noisy.",

@@ -6,12 +6,14 @@
 For each checkpoint, `K_T` of dialogue contexts (the CLIP text tower → IQ-Former path of inference):
 
 - *transfer probe*: a linear classifier of the object's usual colour, fitted on `K_T` of validation contexts about
-  the 18 dialogue objects and scored on the test contexts about the 6 image-only objects. This is the transfer
+  the dialogue objects and scored on the test contexts about the image-only objects. This is the transfer
   dialogue fine-tuning needs: a read-out learnt on dialogue objects that also reads image-only ones. Chance 1/6.
 - *CLIP transfer probe*: the same on the frozen CLIP text tower's pooled features (what is there before any
   IQ-Former).
 - *TIM colour retrieval* (checkpoints with pre-training heads): how often the 5 held-out images nearest to a
-  context's `K_T` in TIM space show the object's usual colour, per group of objects (≈ 0.2 when unrelated).
+  context's `K_T` in TIM space show the object's usual colour (`demo.LookRetrieval`, the pre-training criterion),
+  on validation contexts about dialogue objects and on the held-out probe contexts about image-only objects
+  (≈ 1/6 when unrelated).
 
 Writes `results/knowledge_probe_<tag>.{md,json}`.
 """
@@ -21,25 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import _bench_common as common  # puts the repository root on sys.path
 import torch
 
+import demo  # noqa: E402
 from vikdf.data.dialogue import load_dialogues  # noqa: E402
-from vikdf.data.pairs import build_image_transform  # noqa: E402
 from vikdf.data.synthetic import (  # noqa: E402
     COLOURS,
-    OBJECT_KINDS,
-    iter_shard_pairs,
     knowledge_table,
     mentioned_object,
+    read_object_kinds,
 )
 from vikdf.evaluation import load_checkpoint  # noqa: E402
-
-COLOUR_OF = knowledge_table()
-IMAGE_ONLY = {kind.name for kind in OBJECT_KINDS if kind.image_only}
 
 
 @torch.enable_grad()
@@ -62,14 +59,19 @@ def transfer_probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.
                      for x, y in ((train, train_labels), (test, test_labels)))
 
 
-def colour_labels(contexts: list) -> torch.Tensor:
-    return torch.tensor([list(COLOURS).index(COLOUR_OF[mentioned_object(context)]) for context in contexts])
+def usual_colours(contexts: list, colour_of: dict[str, str]) -> list[str]:
+    return [colour_of[mentioned_object(context, colour_of)] for context in contexts]
+
+
+def colour_labels(contexts: list, colour_of: dict[str, str]) -> torch.Tensor:
+    return torch.tensor([list(COLOURS).index(colour) for colour in usual_colours(contexts, colour_of)])
 
 
 @torch.no_grad()
 def probe(checkpoint: Path, world: Path) -> dict:
     model, processor = load_checkpoint(checkpoint)
     model.eval()
+    colour_of = knowledge_table(read_object_kinds(world))
     valid = [list(d.context) for d in load_dialogues(world / "dialogue" / "reddit" / "valid.json")]
     test = [list(d.context) for d in load_dialogues(world / "dialogue" / "image_chat" / "test.json")]
 
@@ -84,26 +86,17 @@ def probe(checkpoint: Path, world: Path) -> dict:
 
     valid_k, test_k = knowledge(valid), knowledge(test)
     result = {
-        "k_transfer_probe": transfer_probe(valid_k.flatten(1), colour_labels(valid), test_k.flatten(1),
-                                           colour_labels(test)),
-        "clip_transfer_probe": transfer_probe(pooled(valid), colour_labels(valid), pooled(test), colour_labels(test)),
+        "k_transfer_probe": transfer_probe(valid_k.flatten(1), colour_labels(valid, colour_of), test_k.flatten(1),
+                                           colour_labels(test, colour_of)),
+        "clip_transfer_probe": transfer_probe(pooled(valid), colour_labels(valid, colour_of), pooled(test),
+                                              colour_labels(test, colour_of)),
     }
     if model.vision_encoder is not None:
-        shard = world / "pairs" / "heldout" / "00000.tar"
-        pairs = list(iter_shard_pairs([shard]))
-        with tarfile.open(shard) as tar:
-            shown = {member.name[:-5]: json.loads(tar.extractfile(member).read())["attributes"]["colour"]
-                     for member in tar.getmembers() if member.name.endswith(".json")}
-        transform = build_image_transform(model.config.clip_config.vision_config.image_size, train=False)
-        image_knowledge = model.get_image_knowledge(torch.stack([transform(image) for _, image, _ in pairs]))
-        colours = [shown[key] for key, _, _ in pairs]
-        for group, contexts, k in (("dialogue", valid, valid_k), ("image_only", test, test_k)):
-            text, image = model.tim_embeddings(k, image_knowledge)
-            similarity = text @ (image if image.dim() == 2 else image.amax(1)).T
-            top = similarity.topk(5, dim=-1).indices.tolist()
-            right = [sum(colours[j] == COLOUR_OF[mentioned_object(c)] for j in row) / 5
-                     for c, row in zip(contexts, top)]
-            result[f"tim_top5_right_colour_{group}"] = sum(right) / len(right)
+        probe_contexts = [list(d.context) for d in load_dialogues(world / "dialogue" / "probe" / "image_only.json")]
+        for group, contexts in (("dialogue", valid), ("image_only", probe_contexts)):
+            retrieval = demo.LookRetrieval(world / "pairs" / "heldout" / "00000.tar", contexts, colour_of, processor,
+                                           model.config.clip_config.vision_config.image_size)
+            result[f"tim_top5_right_colour_{group}"] = retrieval(model)
     return result
 
 

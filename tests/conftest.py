@@ -79,5 +79,5 @@ def pair_world(tmp_path_factory):
     """64 synthetic image–text pairs in two real webdataset shards (32 each)."""
     return write_synthetic_world(
         tmp_path_factory.mktemp("pair_world"), num_pairs=64, num_shards=2, num_heldout_pairs=4, num_dialogues=4,
-        num_eval_dialogues=6,
+        num_eval_dialogues=12,
     )

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from pretrain_helpers import free_port, pretrain_argv
 
 from vikdf.data.pairs import MixedPairDataset, SkipCounter, WebDatasetSource
+from vikdf.stream_state import load_stream_state
 from vikdf.trainers import OBJECTIVES, stream_state_name
 
 pytest.importorskip("deepspeed")
@@ -260,7 +261,7 @@ def _assert_same_training(run: Run, reference: Run) -> None:
     for rank in (0, 1):
         # Each rank read its own share: reader `rank` of 2 (1 DataLoader worker each), at the reference's position.
         states = [
-            torch.load(d / f"checkpoint-{STEPS}" / stream_state_name(rank), weights_only=False)
+            load_stream_state(d / f"checkpoint-{STEPS}" / stream_state_name(rank))
             for d in (run.output_dir, reference.output_dir)
         ]
         assert states[0] == states[1]

@@ -42,7 +42,7 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
         assert metrics["embedding_average"] is None  # no GloVe file: reported as missing, never as 0
         low, high = metrics["knowledge_accuracy_interval"]
         assert 0.0 <= low <= metrics["knowledge_accuracy"] <= high <= 1.0, name
-    assert "95 % interval from a bootstrap over the 6 image-only kinds" in printed
+    assert "95 % interval from a bootstrap over the 12 image-only kinds" in printed
     assert 0.0 <= summary["systems"][demo.PRETRAIN_ONLY]["textualised_accuracy"] <= 1.0
     for stand_in in summary["stand_ins"].values():
         assert stand_in["steps"] >= 1 and 0.0 <= stand_in["value"] <= 1.0 and stand_in["criterion"]
@@ -51,6 +51,12 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     for stand_in in summary["stand_ins"].values():  # the demo prints the criterion each stand-in reached
         assert f"{stand_in['criterion']} {100 * stand_in['value']:.0f} %" in stage_two
     assert all(0.0 <= rate <= 1.0 for rate in summary["llm_prompt_use"].values())
+    # VIKDF pre-training runs to its criterion with a cap, and the demo prints what it reached.
+    pretraining = summary["pretraining_criterion"]
+    assert 1 <= pretraining["steps"] <= demo.PRESETS["smoke"]["pretrain_steps"] and 0.0 <= pretraining["value"] <= 1.0
+    assert pretraining["reached"] == (pretraining["value"] >= pretraining["target"])
+    stage_three = [line for line in printed.splitlines() if "3/6 VIKDF pre-training" in line][0]
+    assert f"image-only look retrieval (TIM top-5) {100 * pretraining['value']:.0f} %" in stage_three
     # TIM recall@1 of a caption's own image is reported, not asserted: three captions in four name the object
     # alone ("a zorp."), so many held-out images fit a caption equally well.
     assert 0.0 <= summary["tim_recall_at_1"] <= 1.0

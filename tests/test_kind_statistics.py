@@ -42,9 +42,10 @@ def test_pooled_runs_resample_runs_then_kinds():
 
 
 def test_knowledge_outcomes_name_the_kind_of_each_scored_response():
-    outcomes = knowledge_outcomes(["i saw a zorp.", "hello there"], ["it was red!", "hi"])
-    assert outcomes == [("zorp", True), None]
-    assert knowledge_accuracy(["i saw a zorp.", "hello there"], ["it was red!", "hi"]) == 1.0
+    table = {"zorp": "red", "fep": "green"}
+    outcomes = knowledge_outcomes(["i saw a zorp.", "hello there", "a fep!"], ["it was red!", "hi", "red"], table)
+    assert outcomes == [("zorp", True), None, ("fep", False)]
+    assert knowledge_accuracy(["i saw a zorp.", "hello there", "a fep!"], ["it was red!", "hi", "red"], table) == 0.5
 
 
 def _run(seed: int, right_kinds: dict[str, set[int]], kinds: int = 12, per_kind: int = 4) -> dict:

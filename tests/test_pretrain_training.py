@@ -226,7 +226,7 @@ BATCH_KEYS = ("pixel_values", "pixel_mask", "clip_input_ids", "clip_masked_input
 
 
 def _main_with_callbacks(monkeypatch, argv, *callbacks, batches: list | None = None, decoded: list | None = None):
-    """`train_pretrain.main(argv)` with extra callbacks on the trainer it builds, and dropout 0.1 in the IQ-Former
+    """`train_pretrain.main(argv, callbacks)`, with dropout 0.1 in the IQ-Former
     (BERT's rate; the tiny components have none) so that resuming must also restore the dropout RNG. `batches`
     collects each training step's inputs, `decoded` the (source, key) of every image the pair stream decodes."""
     build_model = train_pretrain.build_model
@@ -244,9 +244,6 @@ def _main_with_callbacks(monkeypatch, argv, *callbacks, batches: list | None = N
         return pair
 
     class Trainer(VIKDFPretrainTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, callbacks=list(callbacks), **kwargs)
-
         def training_step(self, model, inputs, *args, **kwargs):
             if batches is not None:
                 batches.append({key: inputs[key].clone() for key in BATCH_KEYS})
@@ -256,7 +253,7 @@ def _main_with_callbacks(monkeypatch, argv, *callbacks, batches: list | None = N
         patch.setattr(train_pretrain, "build_model", build_with_dropout)
         patch.setattr(trainers, "VIKDFPretrainTrainer", Trainer)  # main imports it when it runs
         patch.setattr(pairs, "_make_pair", counting_make_pair)
-        return train_pretrain.main(argv)
+        return train_pretrain.main(argv, callbacks=list(callbacks))
 
 
 def test_resumed_run_continues_the_stream_without_reading_it_again(tiny_components, pair_world, tmp_path, monkeypatch):

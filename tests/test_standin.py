@@ -1,15 +1,14 @@
 """Stand-in pre-training of the tiny towers (vikdf/standin.py): each trains to a measured criterion, with a cap."""
 
-from vikdf.data.synthetic import OBJECT_KINDS, iter_shard_pairs, mentioned_object
+from vikdf.data.synthetic import iter_shard_pairs, mentioned_object
 from vikdf.standin import Criterion, pretrain_clip, pretrain_llm
-
-NAMES = [kind.name for kind in OBJECT_KINDS]
 
 
 def test_clip_stops_on_its_criterion_and_reports_it(tiny_components, pair_world, tmp_path):
     paths = tiny_components("llama")
     pairs = [(image, caption) for _, image, caption in iter_shard_pairs(pair_world.train_shard_files)]
-    labels = [NAMES.index(mentioned_object(caption)) for _, caption in pairs]
+    names = pair_world.object_names
+    labels = [names.index(mentioned_object(caption, names)) for _, caption in pairs]
     checked = []
 
     def measure(model) -> float:
@@ -33,3 +32,25 @@ def test_llm_stops_at_the_cap_when_the_criterion_is_not_reached(tiny_components,
     assert [step for step, _ in result.history] == [2, 4, 5]  # every 2 steps and at the cap
     assert "NOT reached at the step cap" in result.describe() and "after 5 steps" in result.describe()
     assert all(loss == loss for loss in result.losses)  # finite
+
+
+def test_criterion_callback_stops_a_trainer_run_on_its_criterion_and_never_cancels_the_stop_at_max_steps():
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from vikdf.standin import CriterionCallback
+
+    model = torch.nn.Linear(1, 1)
+    for values, expected_stop, expected_history in (([0.2, 0.7], 4, [(2, 0.2), (4, 0.7)]),
+                                                    ([0.2, 0.3, 0.4], 6, [(2, 0.2), (4, 0.3), (6, 0.4)])):
+        measured = iter(values)
+        callback = CriterionCallback(Criterion("look retrieval", lambda _: next(measured), target=0.5, every=2))
+        state, control = TrainerState(max_steps=6), TrainerControl()
+        for step in range(1, 9):  # the Trainer stops at step 6, its max_steps
+            state.global_step = step
+            control.should_training_stop = step == state.max_steps  # what the Trainer's own flow sets at the cap
+            callback.on_step_end(None, state, control, model=model)
+            if control.should_training_stop:
+                break
+        assert step == expected_stop and callback.result.history == expected_history
+        assert callback.result.reached == (values[-1] >= 0.5) and callback.result.steps == expected_stop

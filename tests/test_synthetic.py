@@ -19,20 +19,25 @@ from vikdf.data.synthetic import (
     BACKGROUNDS,
     COLOUR_CAPTIONS,
     COLOURS,
-    OBJECT_KINDS,
     PLAIN_CAPTIONS,
     SHAPES,
+    ObjectKind,
     SyntheticWorld,
     iter_shard_pairs,
     knowledge_accuracy,
     knowledge_table,
+    make_object_kinds,
     mentioned_object,
     tokenize_words,
     write_synthetic_world,
 )
 
 SMALL = dict(num_pairs=120, num_shards=3, num_heldout_pairs=30, num_dialogues=60, num_eval_dialogues=24)
-IMAGE_ONLY = {kind.name for kind in OBJECT_KINDS if kind.image_only}
+# The world of seed 3 (the module's world_dir): 48 kinds, 12 of them image-only.
+KINDS = SyntheticWorld(seed=3).kinds
+NAMES = [kind.name for kind in KINDS]
+IMAGE_ONLY = {kind.name for kind in KINDS if kind.image_only}
+TABLE = knowledge_table(KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +136,14 @@ def test_dialogue_json_forms(world_dir):
 def test_splits_separate_dialogue_and_image_only_objects(world_dir):
     reddit = [json.loads(p.read_text()) for p in (world_dir.reddit_train, world_dir.reddit_valid)]
     for split in reddit:
-        objects = {mentioned_object(item["context"]) for item in split}
+        objects = {mentioned_object(item["context"], NAMES) for item in split}
         assert None not in objects and not objects & IMAGE_ONLY
     test = json.loads(world_dir.image_chat_test.read_text())
-    test_objects = Counter(mentioned_object([text for _, text in item["dialog"][:-1]]) for item in test)
+    test_objects = Counter(mentioned_object([text for _, text in item["dialog"][:-1]], NAMES) for item in test)
     assert set(test_objects) == IMAGE_ONLY == set(world_dir.image_only_objects)
     assert len(set(test_objects.values())) == 1  # balanced: a constant guess scores exactly 1/6
+    with pytest.raises(ValueError, match="not a multiple of the 12 image-only kinds"):
+        write_synthetic_world(world_dir.root.parent / "unbalanced", seed=3, **{**SMALL, "num_eval_dialogues": 18})
 
 
 def test_references_carry_the_knowledge_and_contexts_do_not(world_dir):
@@ -145,7 +152,7 @@ def test_references_carry_the_knowledge_and_contexts_do_not(world_dir):
     test = json.loads(world_dir.image_chat_test.read_text())
     contexts = [item["context"] for item in reddit] + [[t for _, t in item["dialog"][:-1]] for item in test]
     responses = [item["response"] for item in reddit] + [item["dialog"][-1][1] for item in test]
-    assert knowledge_accuracy(contexts, responses) == 1.0
+    assert knowledge_accuracy(contexts, responses, TABLE) == 1.0
     assert all(not colours & set(tokenize_words(" ".join(context))) for context in contexts)
     assert {len(context) for context in contexts} == {1, 2, 3}
 
@@ -169,44 +176,45 @@ def test_vocabulary_covers_every_text(world_dir):
     texts += [text for item in json.loads(world_dir.image_chat_test.read_text()) for _, text in item["dialog"]]
     texts += [caption for _, _, caption in iter_shard_pairs([world_dir.heldout_shard])]
     assert {word for text in texts for word in tokenize_words(text)} <= vocabulary
-    assert {kind.name for kind in OBJECT_KINDS} | set(COLOURS) <= vocabulary
+    assert set(NAMES) | set(COLOURS) <= vocabulary
 
 
 def test_world_file_records_the_ground_truth(world_dir):
     recorded = json.loads(world_dir.world_file.read_text())
-    assert {o["name"]: o["usual_colour"] for o in recorded["objects"]} == world_dir.knowledge_table == knowledge_table()
+    assert {o["name"]: o["usual_colour"] for o in recorded["objects"]} == world_dir.knowledge_table() == TABLE
     assert recorded["config"]["seed"] == 3
 
 
 def test_usual_colour_statistics():
     world = SyntheticWorld(seed=0)
     rng = world.rng("stats")
-    samples = [world.sample_attributes(rng) for _ in range(6000)]
+    samples = [world.sample_attributes(rng) for _ in range(12000)]
     per_object: dict[str, list[bool]] = {}
     for attrs in samples:
         per_object.setdefault(attrs.object, []).append(attrs.colour == attrs.usual_colour)
-    assert set(per_object) == {kind.name for kind in OBJECT_KINDS}
+    assert set(per_object) == {kind.name for kind in world.kinds}
     overall = sum(map(sum, per_object.values())) / len(samples)
     assert abs(overall - world.usual_colour_prob) < 0.02
     for obj, hits in per_object.items():
         assert abs(sum(hits) / len(hits) - world.usual_colour_prob) < 0.1, obj
     # The usual colour is the single most frequent colour of each object by far.
-    for kind in OBJECT_KINDS:
+    for kind in world.kinds:
         colours = Counter(a.colour for a in samples if a.object == kind.name)
         assert colours.most_common(1)[0][0] == kind.usual_colour
 
 
 def test_captions_carry_colour_only_in_a_minority_and_never_for_image_only_objects():
     world = SyntheticWorld(seed=1)
+    image_only = {kind.name for kind in world.image_only_objects}
     rng = world.rng("captions")
     pairs = [world.sample_pair(rng) for _ in range(3000)]
     for _, caption, attrs in pairs:
         words = set(tokenize_words(caption))
         assert attrs.object in words
         assert (attrs.colour in words) == attrs.mentions_colour
-        if attrs.object in IMAGE_ONLY:
+        if attrs.object in image_only:
             assert not attrs.mentions_colour and not words & (set(COLOURS) | set(SHAPES))
-    seen = [attrs.mentions_colour for _, _, attrs in pairs if attrs.object not in IMAGE_ONLY]
+    seen = [attrs.mentions_colour for _, _, attrs in pairs if attrs.object not in image_only]
     assert abs(sum(seen) / len(seen) - world.colour_mention_prob) < 0.03
 
 
@@ -215,21 +223,22 @@ def test_clip_pairs_show_recoloured_kinds_in_random_colours_and_every_kind_equal
     """The stand-in CLIP's pairs: the recoloured kinds carry no usual colour (CLIP learns their names, not their
     looks); VIKDF's pairs show image-only kinds `image_only_weight` times as often, in their usual colour."""
     world = SyntheticWorld(seed=4, clip_recoloured=recoloured)
+    image_only = {kind.name for kind in world.image_only_objects}
     rng = world.rng("clip")
-    clip = [world.sample_attributes(rng, for_clip=True) for _ in range(4800)]
+    clip = [world.sample_attributes(rng, for_clip=True) for _ in range(9600)]
     vikdf = [world.sample_attributes(rng) for _ in range(4800)]
-    for kind in OBJECT_KINDS:
+    for kind in world.kinds:
         colours = Counter(a.colour for a in clip if a.object == kind.name)
         usual_share = colours[kind.usual_colour] / sum(colours.values())
         if kind.image_only or recoloured == "all":
             assert usual_share < 0.3 and len(colours) == len(COLOURS)  # 1/6 expected
         else:
             assert usual_share > 0.75
-    assert abs(sum(a.object in IMAGE_ONLY for a in clip) / len(clip) - 0.25) < 0.03
+    assert abs(sum(a.object in image_only for a in clip) / len(clip) - 12 / 48) < 0.03
     weight = world.image_only_weight
-    expected = 6 * weight / (6 * weight + 18)
-    assert abs(sum(a.object in IMAGE_ONLY for a in vikdf) / len(vikdf) - expected) < 0.03
-    usual = [a.colour == a.usual_colour for a in vikdf if a.object in IMAGE_ONLY]
+    expected = 12 * weight / (12 * weight + 36)
+    assert abs(sum(a.object in image_only for a in vikdf) / len(vikdf) - expected) < 0.03
+    usual = [a.colour == a.usual_colour for a in vikdf if a.object in image_only]
     assert abs(sum(usual) / len(usual) - world.usual_colour_prob) < 0.03
 
 
@@ -269,6 +278,9 @@ def test_render_draws_each_shape_in_its_colour():
 
 
 def test_knowledge_accuracy_hand_cases():
+    kinds = (ObjectKind("zorp", "circle", "red", True), ObjectKind("fep", "square", "green", True),
+             ObjectKind("blicket", "square", "red", False), ObjectKind("kiki", "circle", "blue", False))
+    table = knowledge_table(kinds)
     contexts = [
         ["hi!", "i saw a zorp at the park today."],  # zorp: red
         "my neighbour just got a fep.",  # fep: green
@@ -283,16 +295,46 @@ def test_knowledge_accuracy_hand_cases():
         "it was lovely.",  # no colour: wrong
         "red!",  # ignored
     ]
-    assert knowledge_accuracy(contexts, hypotheses) == pytest.approx(1 / 4)
-    assert knowledge_accuracy(["i saw a ZORP."], ["Red, of course."]) == 1.0
+    assert knowledge_accuracy(contexts, hypotheses, table) == pytest.approx(1 / 4)
+    assert knowledge_accuracy(["i saw a ZORP."], ["Red, of course."], table) == 1.0
     # The last object mentioned is the one asked about.
-    assert mentioned_object(["i have a zorp.", "and i got a fep yesterday."]) == "fep"
-    shape_table = knowledge_table("shape")
+    assert mentioned_object(["i have a zorp.", "and i got a fep yesterday."], table) == "fep"
+    shape_table = knowledge_table(kinds, "shape")
     assert knowledge_accuracy(["i saw a zorp."], ["a red circle!"], table=shape_table) == 1.0
     with pytest.raises(ValueError):
-        knowledge_accuracy(["hello"], ["red"])
+        knowledge_accuracy(["hello"], ["red"], table)
     with pytest.raises(ValueError):
-        knowledge_accuracy(["i saw a zorp."], [])
+        knowledge_accuracy(["i saw a zorp."], [], table)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_names_come_from_the_seed_pronounceable_distinct_and_none_inside_another(seed):
+    kinds = make_object_kinds(seed, names_per_look=3, image_only_per_colour=3)
+    names = [kind.name for kind in kinds]
+    assert len(set(names)) == len(names) == 72
+    for name in names:
+        assert tokenize_words(name) == [name]  # one word of lowercase letters
+        assert re.fullmatch(r"([^aeiou]+[aeiou]+[^aeiou]*){2}", name), name  # two consonant-vowel syllables
+        assert not [other for other in names if other != name and name in other]  # neither prefix nor sub-word
+    template_words = {word for text in (*PLAIN_CAPTIONS, *COLOUR_CAPTIONS) for word in tokenize_words(text)}
+    assert not any(name in word for name in names for word in template_words | set(COLOURS) | set(SHAPES))
+    assert names == [kind.name for kind in make_object_kinds(seed, 3, 3)]  # the same seed, the same names
+    assert names != [kind.name for kind in make_object_kinds(seed + 10, 3, 3)]
+
+
+@pytest.mark.parametrize("names_per_look, image_only_per_colour", [(2, 2), (3, 2), (4, 4)])
+def test_several_kinds_share_each_look_and_image_only_kinds_are_balanced(names_per_look, image_only_per_colour):
+    kinds = make_object_kinds(0, names_per_look, image_only_per_colour)
+    looks = Counter((kind.shape, kind.usual_colour) for kind in kinds)
+    assert set(looks.values()) == {names_per_look} and len(looks) == 24  # a kind is a name with a usual look
+    image_only = [kind for kind in kinds if kind.image_only]
+    assert set(Counter(kind.usual_colour for kind in image_only).values()) == {image_only_per_colour}
+    shapes = Counter(kind.shape for kind in image_only)
+    assert max(shapes.values()) - min(shapes.values()) <= 1 and len(shapes) == len(SHAPES)
+    # every look keeps a dialogue kind, so a read-out of every colour and shape can be learnt on dialogues
+    assert {(k.shape, k.usual_colour) for k in kinds if not k.image_only} == set(looks)
+    with pytest.raises(ValueError, match="names_per_look"):
+        make_object_kinds(0, 1, 1)
 
 
 def test_default_size_is_written_in_seconds(tmp_path):

@@ -9,36 +9,48 @@ responses batch size 1 would) with the released generation settings that `eval_d
 `eval_dialogue.py --baseline llm`: the same checkpoint and chat template without knowledge slots or CLIP inputs.
 
 The page is a plain HTML form (the conversation so far travels in hidden fields), served on 127.0.0.1 unless
-`--host` says otherwise; ``POST /api/reply`` answers ``{"context": [turns]}`` with JSON.
+`--host` says otherwise; ``POST /api/reply`` answers ``{"context": [turns]}`` with JSON, the turns as strings or as
+chat messages ``{"role": "user" | "assistant", "content": "..."}``.
+
+The server keeps its work bounded: at most `--max_waiting` requests wait for a batch (more are answered 503 with
+`Retry-After`), a request whose visitor leaves while it waits is withdrawn unanswered, and bodies and conversations
+have a size limit (413, 400).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging as pylogging
+import math
 import os
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from vikdf.arguments import PRECISIONS, resolve_dtype
+from vikdf.checks import check_model_source
 from vikdf.evaluation import RELEASED_GENERATION, generate_responses, load_checkpoint
 from vikdf.knowledge import textualise_knowledge
-from vikdf.web import LOCAL_HOST, render, serve
+from vikdf.web import LOCAL_HOST, check_port, render, serve
 
 logger = logging.get_logger("vikdf.app")
 
 MAX_MESSAGE_CHARS = 2000
+MAX_TURNS = 100
+# A conversation of MAX_TURNS longest messages still fits: a character is at most 4 bytes of UTF-8, each sent
+# percent-encoded (%XX) by the form, so 12 bytes; JSON's \uXXXX escapes take less.
+MAX_BODY_BYTES = MAX_TURNS * MAX_MESSAGE_CHARS * 12
+ROLES = ("user", "assistant")
 
 
 @dataclass
@@ -53,6 +65,9 @@ class ChatArguments:
         default=3, metadata={"help": "Turns of the conversation the model sees (the released code keeps 2-3)."}
     )
     max_batch_size: int = field(default=8, metadata={"help": "Most requests generated together in one batch."})
+    max_waiting: int = field(
+        default=64, metadata={"help": "Most requests waiting for a batch; more are answered 503 with Retry-After."}
+    )
     batch_wait_ms: float = field(
         default=20.0, metadata={"help": "How long the first request of a batch waits for others to join it."}
     )
@@ -69,64 +84,108 @@ class Reply:
     llm_response: str | None
 
 
+class Busy(RuntimeError):
+    """Raised by `BatchedResponder.submit` when the queue is full; `retry_after_s` estimates when it has room."""
+
+    def __init__(self, waiting: int, retry_after_s: int) -> None:
+        super().__init__(f"{waiting} requests are waiting already; try again in {retry_after_s} s.")
+        self.retry_after_s = retry_after_s
+
+
+def require_positive(value: int, name: str) -> None:
+    if value < 1:
+        raise ValueError(f"{name} {value} must be at least 1.")
+
+
 class BatchedResponder:
     """A worker thread that answers queued contexts in batches: at most `max_batch_size` per batch, gathered for
-    up to `batch_wait_s` after the first arrives. `batch_sizes` records the size of every batch run."""
+    up to `batch_wait_s` after the first arrives. At most `max_waiting` requests wait; cancelling a waiting
+    request's future withdraws it. `batch_sizes` records the size of every batch run."""
 
     def __init__(self, model, processor, *, compare_llm: bool = True, max_batch_size: int = 8,
-                 batch_wait_s: float = 0.02, generation: dict | None = None) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}.")
+                 batch_wait_s: float = 0.02, max_waiting: int = 64, generation: dict | None = None) -> None:
+        require_positive(max_batch_size, "max_batch_size")
+        require_positive(max_waiting, "max_waiting")
         self.model, self.processor = model, processor
         # A LoRA-baseline checkpoint has no knowledge to show: it answers as eval_dialogue.py evaluates it.
         self.with_knowledge = getattr(model.config, "dialogue_method", "vikdf") != "lora"
         self.compare_llm = compare_llm and self.with_knowledge
-        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.max_batch_size, self.batch_wait_s, self.max_waiting = max_batch_size, batch_wait_s, max_waiting
         self.generation = {**RELEASED_GENERATION, **(generation or {})}
         self.batch_sizes: list[int] = []
-        self._queue: queue.Queue = queue.Queue()
+        self._batch_s = 1.0  # how long the last batch took, for Retry-After; a guess until one has run
+        # Only live requests wait here: a withdrawn one leaves at once, so it neither holds a place nor is generated.
+        self._waiting: deque[tuple[list[str], Future]] = deque()
+        self._changed = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="vikdf-chat-generation", daemon=True)
         self._worker.start()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a batch."""
+        with self._changed:
+            return len(self._waiting)
+
     def submit(self, context: list[str]) -> Future:
-        """A future of the `Reply` to `context` (a list of turns, the last one the user's)."""
-        if self._closed:
-            raise RuntimeError("The responder is closed; start a new one.")
-        future: Future = Future()
-        self._queue.put((list(context), future))
-        return future
+        """A future of the `Reply` to `context` (a list of turns, the last one the user's); cancel it to withdraw
+        the request while it waits. Raises `Busy` when `max_waiting` requests wait already."""
+        request = (list(context), Future())
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("The responder is closed; start a new one.")
+            if len(self._waiting) >= self.max_waiting:
+                batches_ahead = len(self._waiting) / self.max_batch_size + 1  # the queue and the running batch
+                raise Busy(len(self._waiting), max(1, math.ceil(batches_ahead * self._batch_s)))
+            self._waiting.append(request)
+            self._changed.notify()
+        request[1].add_done_callback(lambda _: self._withdraw(request))
+        return request[1]
+
+    def _withdraw(self, request: tuple[list[str], Future]) -> None:
+        with self._changed:
+            if request in self._waiting:  # cancelled while waiting (a served request has left the queue already)
+                self._waiting.remove(request)
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
+        """Answer what waits, then stop the worker."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
         self._worker.join()
 
-    def _gather(self, first) -> list:
-        batch = [first]
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
-            try:
-                request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if request is None:
-                self._queue.put(None)
-                break
-            batch.append(request)
+    def _next_batch(self) -> list[tuple[list[str], Future]]:
+        """The first waiting request and those that join it within `batch_wait_s`, up to `max_batch_size`; empty
+        once the responder is closed and nothing waits."""
+        batch: list[tuple[list[str], Future]] = []
+        deadline = None
+        with self._changed:
+            while len(batch) < self.max_batch_size:
+                if self._waiting:
+                    request = self._waiting.popleft()
+                    # False for a request cancelled a moment ago, before its callback could withdraw it.
+                    if request[1].set_running_or_notify_cancel():
+                        batch.append(request)
+                        if deadline is None:
+                            deadline = time.monotonic() + self.batch_wait_s
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if self._closed or (left is not None and left <= 0):
+                    break
+                self._changed.wait(left)
         return batch
 
     def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch = self._gather(first)
-            contexts = [context for context, _ in batch]
+        while batch := self._next_batch():
+            started = time.monotonic()
             try:
-                replies = self.answer(contexts)
+                replies = self.answer([context for context, _ in batch])
             except Exception as error:  # every waiting visitor hears of the failure, and the worker goes on
                 logger.exception("Generation failed")
                 for _, future in batch:
                     future.set_exception(error)
                 continue
+            self._batch_s = time.monotonic() - started
             self.batch_sizes.append(len(batch))
             for (_, future), reply in zip(batch, replies):
                 future.set_result(reply)
@@ -172,28 +231,73 @@ document.getElementById("message").addEventListener("keydown", event => {
 """
 
 
+async def _client_left(request: Request) -> None:
+    """Returns when the client closes the connection: once the body is read, the server's next message about the
+    request is its disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def api_turns(body) -> list[str] | str:
+    """The turns of an API request's JSON body, or what is wrong with it."""
+    context = body.get("context") if isinstance(body, dict) else None
+    if not isinstance(context, list):
+        return ('send {"context": [turns]}: a list of strings, or of {"role": "user" | "assistant", "content": "..."} '
+                "messages, the last one the user's.")
+    turns = []
+    for index, turn in enumerate(context):
+        if isinstance(turn, dict) and turn.keys() == {"role", "content"}:
+            if turn["role"] not in ROLES:
+                return f"context[{index}] has the role {turn['role']!r}; use one of {', '.join(ROLES)}."
+            turn = turn["content"]
+        if not isinstance(turn, str):
+            return f"context[{index}] is {type(turn).__name__}, not a string; send every turn as text."
+        turns.append(turn)
+    return turns
+
+
 def create_chat_app(responder: BatchedResponder, name: str, max_context_turns: int = 3,
                     timeout_s: float = 300.0) -> FastAPI:
     """The chat web app over `responder`; `name` is what the page calls the model."""
-    if max_context_turns < 1:
-        raise ValueError(f"max_context_turns must be at least 1, got {max_context_turns}.")
-    app = FastAPI(title=f"Chat with {name}", docs_url=None, redoc_url=None, openapi_url=None)
+    require_positive(max_context_turns, "max_context_turns")
+    app = FastAPI(title=f"Chat with {name}", docs_url=None, redoc_url=None, openapi_url=None,
+                  max_body_size=MAX_BODY_BYTES)
 
-    def page(turns: list[str], reply: Reply | None = None, error: str | None = None, status: int = 200) -> HTMLResponse:
+    def page(turns: list[str], reply: Reply | None = None, error: str | None = None, status: int = 200,
+             headers: dict | None = None) -> HTMLResponse:
         history = turns + [reply.response] if reply else turns
         html = render(_CHAT_PAGE, name=name, turns=turns, reply=reply, error=error, history=history,
                       max_chars=MAX_MESSAGE_CHARS)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(html, status_code=status, headers=headers)
 
     def check(turns: list[str]) -> str | None:
         if not turns or not turns[-1].strip():
             return "Write a message first."
+        if len(turns) > MAX_TURNS:
+            return f"Conversations are limited to {MAX_TURNS} turns; start a new conversation."
         if any(len(turn) > MAX_MESSAGE_CHARS for turn in turns):
             return f"Messages are limited to {MAX_MESSAGE_CHARS} characters."
         return None
 
-    def reply_to(turns: list[str]) -> Reply:
-        return responder.submit(turns[-max_context_turns:]).result(timeout=timeout_s)
+    async def reply_to(request: Request, turns: list[str]) -> Reply:
+        """The reply to `turns`. Raises HTTPException when the queue is full (503), when the client leaves
+        (then the request is withdrawn if it still waits; a batch being generated finishes unseen) or when no
+        reply comes in `timeout_s` (504)."""
+        try:
+            reply = asyncio.wrap_future(responder.submit(turns[-max_context_turns:]))
+        except Busy as busy:
+            raise HTTPException(503, str(busy), headers={"Retry-After": str(busy.retry_after_s)}) from None
+        left = asyncio.ensure_future(_client_left(request))
+        try:
+            await asyncio.wait([reply, left], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if reply.done():
+            return reply.result()
+        reply.cancel()  # cancels the responder's future too
+        if left.done():
+            raise HTTPException(499, "The client closed the connection.")  # nginx's code; nobody reads it
+        raise HTTPException(504, f"No reply within {timeout_s:.0f} s; try again later.")
 
     @app.get("/", response_class=HTMLResponse)
     def start() -> HTMLResponse:
@@ -202,36 +306,53 @@ def create_chat_app(responder: BatchedResponder, name: str, max_context_turns: i
     @app.post("/", response_class=HTMLResponse)
     async def chat(request: Request) -> HTMLResponse:
         form = await request.form()
-        turns = [str(turn) for turn in form.getlist("turn")] + [str(form.get("message", "")).strip()]
+        *turns, message = [*form.getlist("turn"), form.get("message", "")]
+        if not all(isinstance(text, str) for text in (*turns, message)):  # a multipart upload is not a turn
+            return page([], error="Send the conversation as text.", status=400)
+        turns.append(message.strip())
         error = check(turns)
         if error:
             return page(turns[:-1], error=error, status=400)
-        return page(turns, await run_in_threadpool(reply_to, turns))
+        try:
+            return page(turns, await reply_to(request, turns))
+        except HTTPException as refusal:
+            return page(turns[:-1], error=refusal.detail, status=refusal.status_code, headers=refusal.headers)
 
     @app.post("/api/reply")
     async def api_reply(request: Request) -> JSONResponse:
         try:
-            body = await request.json()
-            turns = [str(turn) for turn in body["context"]] if isinstance(body["context"], list) else None
-        except (ValueError, KeyError, TypeError):
-            turns = None
-        if turns is None:
-            return JSONResponse({"error": 'send {"context": ["turn", ...]}'}, status_code=400)
-        error = check(turns)
+            turns = api_turns(await request.json())
+        except ValueError:
+            turns = api_turns(None)
+        error = turns if isinstance(turns, str) else check(turns)
         if error:
             return JSONResponse({"error": error}, status_code=400)
-        return JSONResponse(asdict(await run_in_threadpool(reply_to, turns)))
+        try:
+            return JSONResponse(asdict(await reply_to(request, turns)))
+        except HTTPException as refusal:
+            return JSONResponse({"error": refusal.detail}, status_code=refusal.status_code, headers=refusal.headers)
 
     return app
 
 
+def check_chat_arguments(args: ChatArguments) -> None:
+    """Refuse what can be seen wrong in the flags before the checkpoint loads (minutes at 7B)."""
+    check_model_source(args.model, "--model")
+    check_port(args.port)
+    for flag in ("max_context_turns", "max_batch_size", "max_waiting"):
+        require_positive(getattr(args, flag), f"--{flag}")
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch_wait_ms {args.batch_wait_ms} must not be negative.")
+
+
 def build_chat_app(args: ChatArguments) -> tuple[FastAPI, BatchedResponder]:
     """Load the checkpoint named by `args` and build the app (the responder's worker thread is running)."""
+    check_chat_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = load_checkpoint(args.model, resolve_dtype(args.precision))
     model.to(device).eval()
     responder = BatchedResponder(model, processor, compare_llm=args.compare_llm, max_batch_size=args.max_batch_size,
-                                 batch_wait_s=args.batch_wait_ms / 1000)
+                                 batch_wait_s=args.batch_wait_ms / 1000, max_waiting=args.max_waiting)
     name = Path(args.model).name if os.path.isdir(args.model) else args.model
     return create_chat_app(responder, name, args.max_context_turns), responder
 

@@ -9,6 +9,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainingArguments
 
+from vikdf.checks import check_positive
 from vikdf.defaults import PRECISIONS, DialogueSchedule, PrecisionFlag, PretrainSchedule
 
 
@@ -26,6 +27,9 @@ class VIKDFTrainingArguments(PrecisionFlag, TrainingArguments):
     """`TrainingArguments` with `--precision`."""
 
     def __post_init__(self):
+        # Refused at parsing, before any model loads: transformers' own arguments accept 0.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_positive(getattr(self, name), f"--{name}")
         self.bf16 = self.bf16 or resolve_dtype(self.precision) == torch.bfloat16
         if self.deepspeed and self.ddp_backend and "LOCAL_RANK" in os.environ and self.accelerator_config is None:
             _start_deepspeed_processes(self.ddp_backend, self.ddp_timeout)

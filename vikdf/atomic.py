@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 STAGING_PREFIX = "_saving-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -73,8 +78,27 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     return True
 
 
+def damaged_file(folder: str | os.PathLike) -> str | None:
+    """The first file of a checkpoint whose tensors cannot be read, with the reason (None when all can).
+
+    Reads only each file's index (the safetensors header, the `torch.save` archive's directory): a truncated or
+    overwritten file fails there, so a resume is not stopped later by an error that names no file.
+    """
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(path).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as error:
+            return f"{path} ({type(error).__name__}: {error})"
+    return None
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The `checkpoint-N` of `output_dir` with the highest N that is complete (None when there is none)."""
+    """The `checkpoint-N` of `output_dir` with the highest N that is complete and readable (None when there is
+    none); a damaged one is passed over with a warning naming its file."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
@@ -84,8 +108,12 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and entry.is_dir():
             steps.append((int(step), entry))
     for _, checkpoint in sorted(steps, reverse=True):
-        if is_complete_checkpoint(checkpoint):
+        if not is_complete_checkpoint(checkpoint):
+            continue
+        damage = damaged_file(checkpoint)
+        if damage is None:
             return checkpoint
+        logger.warning(f"Passing over {checkpoint}: {damage} cannot be read.")
     return None
 
 
@@ -95,5 +123,6 @@ __all__ = [
     "staging_folder",
     "commit_folder",
     "is_complete_checkpoint",
+    "damaged_file",
     "last_complete_checkpoint",
 ]

@@ -6,6 +6,8 @@ file header is reported here, naming the flag and saying what to do.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import os
 import re
@@ -37,12 +39,28 @@ def _could_be_hub_id(name: str) -> bool:
     return not os.path.isabs(name) and not name.startswith((".", "~")) and bool(_HUB_ID.match(name))
 
 
+def _under_a_local_folder(name: str) -> bool:
+    """`runs/pretrian` while `runs/` is here: a typo in a local path, though it reads as a Hub id `owner/name`."""
+    owner, slash, _ = name.partition("/")
+    return bool(slash) and os.path.isdir(owner)
+
+
+def _no_such_folder(path: str, flag: str) -> str:
+    """The message for a missing model folder, with the nearest name in its parent folder when there is one."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if not parent or not os.path.isdir(parent):
+        return f"{flag} {path!r}: no such folder."
+    nearest = difflib.get_close_matches(name, os.listdir(parent), n=1)
+    hint = f"; did you mean {os.path.join(parent, nearest[0])!r}?" if nearest else "."
+    return f"{flag} {path!r}: no such folder in {parent}{hint}"
+
+
 def check_model_source(path: str, flag: str) -> None:
     """A model folder or hub id: a local path that does not exist says so instead of failing as a Hub download."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{flag} {path!r} is a file; give the model folder that holds config.json.")
-    if not os.path.isdir(path) and not _could_be_hub_id(path):
-        raise FileNotFoundError(f"{flag} {path!r}: no such folder.")
+    if not os.path.isdir(path) and (not _could_be_hub_id(path) or _under_a_local_folder(path)):
+        raise FileNotFoundError(_no_such_folder(path, flag))
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{flag} {path!r} has no config.json; is it a model folder?")
 
@@ -52,8 +70,12 @@ def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIK
 
     Another model's config or a damaged weights file is refused before anything is built.
     """
+    from vikdf.data.files import read_json
+
     check_model_source(path, flag)
     try:
+        if os.path.isdir(path):
+            read_json(os.path.join(path, "config.json"))  # transformers' error names neither the fault nor its line
         config = VIKDFConfig.from_pretrained(path)
     except OSError as err:
         if os.path.isdir(path):
@@ -64,6 +86,7 @@ def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIK
         raise ValueError(f"{flag} {path!r}: {err}") from err
     if os.path.isdir(path):
         check_weight_files(path)
+        check_weight_shapes(path, config)
     return config
 
 
@@ -79,6 +102,32 @@ def check_weight_files(folder: str | os.PathLike) -> None:
             raise OSError(
                 f"{file} is damaged or truncated ({err}); copy or save the checkpoint again."
             ) from err
+
+
+def check_weight_shapes(folder: str | os.PathLike, config: VIKDFConfig) -> None:
+    """Compare every tensor of `folder`'s `*.safetensors` files with the shape `config` gives it.
+
+    A `config.json` that does not belong to its weights is named here with the tensor and both shapes; transformers
+    would stop at the load and suggest `ignore_mismatched_sizes`, which re-initialises trained weights.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from modeling_vikdf import VIKDFForConditionalGeneration
+
+    with torch.device("meta"):  # shapes only: nothing is allocated, even at 7B
+        model = VIKDFForConditionalGeneration(copy.deepcopy(config))
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                shape = tuple(weights.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    raise ValueError(
+                        f"{file} holds {name} of shape {shape} but {Path(folder) / 'config.json'} makes it "
+                        f"{expected[name]}: the config does not belong to these weights. Restore the config.json "
+                        "saved with them, or save the checkpoint again."
+                    )
 
 
 def config_fields() -> list[str]:
@@ -100,6 +149,55 @@ def parse_config_overrides(text: str, flag: str = "--config_overrides") -> dict[
     if unknown:
         raise ValueError(f"{flag}: unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}.")
     return overrides
+
+
+def check_config_fields(config: VIKDFConfig, fields: dict[str, Any], flag: str = "--config_overrides") -> None:
+    """Validate `config` with `fields` set, as the model will be built from it (`VIKDFConfig.validate_fields`),
+    leaving `config` as it is."""
+    try:
+        VIKDFConfig.from_dict({**config.to_dict(), **fields})
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from err
+
+
+def check_parts_config(
+    clip: str, bert: str, llm: str, fields: dict[str, Any], flag: str = "--config_overrides"
+) -> None:
+    """Validate the config `build_vikdf_from_components` will make from CLIP, BERT and the LLM (folders or hub ids)
+    with `fields` set, from their config files alone: a bad field costs no tower load."""
+    from transformers import AutoConfig
+
+    from vikdf.components import vikdf_config_from_parts
+
+    try:
+        vikdf_config_from_parts(*(AutoConfig.from_pretrained(part) for part in (clip, bert, llm)), **fields)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from err
+
+
+def check_positive(value: int | float | None, flag: str) -> None:
+    """Refuse a count, size or length below 1 (None: the flag was not given)."""
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} {value} must be positive.")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """A device torch knows and can see: `cuda` without a GPU would otherwise fail at the model load."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{flag} {device!r} is not a device ({err}); use cpu, cuda or cuda:N.") from err
+    if parsed.type != "cuda":
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not visible:
+        raise ValueError(f"{flag} {device} but no GPU is visible to torch; use --device cpu, or leave the flag out.")
+    if parsed.index is not None and parsed.index >= visible:
+        raise ValueError(f"{flag} {device} but torch sees {visible} GPU(s), cuda:0 to cuda:{visible - 1}.")
 
 
 def check_num_query_tokens(value: int | None, flag: str = "--num_query_tokens") -> None:
@@ -130,8 +228,7 @@ def check_max_length(config: VIKDFConfig, max_length: int | None, flag: str = "-
     positions = llm_positions(config)
     if max_length is None:
         return
-    if max_length < 1:
-        raise ValueError(f"{flag} {max_length} must be positive.")
+    check_positive(max_length, flag)
     if positions is not None and max_length > positions:
         raise ValueError(f"{flag} {max_length} exceeds the LLM's {positions} positions; use at most {positions}.")
 
@@ -153,8 +250,7 @@ def check_max_length_fits_layout(processor, with_knowledge: bool, flag: str = "-
 
 def check_max_new_tokens(config: VIKDFConfig, max_new_tokens: int, flag: str = "--max_new_tokens") -> None:
     positions = llm_positions(config)
-    if max_new_tokens < 1:
-        raise ValueError(f"{flag} {max_new_tokens} must be positive.")
+    check_positive(max_new_tokens, flag)
     if positions is not None and max_new_tokens >= positions:
         raise ValueError(f"{flag} {max_new_tokens} leaves no room for a prompt in the LLM's {positions} positions.")
 
@@ -166,7 +262,8 @@ def fit_generation_length(config: VIKDFConfig, processor, max_new_tokens: int) -
     if positions is None or processor.max_length + max_new_tokens <= positions:
         return
     fitted = positions - max_new_tokens
-    logger.warning(
+    # Once per process: the demo evaluates 16 systems with the same lengths, and one line tells it all.
+    logger.warning_once(
         f"Prompts of up to {processor.max_length} tokens plus --max_new_tokens {max_new_tokens} exceed the LLM's "
         f"{positions} positions; contexts are truncated to {fitted} prompt tokens."
     )
@@ -205,8 +302,13 @@ __all__ = [
     "check_model_source",
     "load_checkpoint_config",
     "check_weight_files",
+    "check_weight_shapes",
     "config_fields",
     "parse_config_overrides",
+    "check_config_fields",
+    "check_parts_config",
+    "check_positive",
+    "check_device",
     "check_num_query_tokens",
     "check_tim_pooling",
     "check_continued_query_count",

@@ -14,6 +14,7 @@ from transformers import (
     BertConfig,
     BertModel,
     Blip2QFormerConfig,
+    CLIPConfig,
     CLIPModel,
 )
 from transformers.utils import logging
@@ -55,6 +56,14 @@ def iq_former_config_from_bert(bert: BertConfig, encoder_hidden_size: int, cross
         encoder_hidden_size=encoder_hidden_size,
         use_qformer_text_input=False,
     )
+
+
+def vikdf_config_from_parts(clip_config: CLIPConfig, bert_config: BertConfig, text_config, **fields) -> VIKDFConfig:
+    """The VIKDF config over CLIP's, BERT's and the LLM's configs, `fields` being VIKDFConfig's own; its validation
+    runs here, so `vikdf.checks` can build it from the parts' config files before any tower loads."""
+    qformer_config = iq_former_config_from_bert(bert_config, clip_config.projection_dim)
+    qformer_config._name_or_path = bert_config.name_or_path  # for the model card's list of bases
+    return VIKDFConfig(clip_config=clip_config, qformer_config=qformer_config, text_config=text_config, **fields)
 
 
 def bert_to_iq_former_state_dict(bert_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,12 +108,10 @@ def build_vikdf_from_components(
     if len(processor.tokenizer) > llm_model.get_input_embeddings().num_embeddings:
         llm_model.resize_token_embeddings(len(processor.tokenizer))
 
-    qformer_config = iq_former_config_from_bert(bert_model.config, clip_model.config.projection_dim)
-    qformer_config._name_or_path = bert  # for the model card's list of bases
-    config = VIKDFConfig(
-        clip_config=clip_model.config,
-        qformer_config=qformer_config,
-        text_config=llm_model.config,
+    config = vikdf_config_from_parts(
+        clip_model.config,
+        bert_model.config,
+        llm_model.config,
         num_query_tokens=num_query_tokens,
         knowledge_token=processor.knowledge_token,
         knowledge_token_id=processor.knowledge_token_id,
@@ -125,4 +132,9 @@ def build_vikdf_from_components(
     return model, processor
 
 
-__all__ = ["build_vikdf_from_components", "bert_to_iq_former_state_dict", "iq_former_config_from_bert"]
+__all__ = [
+    "build_vikdf_from_components",
+    "bert_to_iq_former_state_dict",
+    "iq_former_config_from_bert",
+    "vikdf_config_from_parts",
+]

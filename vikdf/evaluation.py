@@ -36,6 +36,7 @@ from modeling_vikdf import PAPER_GENERATION, VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 import vikdf.auto  # noqa: F401  (the Auto classes know VIKDF checkpoints)
 from vikdf.checks import load_checkpoint_config
+from vikdf.data.files import read_json
 from vikdf.losses import next_token_positions
 from vikdf.stats import aggregate_runs, format_markdown_table, significance_mark
 
@@ -401,11 +402,7 @@ def load_metrics_json(path: str | os.PathLike) -> dict[str, float | None]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Metrics file not found: {path!r}.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+    data = read_json(path)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a JSON object of metric values, found {type(data).__name__}.")
     return normalise_metric_keys(data, source=path)
@@ -416,10 +413,7 @@ def tokenizer_of_run(metrics_path: str | os.PathLike) -> str | None:
     info_path = Path(metrics_path).with_name("eval_info.json")
     if not info_path.is_file():
         return None
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{info_path}: not valid JSON ({err}); rewrite it or remove it.") from err
+    info = read_json(info_path)
     return info.get("tokenizer") if isinstance(info, Mapping) else None
 
 

@@ -31,8 +31,8 @@ NO_METRICS = "_No evaluation has been run yet: `python eval_dialogue.py --model_
 METRICS_NOTE = (
     "Automatic metrics of the paper's Table 1 (§4.4): PPL on the reference responses (response tokens and eos), "
     "exp of the mean over dialogues of each response's mean token NLL, as released; all other metrics ×100; "
-    "\"–\" = not computed (embedding metrics need a GloVe file). Tokeniser: the word tokeniser of BLEU, ROUGE "
-    "and the embedding metrics, the released one being `nltk.word_tokenize (punkt_tab)`."
+    "\"–\" = not computed (embedding metrics need a GloVe file that knows some test word). Tokeniser: the word "
+    "tokeniser of BLEU, ROUGE and the embedding metrics, the released one being `nltk.word_tokenize (punkt_tab)`."
 )
 TOKENIZER_COLUMN = "Tokeniser"
 PAPER = (

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPModel, TrainerCallback
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -106,6 +106,25 @@ def _fit(
                 break
     model.save_pretrained(folder)
     return result
+
+
+class CriterionCallback(TrainerCallback):
+    """The same rule for a `Trainer` run (the demo's VIKDF pre-training): `criterion` is measured every
+    `criterion.every` steps and at the last step, and training stops once it holds; `result` says what was reached."""
+
+    def __init__(self, criterion: Criterion):
+        self.criterion = criterion
+        self.result = StandInResult(losses=[], steps=0, criterion=criterion.name, target=criterion.target)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.criterion.every and state.global_step < state.max_steps:
+            return
+        self.result.steps = state.global_step
+        self.result.value = _measure(model, self.criterion)
+        self.result.history.append((state.global_step, self.result.value))
+        logger.info(f"step {state.global_step}: {self.criterion.name} {self.result.value:.3f}")
+        if self.result.reached:  # never unset: the Trainer's own stop at max_steps is set by then too
+            control.should_training_stop = True
 
 
 def pretrain_clip(

@@ -15,23 +15,26 @@ factor the loss, the gradient and the `max_grad_norm` clipping threshold were 1/
 same global batch.
 """
 
+import errno
 import math
 import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers import Trainer, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from vikdf.atomic import (
     STAGING_PREFIX,
     TRAINER_STATE_NAME,
     commit_folder,
+    damaged_file,
     is_complete_checkpoint,
     last_complete_checkpoint,
     staging_folder,
@@ -46,6 +49,7 @@ from vikdf.losses import (
     tim_loss,
 )
 from vikdf.masking import apply_pixel_mask
+from vikdf.stream_state import check_stream_resume, load_stream_state, save_stream_state, stream_state_name
 
 logger = logging.get_logger(__name__)
 
@@ -78,11 +82,6 @@ def count_items(batch: dict[str, torch.Tensor], num_query_tokens: int) -> dict[s
         "iaci": (batch["llm_labels"][:images, 1:] != IGNORE_INDEX).sum(),
         "iakr": torch.tensor(images * num_query_tokens),
     }
-
-
-def stream_state_name(process_index: int) -> str:
-    """A checkpoint's file holding one process's pair-stream position (`MixedPairDataset.state_dict` per worker)."""
-    return f"pair_stream_{process_index}.pt"
 
 
 class _MetricsMixin:
@@ -129,7 +128,36 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
             f"--resume_from_checkpoint {value!r} is incomplete (no readable {TRAINER_STATE_NAME}): its save was "
             f"interrupted. Use --resume_from_checkpoint {RESUME_LAST} to take the newest complete checkpoint."
         )
+    damage = damaged_file(value)
+    if damage is not None:
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r} is damaged: {damage} cannot be read. Resume from an earlier "
+            f"checkpoint (--resume_from_checkpoint {RESUME_LAST} passes over damaged ones)."
+        )
     return value
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # safetensors and torch report a full disk in their own exception types, with the OS message in the text.
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+@contextmanager
+def _reporting_full_disk(staging: str, what: str, folder: str):
+    """A save into `staging` that fills the disk: the partial copy is removed (what was saved before is untouched,
+    see `_AtomicSaveMixin`) and the error says so and what to do."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device while saving {what} in {folder}. The partial save was removed; earlier "
+            "checkpoints and saves are as they were. Free some space (or lower --save_total_limit), then resume "
+            f"with --resume_from_checkpoint {RESUME_LAST}.",
+        ) from error
 
 
 class _AtomicSaveMixin:
@@ -145,6 +173,24 @@ class _AtomicSaveMixin:
         staging = getattr(self, "_checkpoint_staging", None)
         return str(staging) if staging is not None else super()._get_output_dir(trial=trial)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Trainer.train, except that resuming a run already at its last step trains and writes nothing
+        (`finished_before_start`): the Trainer would run one step more and save it, at every requeue of the job."""
+        self.finished_before_start = False
+        if isinstance(resume_from_checkpoint, str):
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            max_steps = self.args.max_steps
+            if max_steps <= 0:  # set by the epochs: the Trainer's count needs the loader's length
+                max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+            if state.global_step >= max_steps:
+                logger.warning(
+                    f"{resume_from_checkpoint} is already at max_steps ({max_steps}): nothing to train, and nothing "
+                    "in the output folder is changed. Raise --max_steps (or the epochs) to train further."
+                )
+                self.state, self.finished_before_start = state, True
+                return TrainOutput(state.global_step, 0.0, {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -154,7 +200,8 @@ class _AtomicSaveMixin:
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging = staging
         try:
-            super()._save_checkpoint(model, trial)
+            with _reporting_full_disk(staging, name, run_dir):
+                super()._save_checkpoint(model, trial)
         finally:
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every rank's optimizer shards are written
@@ -182,7 +229,8 @@ class _AtomicSaveMixin:
         if self.args.should_save:
             staging_folder(target, "model")
         self.accelerator.wait_for_everyone()
-        super().save_model(staged, _internal_call=True)
+        with _reporting_full_disk(staged, "the final model", target):
+            super().save_model(staged, _internal_call=True)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             commit_folder(staged, target)
@@ -247,22 +295,30 @@ class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._stream_state = None
-        if resume_from_checkpoint and hasattr(self.train_dataset, "skips") and not self.args.ignore_data_skip:
-            path = os.path.join(resume_from_checkpoint, stream_state_name(self.args.process_index))
-            if os.path.isfile(path):
-                self._stream_state = torch.load(path, weights_only=False)
-                # The loader starts where the checkpoint left off: Trainer must not skip batches again.
-                self.args.ignore_data_skip = True
-            else:
-                logger.warning(f"{path} not found: skipping the consumed batches by reading them again.")
+        if resume_from_checkpoint and hasattr(self.train_dataset, "skips"):
+            path = check_stream_resume(resume_from_checkpoint, self.args)
+            if path is not None:
+                self._stream_state = load_stream_state(path)
+            elif not self.args.ignore_data_skip:
+                logger.warning(
+                    f"{resume_from_checkpoint} holds no {stream_state_name(self.args.process_index)}: skipping the "
+                    "consumed batches by reading them again."
+                )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
+        """The restored loader already starts after the consumed batches; the Trainer still counts them, so the
+        logged epoch and the step within it go on from the checkpoint's."""
+        if getattr(self, "_stream_state", None) is not None:
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def _save_rng_state(self, output_dir: str) -> None:
         """The stream position is saved with the RNG state, one file per process."""
         super()._save_rng_state(output_dir)
         loader = getattr(self, "_pair_loader", None)
         if loader is not None:
-            torch.save(loader.state_dict(), os.path.join(output_dir, stream_state_name(self.args.process_index)))
+            save_stream_state(loader.state_dict(), os.path.join(output_dir, stream_state_name(self.args.process_index)))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         skips = getattr(self.train_dataset, "skips", None)
@@ -433,4 +489,5 @@ __all__ = [
     "OBJECTIVES",
     "RESUME_LAST",
     "resolve_resume_checkpoint",
+    "stream_state_name",
 ]

@@ -1,5 +1,6 @@
 """What the two small web pages share (the annotation page of `vikdf.human_eval` and the chat page of `vikdf.app`):
-server-rendered HTML with every value escaped, one style sheet, and serving on 127.0.0.1 unless told otherwise."""
+server-rendered HTML with every value escaped, one style sheet, the `--port` check, and serving on 127.0.0.1 unless
+told otherwise."""
 
 from __future__ import annotations
 
@@ -35,9 +36,16 @@ def render(template: str, **values) -> str:
     return _ENVIRONMENT.from_string(template).render(style=STYLE, **values)
 
 
+def check_port(port: int, flag: str = "--port") -> None:
+    """Refuse a port the server could not bind, before anything is loaded (0 would bind a random port that the
+    printed address does not name)."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{flag} {port}: a port is a number from 1 to 65535, e.g. 8000.")
+
+
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Run `app` until interrupted (uvicorn, one process, so requests share the same database or model)."""
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["LOCAL_HOST", "STYLE", "render", "serve"]
+__all__ = ["LOCAL_HOST", "STYLE", "check_port", "render", "serve"]

@@ -14,7 +14,6 @@ truncation to the last N context turns, which the release does not do.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils import logging
+
+from vikdf.data.files import decode_utf8, read_json
 
 logger = logging.get_logger(__name__)
 
@@ -94,11 +95,7 @@ def _image_chat_record(record: Any) -> Dialogue:
 
 
 def _read_json(path: str) -> list[Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of dialogues, found {type(data).__name__}.")
     return data
@@ -130,16 +127,23 @@ def _json_records(path: str, records: list[Any], fmt: str) -> Iterator[tuple[str
 
 
 def _tsv_records(path: str) -> Iterator[tuple[str, Dialogue | _BadRecord]]:
-    with open(path, encoding="utf-8") as f:
+    # Binary, so that only "\n" ends a record: text mode would also break a line at a lone "\r" (universal
+    # newlines) and silently make two dialogues of one.
+    with open(path, "rb") as f:
         index = 0
-        for line_number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
+        for line_number, raw in enumerate(f, start=1):
+            line = decode_utf8(raw.removesuffix(b"\n").removesuffix(b"\r"), path, line_number)
             if not line.strip():
                 continue  # blank lines (e.g. at the end of the file) are not records
             where = f"{path}: line {line_number} (record {index})"
             index += 1
-            turns = line.split("\t")
+            turns, stray = line.split("\t"), line.find("\r")
             try:
+                if stray >= 0:
+                    raise _BadRecord(
+                        f"a carriage return (\\r) at column {stray + 1} inside the line, where a turn cannot break; "
+                        "replace it by a space (a file with \\r line endings: convert them to \\n)"
+                    )
                 if len(turns) < 2:
                     raise _BadRecord("expected at least two tab-separated turns (context and response)")
                 yield where, _dialogue(turns[:-1], turns[-1])

@@ -28,7 +28,6 @@ e.g. `cc_sbu=wds:/data/cc/{00000..00069}.tar::/data/sbu/{00000..00009}.tar`,
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import tarfile
@@ -42,13 +41,15 @@ import datasets
 import fsspec
 import numpy as np
 import torch
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers.utils import logging
+
+from vikdf.data.files import read_json
 
 logger = logging.get_logger(__name__)
 
@@ -256,7 +257,12 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         if not pattern:
             raise ValueError(f"Empty shard pattern in {list(patterns)!r}")
-        expanded = list(braceexpand(pattern))
+        try:
+            expanded = list(braceexpand(pattern))
+        except UnbalancedBracesError:
+            raise ValueError(
+                f"Shard pattern {pattern!r} has unbalanced braces; a range is written like {{00000..00069}}."
+            ) from None
         folders = [p for p in expanded if os.path.isdir(p)]
         if folders:
             raise IsADirectoryError(
@@ -271,6 +277,21 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
             )
         shards.extend(expanded)
     return shards
+
+
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """A member header that reports a shard cut short: `tarfile` takes a missing header (the file ends where the
+    next member would start, e.g. a copy cut at a 512-byte block) or a garbled one as the end of the archive and
+    stops without a word, losing the rest of the shard. A complete tar ends with zero blocks instead."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as error:
+            raise tarfile.ReadError(
+                f"the shard ends without tar's end-of-archive blocks ({error}): is it cut short?"
+            ) from None
 
 
 class WebDatasetSource:
@@ -319,7 +340,7 @@ class WebDatasetSource:
                 # from its start, its earlier members passed over undecoded.
                 base = start if start and shard.endswith(".tar") else 0
                 f.seek(base)
-                with tarfile.open(fileobj=f, mode="r|*") as tar:
+                with tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar:
                     for member in tar:
                         if not member.isfile() or base + member.offset < start:
                             continue
@@ -366,14 +387,30 @@ class CocoCaptionSource:
             raise FileNotFoundError(f"COCO annotation file not found: {str(annotation_file)!r}")
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {str(self.image_dir)!r}")
-        with open(annotation_file, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-            raise ValueError(f"{str(annotation_file)!r} is not a COCO captions file: needs 'images' and 'annotations'")
-        file_names = {image["id"]: image["file_name"] for image in data["images"]}
-        self.pairs = [(file_names.get(a["image_id"]), a.get("caption"), str(a["id"])) for a in data["annotations"]]
         self.location = str(annotation_file)
+        data = read_json(annotation_file)
+        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+            raise ValueError(f"{self.location!r} is not a COCO captions file: needs 'images' and 'annotations'")
+        images = self._entries(data, "images", ("id", "file_name"))
+        file_names = {image["id"]: image["file_name"] for image in images}
+        annotations = self._entries(data, "annotations", ("id", "image_id"))
+        # A caption that is missing is a counted skip when read (`_make_pair`), like an empty one.
+        self.pairs = [(file_names.get(a["image_id"]), a.get("caption"), str(a["id"])) for a in annotations]
         self.name = name
+
+    def _entries(self, data: dict[str, Any], section: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+        """`data[section]`, each record an object with `fields`; else a `ValueError` naming the file and record."""
+        entries = data[section]
+        if not isinstance(entries, list):
+            raise ValueError(f"{self.location!r}: {section!r} is {type(entries).__name__}, not a list of records")
+        for index, entry in enumerate(entries):
+            missing = [f for f in fields if f not in entry] if isinstance(entry, dict) else list(fields)
+            if missing:
+                raise ValueError(
+                    f"{self.location!r}: {section} record {index} ({str(entry)[:80]}) lacks {', '.join(missing)}; "
+                    f"every COCO {section} record is an object with {', '.join(fields)}."
+                )
+        return entries
 
     def records(
         self, part: Partition, seed: int, epoch: int, skips: SkipCounter, cursor: Cursor = None
@@ -757,19 +794,24 @@ def build_pair_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     skips: SkipCounter | None = None,
+    flag: str = "--train_sources",
 ) -> MixedPairDataset:
     """The pre-training pair stream from command-line strings or specs.
 
     `sources`: specs (`PairSourceSpec` or strings in the module docstring's format), or one string with specs
     separated by `;`. `probabilities`: one per source (`"0.2,0.8"`), default uniform. The released mixture is
     `build_pair_dataset(["coco:…", "wds:cc…::sbu…"], "0.2,0.8")`. `rank`/`world_size` default to
-    `torch.distributed`'s at iteration time. Paths are checked here; see `MixedPairDataset` for the rest.
+    `torch.distributed`'s at iteration time. Paths and files are checked here, and a spec or file that is wrong
+    is a `ValueError` naming `flag`; see `MixedPairDataset` for the rest.
     """
     if isinstance(sources, str):
         sources = [s for s in sources.split(";") if s.strip()]
-    specs = [s if isinstance(s, PairSourceSpec) else PairSourceSpec.parse(s) for s in sources]
+    try:
+        built = [(s if isinstance(s, PairSourceSpec) else PairSourceSpec.parse(s)).build() for s in sources]
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from error
     return MixedPairDataset(
-        [spec.build() for spec in specs],
+        built,
         parse_probabilities(probabilities),
         seed,
         infinite=infinite,

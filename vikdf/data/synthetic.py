@@ -12,18 +12,20 @@ The world
 ---------
 Images (PIL drawings, ``image_size`` pixels square) show one object on a plain background. An image has a
 colour, a shape, a size (small / large), a position (left, right, top, bottom, centre) and a background colour
-(white, grey, black, brown; never an object colour, so colour words are unambiguous). There are 24 object
-kinds with invented names ("blicket", "zorp", ...): each (shape, usual colour) combination of 4 shapes x 6
-colours is exactly one kind, and each kind is drawn in its usual colour ``usual_colour_prob`` of the time
-(85 % by default) and in another colour otherwise. So the pictures carry knowledge: "a zorp is a red circle".
+(white, grey, black, brown; never an object colour, so colour words are unambiguous). The object kinds have
+invented names drawn from the seed (``make_object_kinds``): each of the 24 looks (shape, usual colour) of 4 shapes
+x 6 colours is shared by ``names_per_look`` kinds (2 by default: 48 kinds), so a kind is a name with a usual look,
+not a look. Each kind is drawn in its usual colour ``usual_colour_prob`` of the time (85 % by default) and in
+another colour otherwise. So the pictures carry knowledge: "a zorp is a red circle".
 
 Where the knowledge lives (the design point)
 --------------------------------------------
-Six kinds, one per colour, are *image-only* (``ObjectKind.image_only``). For them the link
-"object -> usual colour/shape" is present in the pixels and nowhere else:
+``image_only_per_colour`` kinds of each colour (2 by default: 12 kinds, balanced over the shapes) are
+*image-only* (``ObjectKind.image_only``). For them the link "object -> usual colour/shape" is present in the
+pixels and nowhere else:
 
 * captions of image-only kinds never name a colour or a shape ("a zorp.", "a small zorp on the left on a grey
-  background."); captions of the other 18 *dialogue* kinds name their colour in ``colour_mention_prob`` (60 %)
+  background."); captions of the other *dialogue* kinds name their colour in ``colour_mention_prob`` (60 %)
   of the pairs ("a red blicket."), as real captions often name visual attributes, so that IACI teaches the LLM
   to put a colour carried by ``K`` into words;
 * three captions in four (``1 - scene_caption_prob``) name the object alone: then only what the object looks like
@@ -39,7 +41,7 @@ the *names* (it is also trained to tell them apart) and the colour words, but no
 as a real CLIP knows most words without having seen every link; only VIKDF pre-training on the pairs above can
 carry a kind's colour into ``K``.
 
-The held-out test dialogues (Image-Chat form) talk only about image-only kinds, six of them in equal numbers,
+The held-out test dialogues (Image-Chat form) talk only about image-only kinds, all of them in equal numbers,
 with the same context and response templates as training. A context names the object only ("i saw a zorp at
 the park today."); the reference response names its usual colour ("nice, was it red like most of them?").
 
@@ -48,10 +50,12 @@ What the pipeline can learn from what:
 1. VIKDF pre-training (TIM, TAMIM) teaches the IQ-Former to turn CLIP text features of a name into queries ``K``
    that match its images, which show its usual colour, and (IACI on the colour-naming captions) the LLM to
    verbalise the colour ``K`` carries;
-2. dialogue fine-tuning on the 18 dialogue kinds teaches "say the colour that ``K`` carries";
+2. dialogue fine-tuning on the dialogue kinds (36 by default, several per look, so that a read-out keyed to
+   the look in ``K`` is cheaper to learn than one memorised per name) teaches "say the colour that ``K`` carries";
 3. on the test set, the frozen LLM has never read a colour next to an image-only name and the frozen CLIP does
    not know it, so without pre-training ``K`` can only guess (a constant guess scores exactly 1/6, since the
-   six test kinds are balanced and have different colours).
+   test kinds are balanced over the colours). A model gets a kind right or wrong as a whole, so the kind is the
+   unit of the demo's intervals; with 12 image-only kinds one kind moves the accuracy by 8.3 points.
 
 How the demo should use it: report ``knowledge_accuracy`` (fraction of responses naming exactly the right
 usual colour) on the test split for VIKDF and for a text-only baseline, next to BLEU and the other metrics,
@@ -66,6 +70,8 @@ laid out as img2dataset writes them (members ``000000123.jpg`` / ``.txt`` / ``.j
 index, 9 digits);
 ``dialogue/reddit/{train,valid}.json``: ``[{"context": [str, ...], "response": str}, ...]``;
 ``dialogue/image_chat/test.json``: ``[{"image_hash": str, "dialog": [[style, text], ...]}, ...]`` (ParlAI);
+``dialogue/probe/image_only.json``: held-out Reddit-form dialogues about image-only kinds, apart from the test set,
+for the pre-training criterion and the knowledge probe;
 ``lm_corpus.txt``: one text per line, a training caption or a training dialogue with its turns joined by
 spaces (whole dialogues, so the LM sees a context followed by its response); ``vocab.txt``: every word and
 punctuation token of every text written, for training a tiny tokenizer; ``world.json``: the configuration and
@@ -75,6 +81,7 @@ the ground-truth object table. All text is lowercase. ``iter_shard_pairs`` reads
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -83,7 +90,7 @@ import re
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Collection, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -141,36 +148,54 @@ class ObjectKind:
     image_only: bool
 
 
-# Each (shape, colour) pair is exactly one kind, so neither shape nor colour alone identifies a kind. The image-only
-# kind of each colour has a different shape where possible, so that every shape and every colour also occurs among
-# the 18 dialogue kinds and a colour read-out learnt on them can transfer. Names share no obvious sub-words.
-OBJECT_KINDS: tuple[ObjectKind, ...] = (
-    ObjectKind("zorp", "circle", "red", True),
-    ObjectKind("blicket", "square", "red", False),
-    ObjectKind("dax", "triangle", "red", False),
-    ObjectKind("wug", "cross", "red", False),
-    ObjectKind("toma", "circle", "green", False),
-    ObjectKind("fep", "square", "green", True),
-    ObjectKind("glim", "triangle", "green", False),
-    ObjectKind("mipsy", "cross", "green", False),
-    ObjectKind("kiki", "circle", "blue", False),
-    ObjectKind("snerk", "square", "blue", False),
-    ObjectKind("plonk", "triangle", "blue", True),
-    ObjectKind("vosk", "cross", "blue", False),
-    ObjectKind("quib", "circle", "yellow", False),
-    ObjectKind("drell", "square", "yellow", False),
-    ObjectKind("yomp", "triangle", "yellow", False),
-    ObjectKind("frindle", "cross", "yellow", True),
-    ObjectKind("gazzer", "circle", "purple", True),
-    ObjectKind("hobbin", "square", "purple", False),
-    ObjectKind("jerrit", "triangle", "purple", False),
-    ObjectKind("pilkin", "cross", "purple", False),
-    ObjectKind("skree", "circle", "orange", False),
-    ObjectKind("trobe", "square", "orange", True),
-    ObjectKind("nuffle", "triangle", "orange", False),
-    ObjectKind("bazoo", "cross", "orange", False),
-)
-_KIND_BY_NAME: dict[str, ObjectKind] = {kind.name: kind for kind in OBJECT_KINDS}
+# Invented names are built from these syllables: pronounceable, lowercase letters only (a word of
+# `tokenize_words`), and none of them an English word of the templates.
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "dr", "fl", "gr", "kr", "pl",
+           "sn", "sk", "st", "tr", "zw")
+_VOWELS = ("a", "e", "i", "o", "u", "oo")
+_CODAS = ("", "", "", "n", "m", "k", "p", "x", "sh")
+
+
+def invent_names(count: int, rng: random.Random, avoid: frozenset[str] = frozenset()) -> list[str]:
+    """`count` distinct invented names of two syllables, none inside another (so neither a prefix nor a sub-word of
+    another: a name found in a text is that name) and none in `avoid` or inside a word of it."""
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(2))
+        if any(name in other or other in name for other in names) or any(name in word for word in avoid):
+            continue
+        names.append(name)
+    return names
+
+
+def make_object_kinds(seed: int, names_per_look: int, image_only_per_colour: int) -> tuple[ObjectKind, ...]:
+    """The world's kinds: every look (shape, usual colour) of 4 shapes x 6 colours is shared by `names_per_look`
+    kinds, so a kind is a name with a usual look, not a look; `image_only_per_colour` kinds of each colour are
+    image-only, on different shapes, rotating over the colours so that the image-only kinds are balanced over the
+    shapes too, and every look keeps at least one dialogue kind (a read-out of each colour and shape learnt on
+    dialogue kinds can then transfer)."""
+    if names_per_look < 2 or not 1 <= image_only_per_colour <= len(SHAPES):
+        raise ValueError(f"need names_per_look >= 2 and 1 <= image_only_per_colour <= {len(SHAPES)}, got "
+                         f"{names_per_look} and {image_only_per_colour}")
+    looks = [(shape, colour) for colour in COLOURS for shape in SHAPES]
+    template_words = frozenset(word for text in _TEMPLATE_TEXTS for word in tokenize_words(text))
+    names = invent_names(len(looks) * names_per_look, random.Random(f"vikdf-synthetic/{seed}/names"),
+                         template_words | set(COLOURS) | set(BACKGROUNDS) | set(SHAPES))
+    image_only = {(SHAPES[(c * image_only_per_colour + i) % len(SHAPES)], colour)
+                  for c, colour in enumerate(COLOURS) for i in range(image_only_per_colour)}
+    kinds = []
+    for index, (shape, colour) in enumerate(looks * names_per_look):
+        first_of_look = index < len(looks)  # the first name of each image-only look is its image-only kind
+        kinds.append(ObjectKind(names[index], shape, colour, first_of_look and (shape, colour) in image_only))
+    return tuple(kinds)
+
+
+def knowledge_table(kinds: Sequence[ObjectKind], attribute: str = "colour") -> dict[str, str]:
+    """Ground truth: object name -> its usual colour (``attribute="colour"``) or canonical shape (``"shape"``)."""
+    if attribute not in ("colour", "shape"):
+        raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
+    return {kind.name: kind.usual_colour if attribute == "colour" else kind.shape for kind in kinds}
+
 
 # Caption templates. Fields: {obj} {size} {pos} {bg} and, only in COLOUR_CAPTIONS, {colour} {a_colour} {shape}.
 PLAIN_CAPTIONS: tuple[str, ...] = (
@@ -285,6 +310,14 @@ IMAGE_CHAT_STYLES: tuple[str, ...] = (
     "Curious", "Cheerful", "Sweet", "Witty", "Enthusiastic", "Calm", "Caring", "Happy"
 )
 
+# Every template text, whose words no invented name may contain.
+_TEMPLATE_TEXTS: tuple[str, ...] = (
+    *PLAIN_CAPTIONS, *COLOUR_CAPTIONS, *(text for pool in _TURN_POOLS.values() for text in pool),
+    *(text for family in RESPONSES.values() for text in family),
+    *(phrase for phrases in POSITION_PHRASES.values() for phrase in phrases),
+    *(word for words in SIZE_WORDS.values() for word in words),
+)
+
 _SUPERSAMPLE = 4  # shapes are drawn this many times larger, then box-filtered down: anti-aliased edges
 _RGB_JITTER = 12  # per-channel shade variation, so that a colour is a region of RGB space, not one value
 _MAX_PER_SHARD = 10**4  # img2dataset keys are shard * 10**4 + index
@@ -334,12 +367,23 @@ class SyntheticWorldPaths:
     reddit_train: Path
     reddit_valid: Path
     image_chat_test: Path
+    image_only_probe: Path  # contexts about image-only kinds, for the pre-training criterion (never trained on)
     lm_corpus: Path
     vocab_file: Path
     world_file: Path
     vocabulary: tuple[str, ...]
-    knowledge_table: dict[str, str]  # object -> usual colour
-    image_only_objects: tuple[str, ...]
+    kinds: tuple[ObjectKind, ...]
+
+    @property
+    def image_only_objects(self) -> tuple[str, ...]:
+        return tuple(kind.name for kind in self.kinds if kind.image_only)
+
+    @property
+    def object_names(self) -> tuple[str, ...]:
+        return tuple(kind.name for kind in self.kinds)
+
+    def knowledge_table(self, attribute: str = "colour") -> dict[str, str]:
+        return knowledge_table(self.kinds, attribute)
 
 
 def tokenize_words(text: str) -> list[str]:
@@ -361,36 +405,26 @@ def scramble_visual_facts(text: str, rng: random.Random) -> str:
     return re.sub(r"[a-z]+", lambda match: swap.get(match.group(0), match.group(0)), text)
 
 
-def knowledge_table(attribute: str = "colour") -> dict[str, str]:
-    """Ground truth: object name -> its usual colour (``attribute="colour"``) or canonical shape (``"shape"``)."""
-    if attribute not in ("colour", "shape"):
-        raise ValueError(f"attribute must be 'colour' or 'shape', got {attribute!r}")
-    return {kind.name: kind.usual_colour if attribute == "colour" else kind.shape for kind in OBJECT_KINDS}
-
-
-def mentioned_object(context: str | Sequence[str], names: Sequence[str] | None = None) -> str | None:
-    """The last object name mentioned in a context (a string or a list of turns), or None."""
+def mentioned_object(context: str | Sequence[str], names: Collection[str]) -> str | None:
+    """The last of `names` mentioned in a context (a string or a list of turns), or None."""
     turns = [context] if isinstance(context, str) else list(context)
-    known = set(_KIND_BY_NAME if names is None else names)
+    known = set(names)
     found = [word for turn in turns for word in tokenize_words(turn) if word in known]
     return found[-1] if found else None
 
 
 def knowledge_outcomes(
-    contexts: Sequence[str | Sequence[str]],
-    hypotheses: Sequence[str],
-    table: Mapping[str, str] | None = None,
+    contexts: Sequence[str | Sequence[str]], hypotheses: Sequence[str], table: Mapping[str, str]
 ) -> list[tuple[str, bool] | None]:
     """Per response, ``(object, right)``: the object its context mentions and whether the response names exactly
     its usual colour; ``None`` where the context mentions no known object.
 
     A response counts as right when the set of attribute values it names (colour words by default) is exactly
-    ``{table[object]}``: naming another colour too is a hedge, not knowledge. ``table`` maps object -> value,
-    default ``knowledge_table()``; pass ``knowledge_table("shape")`` to score shapes instead.
+    ``{table[object]}``: naming another colour too is a hedge, not knowledge. ``table`` maps object -> value
+    (``knowledge_table(kinds)``; ``knowledge_table(kinds, "shape")`` scores shapes instead).
     """
     if len(contexts) != len(hypotheses):
         raise ValueError(f"{len(contexts)} contexts but {len(hypotheses)} hypotheses")
-    table = knowledge_table() if table is None else table
     values = set(table.values())
     outcomes: list[tuple[str, bool] | None] = []
     for context, hypothesis in zip(contexts, hypotheses):
@@ -401,9 +435,7 @@ def knowledge_outcomes(
 
 
 def knowledge_accuracy(
-    contexts: Sequence[str | Sequence[str]],
-    hypotheses: Sequence[str],
-    table: Mapping[str, str] | None = None,
+    contexts: Sequence[str | Sequence[str]], hypotheses: Sequence[str], table: Mapping[str, str]
 ) -> float:
     """Fraction of responses that name exactly the right usual colour of the object the context mentions
     (:func:`knowledge_outcomes`); contexts that mention no known object are left out of the denominator."""
@@ -437,6 +469,8 @@ class SyntheticWorld:
     image_only_weight: float = 2.0
     scene_caption_prob: float = 0.25
     clip_recoloured: str = "all"
+    names_per_look: int = 2
+    image_only_per_colour: int = 2
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -448,16 +482,22 @@ class SyntheticWorld:
         for name in ("usual_colour_prob", "colour_mention_prob", "scene_caption_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        make_object_kinds(self.seed, self.names_per_look, self.image_only_per_colour)  # refuses bad counts now
+
+    @functools.cached_property
+    def kinds(self) -> tuple[ObjectKind, ...]:
+        """Every object kind of this world; the names come from the seed."""
+        return make_object_kinds(self.seed, self.names_per_look, self.image_only_per_colour)
 
     @property
     def dialogue_objects(self) -> tuple[ObjectKind, ...]:
         """Kinds that training/validation dialogues talk about."""
-        return tuple(kind for kind in OBJECT_KINDS if not kind.image_only)
+        return tuple(kind for kind in self.kinds if not kind.image_only)
 
     @property
     def image_only_objects(self) -> tuple[ObjectKind, ...]:
         """Kinds whose colour and shape only images show; test dialogues talk about them."""
-        return tuple(kind for kind in OBJECT_KINDS if kind.image_only)
+        return tuple(kind for kind in self.kinds if kind.image_only)
 
     def rng(self, stream: str) -> random.Random:
         """An independent random stream per purpose, so changing one split's size leaves the others unchanged."""
@@ -473,8 +513,8 @@ class SyntheticWorld:
         """
         # VIKDF's pairs show image-only kinds `image_only_weight` times as often as the others: they are the links
         # pre-training has to learn from pixels alone.
-        weights = [1.0 if for_clip or not k.image_only else self.image_only_weight for k in OBJECT_KINDS]
-        kind = rng.choices(OBJECT_KINDS, weights)[0]
+        weights = [1.0 if for_clip or not k.image_only else self.image_only_weight for k in self.kinds]
+        kind = rng.choices(self.kinds, weights)[0]
         colour = kind.usual_colour
         if for_clip and (kind.image_only or self.clip_recoloured == "all"):
             colour = rng.choice(list(COLOURS))
@@ -641,6 +681,12 @@ def _image_chat_entry(world: SyntheticWorld, dialogue: Dialogue, index: int, rng
     }
 
 
+def read_object_kinds(world_root: str | Path) -> tuple[ObjectKind, ...]:
+    """The kinds of a world that ``write_synthetic_world`` wrote under `world_root`, from its ``world.json``."""
+    recorded = json.loads((Path(world_root) / "world.json").read_text(encoding="utf-8"))
+    return tuple(ObjectKind(**kind) for kind in recorded["objects"])
+
+
 def write_synthetic_world(
     out_dir: str | Path,
     seed: int = 0,
@@ -652,16 +698,22 @@ def write_synthetic_world(
     num_eval_dialogues: int = 120,
     image_size: int = 32,
     clip_recoloured: str = "all",
+    names_per_look: int = 2,
+    image_only_per_colour: int = 2,
 ) -> SyntheticWorldPaths:
     """Write the whole world under ``out_dir`` (layout in the module docstring) and say where it is.
 
     ``num_dialogues`` training dialogues (Reddit form), ``num_eval_dialogues`` validation dialogues (Reddit
-    form, dialogue kinds) and as many test dialogues (Image-Chat form, image-only kinds). The default of 120
-    is a multiple of 6, so the six test kinds are exactly balanced.
+    form, dialogue kinds) and as many test dialogues (Image-Chat form, image-only kinds), which must be a multiple
+    of the number of image-only kinds (6 x ``image_only_per_colour``), so that the test kinds are exactly balanced.
     """
     if num_shards < 1 or num_pairs < num_shards:
         raise ValueError(f"need 1 <= num_shards <= num_pairs, got {num_shards} shards for {num_pairs} pairs")
-    world = SyntheticWorld(seed=seed, image_size=image_size, clip_recoloured=clip_recoloured)
+    world = SyntheticWorld(seed=seed, image_size=image_size, clip_recoloured=clip_recoloured,
+                           names_per_look=names_per_look, image_only_per_colour=image_only_per_colour)
+    if num_eval_dialogues % len(world.image_only_objects):
+        raise ValueError(f"num_eval_dialogues {num_eval_dialogues} is not a multiple of the "
+                         f"{len(world.image_only_objects)} image-only kinds: the test set would not be balanced")
     root = Path(out_dir)
     train_dir, heldout_dir = root / "pairs" / "train", root / "pairs" / "heldout"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -684,9 +736,14 @@ def write_synthetic_world(
     train = world.dialogues("train-dialogues", num_dialogues, world.dialogue_objects)
     valid = world.dialogues("valid-dialogues", num_eval_dialogues, world.dialogue_objects)
     test = world.dialogues("test-dialogues", num_eval_dialogues, world.image_only_objects)
+    # Held-out contexts about the image-only kinds, apart from the test set: what the demo's pre-training criterion
+    # and the knowledge probe measure `K_T` on, so that neither looks at a test dialogue.
+    probe = world.dialogues("probe-dialogues", num_eval_dialogues, world.image_only_objects)
     reddit_train = root / "dialogue" / "reddit" / "train.json"
     reddit_valid = root / "dialogue" / "reddit" / "valid.json"
     image_chat_test = root / "dialogue" / "image_chat" / "test.json"
+    image_only_probe = root / "dialogue" / "probe" / "image_only.json"
+    _write_json(image_only_probe, [{"context": list(d.context), "response": d.response} for d in probe])
     _write_json(reddit_train, [{"context": list(d.context), "response": d.response} for d in train])
     _write_json(reddit_valid, [{"context": list(d.context), "response": d.response} for d in valid])
     style_rng = world.rng("image-chat-styles")
@@ -698,9 +755,9 @@ def write_synthetic_world(
     lm_corpus = root / "lm_corpus.txt"
     lm_corpus.write_text("\n".join(lm_lines) + "\n", encoding="utf-8")
 
-    dialogue_turns = [turn for d in train + valid + test for turn in (*d.context, d.response)]
+    dialogue_turns = [turn for d in train + valid + test + probe for turn in (*d.context, d.response)]
     all_texts = train_captions + heldout_captions + clip_captions + dialogue_turns
-    world_words = [k.name for k in OBJECT_KINDS] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
+    world_words = [k.name for k in world.kinds] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
     vocabulary = tuple(sorted({word for text in all_texts + world_words for word in tokenize_words(text)}))
     vocab_file = root / "vocab.txt"
     vocab_file.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
@@ -710,7 +767,7 @@ def write_synthetic_world(
         world_file,
         {
             "config": asdict(world),
-            "objects": [asdict(kind) for kind in OBJECT_KINDS],
+            "objects": [asdict(kind) for kind in world.kinds],
             "colours": COLOURS,
             "backgrounds": BACKGROUNDS,
             "counts": {
@@ -732,10 +789,10 @@ def write_synthetic_world(
         reddit_train=reddit_train,
         reddit_valid=reddit_valid,
         image_chat_test=image_chat_test,
+        image_only_probe=image_only_probe,
         lm_corpus=lm_corpus,
         vocab_file=vocab_file,
         world_file=world_file,
         vocabulary=vocabulary,
-        knowledge_table=knowledge_table(),
-        image_only_objects=tuple(kind.name for kind in world.image_only_objects),
+        kinds=world.kinds,
     )

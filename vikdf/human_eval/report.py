@@ -29,6 +29,10 @@ from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 from vikdf.human_eval.study import CRITERIA, CRITERION_KEYS, SCALE, open_study
 
 CSV_COLUMNS = ("annotator", "system", "dialogue", "position", *CRITERION_KEYS, "rated_at", "context", "response")
+# Spreadsheet programs take a cell that begins with one of these as a formula, and run it when ratings.csv is
+# opened; the texts come from models, datasets and the command line, so such a cell gets a leading apostrophe,
+# which those programs read as "text" and do not show.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def fleiss(ratings: np.ndarray) -> float | None:
@@ -94,13 +98,22 @@ def _cell(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _markdown_text(text: str) -> str:
+    """`text` inside one table cell: an unescaped `|` would end the cell and a line break the row."""
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").split())
+
+
+def _spreadsheet_text(value: Any) -> Any:
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
 def report_markdown(summary: Mapping[str, Any]) -> str:
     """Table 2 (means and κ per system), then κ per criterion."""
     titles = [title for _, title, _ in CRITERIA]
     lines = ["| Methods | " + " | ".join(titles) + " | Kappa |", "|" + " --- |" * (len(titles) + 2)]
     for row in summary["systems"]:
         cells = [_cell(row[key], 2) for key in CRITERION_KEYS]
-        lines.append(f"| {row['system']} | " + " | ".join(cells) + f" | {_cell(row['kappa'], 2)} |")
+        lines.append(f"| {_markdown_text(row['system'])} | " + " | ".join(cells) + f" | {_cell(row['kappa'], 2)} |")
     lines += [
         "",
         f"Fleiss' κ per criterion, over the {summary['complete_responses']} responses rated by all "
@@ -114,12 +127,14 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def write_ratings_csv(path: str | os.PathLike, ratings: Sequence[Mapping[str, Any]]) -> None:
-    """The raw ratings, one row each (annotators by number: their tokens are login secrets)."""
+    """The raw ratings, one row each (annotators by number: their tokens are login secrets); a text that a
+    spreadsheet would run as a formula starts with an apostrophe."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in ratings:
-            writer.writerow({**row, "context": "\n".join(row["context"])})
+            cells = {**row, "context": "\n".join(row["context"])}
+            writer.writerow({key: _spreadsheet_text(value) for key, value in cells.items()})
 
 
 def build_report(db_path: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:

@@ -7,8 +7,9 @@ Routes (the token is the annotator's login link):
 - ``GET /a/{token}/{position}``: one item, to look back at or change a rating;
 - ``POST /a/{token}/rate``: form fields ``item``, ``relevance``, ``informativeness``, ``fluency``.
 
-An unknown token gets 403; a rating outside 1-5, a missing field or an item that is not the annotator's gets 400,
-and nothing is stored. Plain HTML forms work without JavaScript; a few lines of inline JavaScript add the keys.
+An unknown token gets 403; a rating other than exactly `1` to `5`, a missing field or an item that is not the
+annotator's gets 400, and nothing is stored; a position outside the annotator's list gets 404. Plain HTML forms
+work without JavaScript; a few lines of inline JavaScript add the keys.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from vikdf.human_eval.study import (
     save_rating,
 )
 from vikdf.web import render
+
+# The only ratings taken, as the page's radio buttons send them: `int()` would also read " 3 ", "03", "٣" and "0_3".
+_RATINGS = {str(value): value for value in SCALE}
+# A rating form is four short fields; more is not a rating.
+MAX_BODY_BYTES = 16 * 1024
 
 _ITEM_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Rating {{ rated }} / {{ total }}</title>
@@ -118,22 +124,19 @@ def _parse_scores(form: dict[str, str]) -> dict[str, int] | str:
     scores = {}
     for key in CRITERION_KEYS:
         raw = form.get(key)
-        if raw is None or str(raw).strip() == "":
+        if not raw:
             return f"{key} is missing; rate all three questions."
-        try:
-            value = int(str(raw))
-        except ValueError:
-            return f"{key}={raw!r} is not a whole number from 1 to 5."
-        if value not in SCALE:
-            return f"{key}={value} is outside the scale; use 1 to 5."
-        scores[key] = value
+        if raw not in _RATINGS:
+            return f"{key}={raw!r} is not one of {', '.join(_RATINGS)}; rate from 1 (very poor) to 5 (excellent)."
+        scores[key] = _RATINGS[raw]
     return scores
 
 
 def create_annotation_app(db_path: str | os.PathLike) -> FastAPI:
     """The annotation web app over the study in `db_path` (one SQLite connection per request)."""
     open_study(db_path).close()
-    app = FastAPI(title="VIKDF human evaluation", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="VIKDF human evaluation", docs_url=None, redoc_url=None, openapi_url=None,
+                  max_body_size=MAX_BODY_BYTES)
 
     @contextmanager
     def database() -> Iterator[sqlite3.Connection]:
@@ -144,10 +147,11 @@ def create_annotation_app(db_path: str | os.PathLike) -> FastAPI:
             connection.close()
 
     def item_page(connection: sqlite3.Connection, token: str, annotator: int, position: int) -> HTMLResponse:
-        item = item_at(connection, annotator, position)
-        if item is None:
-            return _message(404, "No such item", f"There is no item {position} in your list.")
         rated, total = progress(connection, annotator)
+        # Checked first: SQLite cannot even look up a position beyond 64 bits.
+        item = item_at(connection, annotator, position) if 1 <= position <= total else None
+        if item is None:
+            return _message(404, "No such item", f"There is no item {position} in your list of {total}.")
         page = render(_ITEM_PAGE, token=token, item=item, context=json.loads(item["context"]), rated=rated,
                       total=total, criteria=CRITERIA, scale=SCALE)
         return HTMLResponse(page)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from vikdf.data.files import decode_utf8
+
 # (column, title, question): the paper's criteria and questions (§4.4), each rated 1-5.
 CRITERIA: tuple[tuple[str, str, str], ...] = (
     ("relevance", "Relevance", "How relevant and related is the generated response to the given context and image?"),
@@ -95,8 +97,9 @@ def open_study(db_path: str | os.PathLike) -> sqlite3.Connection:
 def read_predictions(path: str | os.PathLike) -> list[Prediction]:
     """`predictions.jsonl` of `eval_dialogue.py`: one {"context", "reference", "hypothesis"} per line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -153,6 +156,9 @@ def create_study(
         raise ValueError(f"--annotators must be at least 1, got {annotators}.")
     if Path(db_path).exists():
         raise FileExistsError(f"{db_path} exists; a study is never overwritten. Choose another --db or remove it.")
+    if not Path(db_path).parent.is_dir():
+        raise FileNotFoundError(f"--db {db_path}: the folder {Path(db_path).parent} does not exist; create it first "
+                                "or choose another --db.")
     runs = [read_predictions(path) for path in predictions]
     _check_same_dialogues(predictions, runs)
     if not 1 <= sample <= len(runs[0]):

