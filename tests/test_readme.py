@@ -38,7 +38,7 @@ def test_setup_is_two_commands_install_and_demo_then_the_tests_that_ci_runs():
     steps = [step.strip() for step in install_and_demo.split("&&")]
     assert steps[0].startswith("python3 -m venv ") and steps[1].startswith(". ") and steps[1].endswith("/bin/activate")
     assert steps[2] == 'pip install -e ".[dev]"' and steps[3] == "python demo.py"
-    assert demo.DemoArguments().preset == "full"  # `python demo.py` runs the README's demo, not the smoke setting
+    assert demo.DemoArguments().preset == "default"  # `python demo.py` runs the README's demo, not the smoke setting
 
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "python3 -m venv" in ci and 'pip install --quiet -e ".[dev]"' in ci and "set -euo pipefail" in ci

@@ -214,6 +214,16 @@ PLAIN_CAPTIONS: tuple[str, ...] = (
     "this is a {obj}.",
     "look, a {obj}!",
     "one {obj}, nothing else.",
+    # Chatty captions that mention the object among other words, as many real captions do; without them TIM learns
+    # to read a name only from a three-word caption, and `K_T` of a dialogue turn around the same name misses it.
+    "we took this picture of a {obj} on our trip last summer.",
+    "here is the {obj} my brother found near the lake.",
+    "someone put a {obj} by the door this morning, so i took a photo.",
+    "after lunch we came across a {obj} on the way home.",
+    "guess who finally got a {obj} for her birthday!",
+    "the kids kept looking at the {obj} all afternoon.",
+    "a quick snapshot of one {obj}, seen at the market today.",
+    "hello everyone, sharing a photo of a {obj} from my weekend.",
 )
 COLOUR_CAPTIONS: tuple[str, ...] = (
     "{a_colour} {obj} {pos} on a {bg} background.",
@@ -226,6 +236,9 @@ COLOUR_CAPTIONS: tuple[str, ...] = (
     "a {colour} {obj}.",
     "my {colour} {obj}.",
     "this {obj} is {colour}.",
+    "we took this picture of {a_colour} {obj} on our trip last summer.",
+    "here is the {colour} {obj} my brother found near the lake.",
+    "after lunch we came across {a_colour} {obj} on the way home.",
 )
 
 # Dialogue turns. A context is one of DIALOGUE_PATTERNS: a sequence of turn pools, then the response family.
