@@ -71,7 +71,8 @@ def colour_labels(contexts: list, colour_of: dict[str, str]) -> torch.Tensor:
 def probe(checkpoint: Path, world: Path) -> dict:
     model, processor = load_checkpoint(checkpoint)
     model.eval()
-    colour_of = knowledge_table(read_object_kinds(world))
+    kinds = read_object_kinds(world)
+    colour_of = knowledge_table(kinds)
     valid = [list(d.context) for d in load_dialogues(world / "dialogue" / "reddit" / "valid.json")]
     test = [list(d.context) for d in load_dialogues(world / "dialogue" / "image_chat" / "test.json")]
 
@@ -93,7 +94,11 @@ def probe(checkpoint: Path, world: Path) -> dict:
     }
     if model.vision_encoder is not None:
         probe_contexts = [list(d.context) for d in load_dialogues(world / "dialogue" / "probe" / "image_only.json")]
-        for group, contexts in (("dialogue", valid), ("image_only", probe_contexts)):
+        # The same names as a caption would write them: the gap to the dialogue contexts is the part of the look
+        # that pre-training learnt from captions but that a dialogue turn around the name does not reach.
+        caption_form = [[f"a {kind.name}."] for kind in kinds if kind.image_only]
+        for group, contexts in (("dialogue", valid), ("image_only", probe_contexts),
+                                ("image_only_caption_form", caption_form)):
             retrieval = demo.LookRetrieval(world / "pairs" / "heldout" / "00000.tar", contexts, colour_of, processor,
                                            model.config.clip_config.vision_config.image_size)
             result[f"tim_top5_right_colour_{group}"] = retrieval(model)
@@ -114,13 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
         name, _, folder = item.partition("=")
         results[name] = probe(Path(folder), Path(args.world))
         print(name, results[name], flush=True)
+    retrievals = [f"tim_top5_right_colour_{group}" for group in ("dialogue", "image_only", "image_only_caption_form")]
     rows = [[name, *(f"{100 * r[key][1]:.0f} (fit {100 * r[key][0]:.0f})"
                      for key in ("k_transfer_probe", "clip_transfer_probe")),
-             *(("–" if key not in r else f"{100 * r[key]:.0f}") for key in ("tim_top5_right_colour_dialogue",
-                                                                            "tim_top5_right_colour_image_only"))]
+             *(("–" if key not in r else f"{100 * r[key]:.0f}") for key in retrievals)]
             for name, r in results.items()]
     headers = ["checkpoint", "K_T probe → image-only (%)", "CLIP pooled probe → image-only (%)",
-               "TIM top-5 right colour, dialogue objects (%)", "TIM top-5 right colour, image-only objects (%)"]
+               "TIM top-5 right colour, dialogue objects (%)", "TIM top-5 right colour, image-only objects (%)",
+               "the same, image-only names as captions (\"a NAME.\") (%)"]
     markdown = "\n".join([f"# What K encodes — {args.tag}", "", *common.machine_lines(info), "", args.note, "",
                           common.markdown_table(headers, rows), "",
                           "Probes are fitted on validation contexts about dialogue objects (fit accuracy in brackets) "
