@@ -74,15 +74,18 @@ def test_verdict_counts_a_gain_only_when_its_interval_over_kinds_excludes_zero()
 
 
 def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
-    """The README's demo tables are the benchmark's: its mean ± sd table line for line, and the single-seed table
-    of the default run (`python demo.py`: llama, seed 0), and every target verdict the benchmark reached."""
+    """The README's demo tables are the benchmark's: its mean ± sd table line for line, the rows of the default run
+    (`python demo.py`: llama, seed 0) as the benchmark's own seed-0 run printed them, and every target verdict the
+    benchmark reached."""
     readme = (ROOT / "README.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "demo_seeds_full_cpu.json").read_text())
     for line in results["readme_table"]:
         assert line in readme, line
     (default,) = [run for run in results["runs"] if run["llm_family"] == "llama" and run["seed"] == 0]
+    default_rows = (demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED)  # the default preset's systems
     for line in default["printed_table"]:
-        assert line in readme, line
+        if line.startswith(tuple(f"| {name} |" for name in default_rows)):
+            assert line in readme, line
     runs = {(run["llm_family"], run["seed"]) for run in results["runs"]}
     assert len(runs) >= 3 and f"over {len(runs)} runs" in readme
     for check in results["targets"]:
