@@ -107,6 +107,11 @@ class DemoArguments:
     )
     llm_family: str = field(default="llama", metadata={"help": "Tiny LLM family: llama, qwen2 or mistral."})
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every stage."})
+    freeze_iq_former: bool = field(
+        default=False,
+        metadata={"help": "Beyond the paper's recipe: fine-tune VIKDF's language_projection only (train_dialogue.py "
+                          "--freeze_iq_former), to tell the projection from the read-out."},
+    )
     pretrain_steps: int | None = field(
         default=None,
         metadata={"help": "Cap of VIKDF pre-training steps instead of the preset's; pre-training stops earlier when "
@@ -458,7 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
             "--model_name_or_path", str(out / initial), "--output_dir", str(out / folder), "--train_file",
             str(world.reddit_train), "--train_fraction", str(fraction), "--num_train_epochs",
             str(settings["dialogue_epochs"]), "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
-            "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed), *extra,
+            "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed),
+            *(["--freeze_iq_former", "true"] if args.freeze_iq_former and "--method" not in extra else []), *extra,
         ])
 
     all_rows = settings["rows"] == "all"

@@ -51,7 +51,9 @@ PRETRAIN_TRAINABLE = (
     "iakr_head",
 )
 DIALOGUE_TRAINABLE = ("query_tokens", "iq_former", "language_projection")
-TRAINABLE_BY_STAGE = {"pretrain": PRETRAIN_TRAINABLE, "dialogue": DIALOGUE_TRAINABLE, "frozen": ()}
+# Beyond the paper's recipe: dialogue fine-tuning of the projection alone, keeping `K` as pre-training left it.
+TRAINABLE_BY_STAGE = {"pretrain": PRETRAIN_TRAINABLE, "dialogue": DIALOGUE_TRAINABLE,
+                      "dialogue_projection": ("language_projection",), "frozen": ()}
 # Parts only the pre-training objectives use; zero-resource inference needs none of them.
 PRETRAINING_ONLY = (
     "vision_encoder",

@@ -79,6 +79,11 @@ class DialogueModelArguments:
             "choices": list(METHODS),
         },
     )
+    freeze_iq_former: bool = field(
+        default=False,
+        metadata={"help": "Beyond the paper's recipe (--method vikdf): train language_projection only, keeping the "
+                          "queries and the IQ-Former, hence K, as pre-training left them."},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (--method lora)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (--method lora)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path (--method lora)."})
@@ -205,6 +210,9 @@ def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataA
         raise ValueError("--train_file is required unless --train_fraction 0 (no training).")
     if model_args.method not in METHODS:
         raise ValueError(f"--method {model_args.method!r}; choose one of {METHODS}.")
+    if model_args.freeze_iq_former and model_args.method != "vikdf":
+        raise ValueError("--freeze_iq_former keeps VIKDF's IQ-Former as it is: it goes with --method vikdf only.")
+    check_positive(model_args.lora_r, "--lora_r")
     if model_args.method == "lora" and data_args.train_fraction == 0:
         raise ValueError(
             "--method lora with --train_fraction 0 trains no adapters, so the checkpoint would be the frozen LLM "
@@ -378,7 +386,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
 
         logger.info(f"Fine-tuning ({model_args.method}) on {len(train)} dialogues from {data_args.train_file}.")
         if model_args.method == "vikdf":
-            model.set_trainable_stage("dialogue")
+            model.set_trainable_stage("dialogue_projection" if model_args.freeze_iq_former else "dialogue")
             trained = model
         else:
             if is_deepspeed_zero3_enabled():

@@ -134,10 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--llm_families", nargs="+", default=["llama", "qwen2"])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the result JSON")
+    parser.add_argument("--freeze_iq_former", action="store_true",
+                        help="the demo's switch beyond the paper: fine-tune the projection alone (results file "
+                             "demo_seeds_<preset>_frozen-iq-former_cpu)")
     parser.add_argument("--output_dir", default=None, help="default benchmarks/results")
     args = parser.parse_args(argv)
     info = common.machine_info(torch.device("cpu"))
-    stem = f"demo_seeds_{args.preset}_cpu"
+    stem = f"demo_seeds_{args.preset}{'_frozen-iq-former' if args.freeze_iq_former else ''}_cpu"
     directory = common.RESULTS_DIR if args.output_dir is None else common.Path(args.output_dir)
     runs: list[dict] = []
     if args.resume and (directory / f"{stem}.json").exists():
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             with tempfile.TemporaryDirectory(prefix="vikdf-demo-") as workdir:
                 summary = demo.main(["--preset", args.preset, "--seed", str(seed), "--llm_family", family,
-                                     "--output_dir", workdir])
+                                     "--output_dir", workdir, "--freeze_iq_former", str(args.freeze_iq_former)])
             summary["num_eval_dialogues"] = demo.PRESETS[args.preset]["num_eval_dialogues"]
             summary["printed_table"] = [demo.table_row(name, row) for name, row in summary["systems"].items()]
             runs.append(summary)

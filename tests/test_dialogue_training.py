@@ -189,6 +189,27 @@ def test_lora_baseline_trains_merges_and_evaluates_without_knowledge(world):
     assert json.loads((world["root"] / "eval_lora" / "eval_info.json").read_text())["with_knowledge"] is False
 
 
+def test_freeze_iq_former_fine_tunes_the_projection_alone(world):
+    out = world["root"] / "projection_only"
+    train_dialogue.main([
+        "--model_name_or_path", str(world["pretrained"]), "--train_file", str(world["train"]), "--output_dir", str(out),
+        "--freeze_iq_former", "true", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+        "--learning_rate", "3e-3", *QUICK,
+    ])
+    weights = load_file(out / "model.safetensors")
+    before = load_file(world["pretrained"] / "model.safetensors")
+    changed = {key.split(".")[0] for key in weights if not torch.equal(weights[key], before[key])}
+    assert changed == {"language_projection"}
+    with pytest.raises(ValueError, match="--freeze_iq_former .* --method vikdf only"):
+        train_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--train_file", str(world["train"]),
+                             "--output_dir", str(world["root"] / "refused"), "--method", "lora",
+                             "--freeze_iq_former", "true", *QUICK])
+    with pytest.raises(ValueError, match="--lora_r 0 must be positive"):
+        train_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--train_file", str(world["train"]),
+                             "--output_dir", str(world["root"] / "refused"), "--method", "lora", "--lora_r", "0",
+                             *QUICK])
+
+
 def test_zero_resource_fraction_saves_without_training(world):
     out = world["root"] / "zero"
     result = train_dialogue.main(["--model_name_or_path", str(world["pretrained"]), "--train_fraction", "0",
