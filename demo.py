@@ -212,18 +212,18 @@ def llm_reading(world, pairs, tokenizer, seed: int) -> list[str]:
     """
     rng = random.Random(seed)
     texts = [caption for _, caption in pairs]
+    colour_of, shape_of = world.knowledge_table("colour"), world.knowledge_table("shape")
     for dialogue in load_dialogues(world.reddit_train):
         context = list(dialogue.context)
-        described = describe_object(context, world)
+        described = describe_object(context, colour_of, shape_of)
         texts += [chat_formatted(tokenizer, turns, dialogue.response) for turns in (described, described, context)]
     return [scramble_visual_facts(text, rng) for text in texts]
 
 
-def describe_object(context: list[str], world) -> list[str]:
+def describe_object(context: list[str], colour_of: dict[str, str], shape_of: dict[str, str]) -> list[str]:
     """`context` opened with its object's colour and shape ("a red circle. ..."), where the knowledge slots sit."""
-    name = mentioned_object(context, world.object_names)
-    return [f"a {world.knowledge_table('colour')[name]} {world.knowledge_table('shape')[name]}. {context[0]}",
-            *context[1:]]
+    name = mentioned_object(context, colour_of)
+    return [f"a {colour_of[name]} {shape_of[name]}. {context[0]}", *context[1:]]
 
 
 @torch.no_grad()
@@ -232,10 +232,12 @@ def prompt_copy_rate(model, tokenizer, dialogues: list, world, described: bool) 
     the object described at the start of its prompt (`described`) or not. The LLM read the visual facts scrambled,
     so only the description can tell it the colour: this measures whether it uses its prompt."""
     hits = 0
+    colour_of, shape_of = world.knowledge_table("colour"), world.knowledge_table("shape")
     for dialogue in dialogues:
         context = list(dialogue.context)
-        truth = world.knowledge_table()[mentioned_object(context, world.object_names)]
-        text = chat_formatted(tokenizer, describe_object(context, world) if described else context, dialogue.response)
+        truth = colour_of[mentioned_object(context, colour_of)]
+        text = chat_formatted(tokenizer, describe_object(context, colour_of, shape_of) if described else context,
+                              dialogue.response)
         prefix = text[: text.index(truth, text.rindex(dialogue.response.strip()))]
         # Byte-level BPE merges a space with the next word: score " red", not " " then "red".
         ids = tokenizer(prefix.rstrip(" "), add_special_tokens=False)["input_ids"]
@@ -521,15 +523,17 @@ def main(argv: list[str] | None = None) -> dict:
     stage_seconds["report"] = stage("6/6 report", started)
 
     outcomes = {name: prediction_outcomes(predictions, world) for name, (_, predictions) in results.items()}
+    # (accuracy, low, high): the mean of every scored outcome and its interval over kinds
+    intervals = {name: nested_bootstrap_interval(accuracy_by_kind(outcomes[name])) for name in results}
     rows = {
-        name: {**metrics, "knowledge_accuracy": prediction_accuracy(predictions, world),
-               "knowledge_accuracy_interval": list(nested_bootstrap_interval(accuracy_by_kind(outcomes[name]))[1:]),
+        name: {**metrics, "knowledge_accuracy": intervals[name][0],
+               "knowledge_accuracy_interval": list(intervals[name][1:]),
                # Per test dialogue in the test set's order, its kind and whether the response was right: what a
                # benchmark pools over runs (the bootstrap draws runs, then kinds).
                "knowledge_outcomes": outcomes[name],
                "knowledge_accuracy_seen": prediction_accuracy(seen[name][1], world),
                "textualised_accuracy": textualised_accuracy(out / "eval" / systems[name][0], world)}
-        for name, (metrics, predictions) in results.items()
+        for name, (metrics, _) in results.items()
     }
     accuracy = {name: row["knowledge_accuracy"] for name, row in rows.items()}
     print("\nZero-Data setting (Table 3's Image-Chat columns): fine-tuned on Reddit-format dialogues, tested zero-shot "
@@ -564,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(compare("VIKDF pre-training", VIKDF, NO_PRETRAIN, outcomes))
     if all_rows:
         print(compare("VIKDF pre-training with ⅛ of the dialogues", VIKDF + LOW, NO_PRETRAIN + LOW, outcomes))
-    _, low, high = nested_bootstrap_interval(accuracy_by_kind(outcomes[SHUFFLED]))
+    _, low, high = intervals[SHUFFLED]
     print(f"Shuffled knowledge: {100 * accuracy[SHUFFLED]:.1f} % [{100 * low:.1f}, {100 * high:.1f}] (chance 16.7 %: "
           f"{'inside' if low <= 1 / 6 <= high else 'OUTSIDE'} the interval).")
     if all_rows:

@@ -495,7 +495,7 @@ class SyntheticWorld:
         for name in ("usual_colour_prob", "colour_mention_prob", "scene_caption_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        make_object_kinds(self.seed, self.names_per_look, self.image_only_per_colour)  # refuses bad counts now
+        self.kinds  # drawn (and cached) now, so that bad counts are refused at construction
 
     @functools.cached_property
     def kinds(self) -> tuple[ObjectKind, ...]:
