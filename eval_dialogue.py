@@ -181,7 +181,9 @@ def check_arguments(args: EvalArguments) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
     None on the other processes of a multi-process run."""
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    from vikdf.quantization import LLMQuantizationArguments, check_quantization_request
+
+    args, quantization = HfArgumentParser((EvalArguments, LLMQuantizationArguments)).parse_args_into_dataclasses(args=argv)
     check_arguments(args)
     import torch
     from accelerate import PartialState
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     # Everything that can be wrong with a path or a flag is found before the model loads and generates.
     config = load_checkpoint_config(args.model_name_or_path)
+    check_quantization_request(quantization, config, args.model_name_or_path)
     check_max_new_tokens(config, args.max_new_tokens)
     check_input_file(args.test_file, "--test_file")
     check_glove_file(args.glove_path)
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     with writer_lock(args.output_dir, state.is_main_process):
         # Each process on its own device (cuda:LOCAL_RANK under accelerate launch; cpu without a GPU).
         device = torch.device(args.device) if args.device else state.device
-        model, processor = load_checkpoint(args.model_name_or_path, resolve_dtype(args.precision))
+        dtype = resolve_dtype(args.precision)
+        model, processor = load_checkpoint(args.model_name_or_path, dtype, quantization.bitsandbytes_config(dtype))
         model.to(device).eval()
         fit_generation_length(model.config, processor, args.max_new_tokens)
 

@@ -67,6 +67,26 @@ PRETRAINING_ONLY = (
     "iamtm_head",
     "iakr_head",
 )
+# What a bitsandbytes `quantization_config` leaves in full precision: everything but the frozen LLM's layers. The
+# LLM's output head (`lm_head`, by suffix) stays too, as transformers leaves it for a causal LM of its own: it reads
+# every token's logits, and rounding it costs the most quality for the least memory.
+NOT_QUANTISED = ("text_encoder", "text_projection", "iq_former", "language_projection", *PRETRAINING_ONLY, "lm_head")
+
+
+def llm_only_quantization(quantization_config):
+    """`quantization_config` (bitsandbytes, object or dict) made to skip every part but the LLM's layers."""
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(quantization_config, dict):
+        quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+    if not isinstance(quantization_config, BitsAndBytesConfig):
+        raise ValueError(
+            f"VIKDF quantises its frozen LLM with bitsandbytes only; got {type(quantization_config).__name__}. "
+            "Pass BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True)."
+        )
+    skipped = quantization_config.llm_int8_skip_modules or []
+    quantization_config.llm_int8_skip_modules = sorted(set(skipped) | set(NOT_QUANTISED))
+    return quantization_config
 
 
 # Decoding of the released code (DESIGN.md §3), the generation config every VIKDF checkpoint carries. No sampling
@@ -243,8 +263,12 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then the frozen parts frozen again (loading replaces parameters).
 
-        A damaged weights file is named (safetensors' own error names none).
+        A `quantization_config` (bitsandbytes) quantises the LLM's layers alone (`NOT_QUANTISED`); the checkpoint's
+        config records it, so a saved quantised model loads quantised again. A damaged weights file is named
+        (safetensors' own error names none).
         """
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = llm_only_quantization(kwargs["quantization_config"])
         try:
             loaded = super().from_pretrained(*args, **kwargs)
         except Exception as err:
@@ -277,6 +301,14 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         self.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload
         )
+
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a model whose LLM was loaded already quantised is saved in the layout it
+        was loaded in (transformers 5 cannot undo its bitsandbytes deserialisation at save time, and that layout is
+        what loading expects again)."""
+        if getattr(self, "is_quantized", False):
+            kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(*args, **kwargs)
 
     def drop_pretraining_heads(self) -> None:
         """Remove the parts only pre-training uses, so that a saved checkpoint holds what inference needs."""

@@ -48,7 +48,8 @@ setup(
         "python-multipart",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "httpx", "selenium", "tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "httpx", "selenium", "tensorboard", "bitsandbytes"],
         "tensorboard": ["tensorboard"],
+        "quantization": ["bitsandbytes"],  # --llm_quantization 8bit|4bit
     },
 )

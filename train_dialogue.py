@@ -18,7 +18,8 @@ explicitly still win.
 `--method lora` is the Table-4 baseline: LoRA adapters on the LLM, trained on the same chat template *without*
 knowledge. Its adapters are merged into the LLM weights at the end, so the output is an ordinary VIKDF checkpoint
 (config `dialogue_method="lora"`) that `eval_dialogue.py` evaluates without knowledge automatically; the
-intermediate `checkpoint-*` folders of a LoRA run hold the peft adapters only. LoRA runs need ZeRO-2 or no DeepSpeed.
+intermediate `checkpoint-*` folders hold the trainable tensors only (for LoRA the adapters; `--save_full_model`: the
+whole model, or the peft adapters folder for LoRA). LoRA runs need ZeRO-2 or no DeepSpeed.
 
 Every output folder is an inference checkpoint (pre-training heads dropped) with the processor, loadable with
 `AutoModel.from_pretrained(dir, trust_remote_code=True)`, and a Hub model card (README.md, `vikdf.model_card`).
@@ -36,6 +37,7 @@ from transformers.utils import logging
 
 from vikdf.data.dialogue import FORMATS, SUBSETS, Dialogue, load_dialogues, parse_turn_counts
 from vikdf.defaults import DialogueSchedule
+from vikdf.quantization import LLMQuantizationArguments
 from vikdf.quick_help import exit_on_quick_help, full_help_argv
 
 # torch, the model and the Trainer are imported inside the functions, so that `--help` answers in a second.
@@ -281,13 +283,22 @@ def set_lengths(processor: VIKDFProcessor, data_args: DialogueDataArguments) -> 
     return processor
 
 
-def preflight(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> tuple[list[Dialogue], list[Dialogue]]:
+def preflight(
+    model_args: DialogueModelArguments, data_args: DialogueDataArguments, quantization: LLMQuantizationArguments
+) -> tuple[list[Dialogue], list[Dialogue]]:
     """Everything checked before the model loads: the checkpoint's folder, config and weight files, the lengths,
-    and the data, read and validated; returns the training and validation dialogues."""
+    the quantisation, and the data, read and validated; returns the training and validation dialogues."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     from processing_vikdf import VIKDFProcessor
     from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
+    from vikdf.quantization import check_quantization_request, checkpoint_quantization
 
     config = load_checkpoint_config(model_args.model_name_or_path)
+    check_quantization_request(quantization, config, model_args.model_name_or_path, is_deepspeed_zero3_enabled())
+    if model_args.method == "lora" and (quantization.quantized or checkpoint_quantization(config) != "none"):
+        # Merging adapters into 4-/8-bit weights rounds them again: the merged baseline would not be the one trained.
+        raise ValueError("--method lora merges its adapters into the LLM at the end; train it on an unquantised LLM.")
     check_max_length(config, data_args.max_length)
     if data_args.max_length is not None or data_args.max_response_length is not None:
         processor = set_lengths(VIKDFProcessor.from_pretrained(model_args.model_name_or_path), data_args)
@@ -329,7 +340,7 @@ def push_folder(output_dir: str, training_args: DialogueTrainingArguments, messa
 
 def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     exit_on_quick_help(argv, "train_dialogue.py", __doc__.split("\n\n")[0],
-                       (DialogueModelArguments, DialogueDataArguments, DialogueSchedule))
+                       (DialogueModelArguments, DialogueDataArguments, LLMQuantizationArguments, DialogueSchedule))
     from transformers import HfArgumentParser, set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -337,23 +348,27 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
     from vikdf.data.collators import DialogueCollator
     from vikdf.evaluation import load_checkpoint
+    from vikdf.frozen_parts import sources_from_checkpoint
     from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
     from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
     from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
-    parser = HfArgumentParser((DialogueModelArguments, DialogueDataArguments, DialogueTrainingArguments))
+    parser = HfArgumentParser(
+        (DialogueModelArguments, DialogueDataArguments, LLMQuantizationArguments, DialogueTrainingArguments)
+    )
     argv = full_help_argv(with_preset(sys.argv[1:] if argv is None else argv))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, quantization, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
-    train, validation = preflight(model_args, data_args)
+    train, validation = preflight(model_args, data_args, quantization)
     check_not_input_folder(training_args.output_dir, model_args.model_name_or_path, "--model_name_or_path")
     with writer_lock(training_args.output_dir, training_args.should_save):
         resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
         check_fresh_start(training_args.output_dir, resume)
 
-        model, processor = load_checkpoint(model_args.model_name_or_path, resolve_dtype(training_args.precision))
+        dtype = resolve_dtype(training_args.precision)
+        model, processor = load_checkpoint(model_args.model_name_or_path, dtype, quantization.bitsandbytes_config(dtype))
         model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
         # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
         # generation config is the LLM's own (Llama-2-chat's samples).
@@ -403,6 +418,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
             data_collator=DialogueCollator(processor, with_knowledge=model_args.method == "vikdf"),
             processing_class=processor,
             model_card_writer=write_card,
+            frozen_sources=sources_from_checkpoint(model, model_args.model_name_or_path),
         )
         result = trainer.train(resume_from_checkpoint=resume)
         if trainer.finished_before_start:

@@ -5,7 +5,8 @@
         --source_probabilities 0.2,0.8 --output_dir runs/pretrain
 
 Starts from pretrained parts (CLIP ViT-L/14, BERT-base, Llama-2-7B-chat by default) or from a VIKDF checkpoint;
-every checkpoint loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`.
+the final output folder loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`. Each `checkpoint-N` holds
+the trainable parameters and what resuming needs (`vikdf.trainable_checkpoints`; `--save_full_model`: the whole model).
 """
 
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from transformers.utils import logging
 
 from vikdf.defaults import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, PretrainSchedule
+from vikdf.quantization import LLMQuantizationArguments
 from vikdf.quick_help import exit_on_quick_help, full_help_argv
 
 # torch, the model and the Trainer are imported inside the functions, so that `--help` answers in a second.
@@ -77,8 +79,9 @@ def requested_config_fields(model_args: PretrainModelArguments) -> dict:
     }
 
 
-def check_model_arguments(model_args: PretrainModelArguments):
-    """The model flags, checked before anything loads; the checkpoint's config (None when building from parts).
+def check_model_arguments(model_args: PretrainModelArguments, quantization, deepspeed_zero3: bool = False):
+    """The model and quantisation flags, checked before anything loads; the checkpoint's config (None when building
+    from parts).
 
     The config the run will build is validated from config files alone, so a bad field costs no tower load.
     """
@@ -92,6 +95,8 @@ def check_model_arguments(model_args: PretrainModelArguments):
         load_checkpoint_config,
     )
 
+    from vikdf.quantization import check_quantization_request
+
     check_num_query_tokens(model_args.num_query_tokens)
     check_tim_pooling(model_args.tim_pooling)
     fields = requested_config_fields(model_args)
@@ -100,8 +105,10 @@ def check_model_arguments(model_args: PretrainModelArguments):
                              ("--llm_model", model_args.llm_model)):
             check_model_source(source, flag)
         check_parts_config(model_args.clip_model, model_args.bert_model, model_args.llm_model, fields)
+        check_quantization_request(quantization, None, model_args.llm_model, deepspeed_zero3)
         return None
     config = load_checkpoint_config(model_args.model_name_or_path)
+    check_quantization_request(quantization, config, model_args.model_name_or_path, deepspeed_zero3)
     check_continued_query_count(config, model_args.num_query_tokens, model_args.model_name_or_path)
     if not config.include_pretraining_heads:
         raise ValueError(
@@ -112,7 +119,7 @@ def check_model_arguments(model_args: PretrainModelArguments):
     return config
 
 
-def build_model(model_args: PretrainModelArguments, dtype):
+def build_model(model_args: PretrainModelArguments, dtype, quantization_config=None):
     from configuration_vikdf import VIKDFConfig
     from modeling_vikdf import VIKDFForConditionalGeneration
     from processing_vikdf import VIKDFProcessor
@@ -122,9 +129,12 @@ def build_model(model_args: PretrainModelArguments, dtype):
     if model_args.model_name_or_path is None:
         return build_vikdf_from_components(
             model_args.clip_model, model_args.bert_model, model_args.llm_model,
-            num_query_tokens=model_args.num_query_tokens or VIKDFConfig.num_query_tokens, dtype=dtype, **overrides,
+            num_query_tokens=model_args.num_query_tokens or VIKDFConfig.num_query_tokens, dtype=dtype,
+            quantization_config=quantization_config, **overrides,
         )
-    model = VIKDFForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype, **overrides)
+    model = VIKDFForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, quantization_config=quantization_config, **overrides
+    )
     model.config.validate_fields()  # from_pretrained sets the overrides on the config without validating them
     return model, VIKDFProcessor.from_pretrained(model_args.model_name_or_path)
 
@@ -134,25 +144,29 @@ def main(argv: list[str] | None = None, callbacks: list | None = None):
     finished run: nothing is written then). `callbacks` are `TrainerCallback`s for the trainer (the demo stops its
     pre-training on a criterion with one)."""
     exit_on_quick_help(argv, "train_pretrain.py", __doc__.split("\n\n")[0],
-                       (PretrainModelArguments, PretrainDataArguments, PretrainSchedule))
+                       (PretrainModelArguments, PretrainDataArguments, LLMQuantizationArguments, PretrainSchedule))
     from transformers import HfArgumentParser, set_seed
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
     from vikdf.data.collators import PretrainCollator
     from vikdf.data.pairs import build_pair_dataset
+    from vikdf.frozen_parts import sources_from_checkpoint, sources_from_parts
     from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
     from vikdf.stream_state import check_stream_resume
     from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
 
-    parser = HfArgumentParser((PretrainModelArguments, PretrainDataArguments, PretrainTrainingArguments))
+    parser = HfArgumentParser(
+        (PretrainModelArguments, PretrainDataArguments, LLMQuantizationArguments, PretrainTrainingArguments)
+    )
     argv = full_help_argv(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, quantization, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.set_verbosity(training_args.get_process_log_level())
 
     # The IQ-Former's cross-attention, the queries and the heads start random: --seed fixes them, as it fixes the data.
     set_seed(training_args.seed)
     # Flags, checkpoint and data sources (shard patterns expanded, files opened) first: a typo costs no model load.
-    check_model_arguments(model_args)
+    check_model_arguments(model_args, quantization, is_deepspeed_zero3_enabled())
     check_not_input_folder(training_args.output_dir, model_args.model_name_or_path, "--model_name_or_path")
     dataset = build_pair_dataset(
         data_args.train_sources, data_args.source_probabilities, seed=training_args.seed,
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None):
         resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
         check_fresh_start(training_args.output_dir, resume)
         check_stream_resume(resume, training_args)
-        model, processor = build_model(model_args, resolve_dtype(training_args.precision))
+        dtype = resolve_dtype(training_args.precision)
+        model, processor = build_model(model_args, dtype, quantization.bitsandbytes_config(dtype))
         model.set_trainable_stage("pretrain")
         logger.info(f"Objectives: {', '.join(enabled_objectives(model.config))}")
         trainer = VIKDFPretrainTrainer(
@@ -175,6 +190,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None):
             ),
             processing_class=processor,
             callbacks=callbacks,
+            # What checkpoints record of the frozen parts, so that a resume can check it rebuilt the same ones.
+            frozen_sources=(
+                sources_from_parts(model_args.clip_model, model_args.bert_model, model_args.llm_model)
+                if model_args.model_name_or_path is None
+                else sources_from_checkpoint(model, model_args.model_name_or_path)
+            ),
         )
         trainer.train(resume_from_checkpoint=resume)
         if not trainer.finished_before_start:

@@ -11,13 +11,14 @@ from transformers import Trainer
 
 import train_dialogue
 import train_pretrain
+from vikdf.trainable_checkpoints import TrainableCheckpointMixin
 
 KILLED = 17
 
 
 def main() -> None:
     script, point, step, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-    save_model, save_optimizer = Trainer.save_model, Trainer._save_optimizer_and_scheduler
+    save_model, save_optimizer = TrainableCheckpointMixin.save_model, Trainer._save_optimizer_and_scheduler
 
     def die_at(self, here: str) -> None:
         if point == here and self.state.global_step == step:
@@ -32,8 +33,9 @@ def main() -> None:
         save_optimizer(self, output_dir)
         die_at(self, "after_optimizer")
 
-    # The VIKDF trainers reach these through super(), so patching the base class covers both.
-    Trainer.save_model = killing_save_model
+    # The VIKDF trainers reach these through super(), so patching these classes covers both (and both checkpoint
+    # layouts: the checkpoint mixin writes the trainable weights, or hands a whole model to the Trainer's save_model).
+    TrainableCheckpointMixin.save_model = killing_save_model
     Trainer._save_optimizer_and_scheduler = killing_save_optimizer
     {"train_dialogue": train_dialogue, "train_pretrain": train_pretrain}[script].main(argv)
 

@@ -1,6 +1,5 @@
 """Never a half-written checkpoint: a run killed at any point of a save resumes to the uninterrupted result."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,40 +13,23 @@ from transformers.trainer_utils import get_last_checkpoint
 import train_dialogue
 import train_pretrain
 import vikdf.trainers
+from dialogue_helpers import dialogue_argv, write_dialogue_world
 from pretrain_helpers import pretrain_argv
 from vikdf.atomic import last_complete_checkpoint, write_text_atomic
 from vikdf.model_card import update_model_card_metrics
-from vikdf.trainers import resolve_resume_checkpoint
+from vikdf.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
+from vikdf.trainers import resolve_resume_checkpoint, stream_state_name
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KILLED = 17
-DIALOGUES = [
-    (["what did you do this weekend?"], "i went hiking in the mountains."),
-    (["a dog in the park", "is it playing?"], "yes, with a red ball."),
-    (["the cat sleeps on a blue sofa"], "that sounds great, i love cats."),
-    (["i think the weather will be sunny tomorrow"], "let's go to the beach!"),
-]
 # 4 dialogues, batch 2, 4 epochs: 8 steps, checkpoints after steps 3, 6 and 8 (the last step), then the final save.
 MAX_STEPS, KILL_STEP = 8, 6
 
 
 @pytest.fixture(scope="module")
 def world(save_tiny_vikdf, tmp_path_factory):
-    root = tmp_path_factory.mktemp("atomic")
-    save_tiny_vikdf(root / "pretrained")
-    train = root / "train.json"
-    train.write_text(json.dumps([{"context": c, "response": r} for c, r in DIALOGUES]))
-    return {"root": root, "pretrained": root / "pretrained", "train": train}
-
-
-def _argv(world, output_dir) -> list[str]:
-    return [
-        "--model_name_or_path", str(world["pretrained"]), "--train_file", str(world["train"]),
-        "--output_dir", str(output_dir), "--num_train_epochs", "4", "--per_device_train_batch_size", "2",
-        "--learning_rate", "3e-3", "--warmup_steps", "0", "--save_strategy", "steps", "--save_steps", "3",
-        "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0",
-    ]
+    return write_dialogue_world(tmp_path_factory.mktemp("atomic"), save_tiny_vikdf)
 
 
 def _run_killed(argv: list[str], point: str, script: str = "train_dialogue") -> subprocess.CompletedProcess:
@@ -61,22 +43,24 @@ def _run_killed(argv: list[str], point: str, script: str = "train_dialogue") -> 
 @pytest.fixture(scope="module")
 def uninterrupted(world):
     output_dir = world["root"] / "uninterrupted"
-    train_dialogue.main(_argv(world, output_dir))
+    train_dialogue.main(dialogue_argv(world, output_dir))
     return load_file(output_dir / "model.safetensors")
 
 
 @pytest.mark.parametrize("point", ["before_weights", "after_weights", "after_optimizer"])
 def test_a_run_killed_while_checkpointing_resumes_to_the_same_weights(world, uninterrupted, point):
     output_dir = world["root"] / point
-    killed = _run_killed(_argv(world, output_dir), point)
+    killed = _run_killed(dialogue_argv(world, output_dir), point)
     assert killed.returncode == KILLED, killed.stderr[-3000:]
 
     # The interrupted save left no folder that looks like a checkpoint; the newest one is the complete step 3.
     assert not (output_dir / f"checkpoint-{KILL_STEP}").exists()
     assert get_last_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-3")
     assert last_complete_checkpoint(output_dir) == output_dir / "checkpoint-3"
+    # What it resumes from holds the trainable parameters, not the model (vikdf.trainable_checkpoints).
+    assert [p.name for p in (output_dir / "checkpoint-3").glob("*.safetensors")] == [TRAINABLE_WEIGHTS_NAME]
 
-    resumed = train_dialogue.main(_argv(world, output_dir) + ["--resume_from_checkpoint", "last"])
+    resumed = train_dialogue.main(dialogue_argv(world, output_dir) + ["--resume_from_checkpoint", "last"])
     assert resumed.trainer.state.global_step == MAX_STEPS
     final = load_file(output_dir / "model.safetensors")
     assert final.keys() == uninterrupted.keys()
@@ -97,6 +81,9 @@ def test_a_pretraining_run_killed_while_checkpointing_resumes_to_the_same_weight
     killed = _run_killed(argv(tmp_path / "b"), "after_weights", script="train_pretrain")
     assert killed.returncode == KILLED, killed.stderr[-3000:]
     assert not (tmp_path / "b" / f"checkpoint-{KILL_STEP}").exists()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoint-3").glob("*.safetensors")) == [
+        stream_state_name(0), TRAINABLE_WEIGHTS_NAME
+    ]
     train_pretrain.main(argv(tmp_path / "b") + ["--resume_from_checkpoint", "last"])
     expected, final = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert final.keys() == expected.keys()
@@ -112,7 +99,7 @@ def test_a_run_stopped_during_the_final_save_leaves_no_loadable_half_folder(worl
 
     monkeypatch.setattr(vikdf.trainers, "commit_folder", stopped)
     with pytest.raises(KeyboardInterrupt):
-        train_dialogue.main(_argv(world, output_dir))
+        train_dialogue.main(dialogue_argv(world, output_dir))
     assert not (output_dir / "config.json").exists() and not (output_dir / "model.safetensors").exists()
     assert (output_dir / "_saving-model" / "model.safetensors").is_file()
     assert last_complete_checkpoint(output_dir) == output_dir / f"checkpoint-{MAX_STEPS}"

@@ -4,7 +4,8 @@
     accelerate launch ... --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1 ...   (two "nodes")
     deepspeed --num_gpus 2 train_pretrain.py --deepspeed ds_configs/zero2.json ...
 
-The first is the reference (and writes TensorBoard events); the other two must train exactly as it does.
+The first is the reference (and writes TensorBoard events); the other two must train exactly as it does, and so must
+a run resumed from its trainable-only checkpoint-3 (`vikdf.trainable_checkpoints`), launched after it.
 
 with DS_ACCELERATOR=cpu, fp32 and the gloo backend (`--ddp_backend gloo`: without it accelerate finds no backend
 on a CPU-only machine and reports one process although DeepSpeed started two). Data are real webdataset shards
@@ -29,7 +30,9 @@ from safetensors.torch import load_file
 from pretrain_helpers import free_port, pretrain_argv
 
 from vikdf.data.pairs import MixedPairDataset, SkipCounter, WebDatasetSource
+from vikdf.frozen_parts import FROZEN_PARTS_NAME
 from vikdf.stream_state import load_stream_state
+from vikdf.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
 from vikdf.trainers import OBJECTIVES, stream_state_name
 
 pytest.importorskip("deepspeed")
@@ -150,10 +153,11 @@ def runs(launch_world) -> dict[str, Run]:
 
     - "single-node": one node, two processes, TensorBoard logging on (the reference);
     - "two-nodes": two `accelerate launch` processes as two nodes of one process each, meeting at 127.0.0.1;
-    - "deepspeed-launcher": the README's other form, `deepspeed train_pretrain.py --deepspeed ds_configs/zero2.json`.
+    - "deepspeed-launcher": the README's other form, `deepspeed train_pretrain.py --deepspeed ds_configs/zero2.json`;
+    - "4bit-llm": the single-node launch with the frozen LLM in 4-bit (`vikdf.quantization`).
     """
     root, argv = launch_world
-    outputs = {name: root / name for name in ("single-node", "two-nodes", "deepspeed-launcher")}
+    outputs = {name: root / name for name in ("single-node", "two-nodes", "deepspeed-launcher", "4bit-llm")}
     two_node_port = free_port()
     deepspeed_command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
@@ -169,6 +173,10 @@ def runs(launch_world) -> dict[str, Run]:
             outputs["two-nodes"],
         ),
         "deepspeed-launcher": ([deepspeed_command], outputs["deepspeed-launcher"]),
+        "4bit-llm": (
+            [_accelerate(0, 1, free_port(), [*argv(outputs["4bit-llm"]), "--llm_quantization", "4bit"])],
+            outputs["4bit-llm"],
+        ),
     }
     return _launch_together(jobs, root)
 
@@ -199,6 +207,12 @@ def test_two_process_zero2_run_trains_logs_skips_and_saves(deepspeed_run):
     final = checkpoints[-1]
     assert (final / "rng_state_0.pth").is_file() and (final / "rng_state_1.pth").is_file()
     assert (final / f"global_step{STEPS}").is_dir() and (final / "zero_to_fp32.py").is_file()
+    # It holds what trains (vikdf.trainable_checkpoints): DeepSpeed's module file leaves the frozen parts out too.
+    assert (final / TRAINABLE_WEIGHTS_NAME).is_file() and (final / FROZEN_PARTS_NAME).is_file()
+    assert not (final / "model.safetensors").exists()
+    # DeepSpeed's files are pickles; this one the run above has just written.
+    module = torch.load(final / f"global_step{STEPS}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module.keys() == load_file(final / TRAINABLE_WEIGHTS_NAME).keys()
 
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS
@@ -215,10 +229,9 @@ def test_two_process_zero2_run_trains_logs_skips_and_saves(deepspeed_run):
 
 
 @pytest.mark.timeout(900)  # may run the launch above when selected alone
-def test_final_checkpoint_loads_as_remote_code_in_a_fresh_process(deepspeed_run, tmp_path):
+def test_final_model_loads_as_remote_code_in_a_fresh_process(deepspeed_run, tmp_path):
     returncode, log, output_dir = deepspeed_run.returncode, deepspeed_run.log, deepspeed_run.output_dir
     assert returncode == 0, log[-3000:]
-    final = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     script = """
 import sys, torch
 from safetensors.torch import load_file
@@ -235,12 +248,11 @@ assert torch.equal(model.query_tokens, saved["query_tokens"])
 print("LOADED", sum(p.numel() for p in model.parameters()))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    for folder in (final, output_dir):
-        result = subprocess.run(
-            [sys.executable, "-c", script, str(folder)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-            env=env,
-        )
-        assert result.returncode == 0 and "LOADED" in result.stdout, result.stdout + result.stderr[-4000:]
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(output_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env=env,
+    )
+    assert result.returncode == 0 and "LOADED" in result.stdout, result.stdout + result.stderr[-4000:]
 
 
 def _logged_objectives(output_dir: Path) -> list[dict]:
@@ -249,11 +261,13 @@ def _logged_objectives(output_dir: Path) -> list[dict]:
     return [{key: entry[key] for key in keys} for entry in state["log_history"] if "loss" in entry]
 
 
-def _assert_same_training(run: Run, reference: Run) -> None:
-    """Same logged per-objective losses and skip counts, same final weights, same per-rank stream positions."""
+def _assert_same_training(run: Run, reference: Run, logged_after: int = 0) -> None:
+    """Same logged per-objective losses and skip counts (of the steps after `logged_after`), same final weights,
+    same per-rank stream positions."""
     assert run.returncode == 0, run.log[-6000:]
     assert reference.returncode == 0, reference.log[-3000:]
-    assert _logged_objectives(run.output_dir) == _logged_objectives(reference.output_dir)
+    logged = [[e for e in _logged_objectives(r.output_dir) if e["step"] > logged_after] for r in (run, reference)]
+    assert logged[0] and logged[0] == logged[1]
     weights, expected = (load_file(d / "model.safetensors") for d in (run.output_dir, reference.output_dir))
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -281,7 +295,39 @@ def test_deepspeed_launcher_trains_exactly_as_accelerate(deepspeed_launcher_run,
     _assert_same_training(deepspeed_launcher_run, deepspeed_run)
 
 
+@pytest.fixture(scope="module")
+def resumed_run(launch_world, deepspeed_run) -> Run:
+    """Two processes resumed from the reference run's checkpoint-3 (trainable parameters, DeepSpeed's module file
+    without the frozen parts) into a folder of their own, to the same last step."""
+    root, argv = launch_world
+    output_dir = root / "resumed"
+    checkpoint = deepspeed_run.output_dir / f"checkpoint-{STEPS // 2}"
+    command = _accelerate(0, 1, free_port(), argv(output_dir, resume_from_checkpoint=checkpoint))
+    return _launch_together({"resumed": ([command], output_dir)}, root)["resumed"]
+
+
 @pytest.mark.timeout(900)
+def test_a_run_resumed_from_a_trainable_checkpoint_trains_exactly_as_the_uninterrupted_one(resumed_run, deepspeed_run):
+    """The frozen parts rebuilt from their sources match the checkpoint's fingerprints; DeepSpeed loads the module
+    without them, and the run ends with the uninterrupted run's weights, logs and stream positions."""
+    # The values logged at step 4 average steps 3 and 4, of which the resumed run ran step 4 alone.
+    _assert_same_training(resumed_run, deepspeed_run, logged_after=STEPS // 2 + 1)
+
+
+@pytest.mark.timeout(900)
+def test_zero2_trains_with_a_4bit_llm(runs, deepspeed_run):
+    """ZeRO-2 partitions the trained parts' gradients and optimizer state; the 4-bit LLM stays whole on each rank."""
+    run = runs["4bit-llm"]
+    assert run.returncode == 0, run.log[-6000:]
+    config = json.loads((run.output_dir / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] is True
+    first = [json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"][0]
+             for out in (run.output_dir, deepspeed_run.output_dir)]
+    for name in OBJECTIVES:  # the same batches, and the LLM's rounding moves the losses by little
+        assert math.isfinite(first[0][f"loss_{name}"])
+        assert first[0][f"loss_{name}"] == pytest.approx(first[1][f"loss_{name}"], rel=0.05), name
+
+
 def test_tensorboard_events_hold_the_objectives_and_skip_counts(deepspeed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

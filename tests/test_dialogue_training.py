@@ -15,6 +15,7 @@ import train_dialogue
 from vikdf.arguments import DialogueTrainingArguments
 from vikdf.evaluation import METRIC_KEYS, load_checkpoint, perplexity
 from vikdf.model_card import PLACEHOLDER_REPO
+from vikdf.quantization import LLMQuantizationArguments
 
 TRAIN = [
     (["what did you do this weekend?"], "i went hiking in the mountains."),
@@ -71,7 +72,8 @@ def ppl_on_training_dialogues(folder) -> float:
 
 
 def test_every_cli_field_has_help():
-    classes = [train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, eval_dialogue.EvalArguments]
+    classes = [train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, eval_dialogue.EvalArguments,
+               LLMQuantizationArguments]
     for cls in classes:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"

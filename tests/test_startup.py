@@ -14,6 +14,7 @@ import eval_dialogue
 import train_dialogue
 import train_pretrain
 from vikdf.arguments import DialogueTrainingArguments, PretrainTrainingArguments
+from vikdf.quantization import LLMQuantizationArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where used. scipy itself is not listed: transformers imports scipy.optimize (for its object-detection
@@ -32,9 +33,11 @@ def fresh_process(code: str) -> dict:
 @pytest.mark.parametrize(
     "entry_point, flags",
     [
-        ("train_pretrain", ("--train_sources", "--use_tim", "--learning_rate", "--precision", "--help_all")),
-        ("train_dialogue", ("--train_file", "--preset", "--learning_rate", "--precision", "--help_all")),
-        ("eval_dialogue", ("--test_file", "--knowledge_ablation", "--num_beams")),
+        ("train_pretrain", ("--train_sources", "--use_tim", "--learning_rate", "--precision", "--help_all",
+                            "--llm_quantization", "--save_full_model")),
+        ("train_dialogue", ("--train_file", "--preset", "--learning_rate", "--precision", "--help_all",
+                            "--llm_quantization", "--save_full_model")),
+        ("eval_dialogue", ("--test_file", "--knowledge_ablation", "--num_beams", "--llm_quantization")),
     ],
 )
 def test_help_lists_the_projects_flags_without_importing_torch(entry_point, flags):
@@ -67,9 +70,11 @@ def test_help_all_lists_every_trainer_flag(entry_point, capsys):
 @pytest.mark.parametrize(
     "dataclass_types",
     [
-        (train_pretrain.PretrainModelArguments, train_pretrain.PretrainDataArguments, PretrainTrainingArguments),
-        (train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, DialogueTrainingArguments),
-        (eval_dialogue.EvalArguments,),
+        (train_pretrain.PretrainModelArguments, train_pretrain.PretrainDataArguments, LLMQuantizationArguments,
+         PretrainTrainingArguments),
+        (train_dialogue.DialogueModelArguments, train_dialogue.DialogueDataArguments, LLMQuantizationArguments,
+         DialogueTrainingArguments),
+        (eval_dialogue.EvalArguments, LLMQuantizationArguments),
         (demo.DemoArguments,),
     ],
     ids=["train_pretrain", "train_dialogue", "eval_dialogue", "demo"],

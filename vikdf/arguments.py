@@ -8,9 +8,10 @@ from datetime import timedelta
 import torch
 from accelerate import PartialState
 from transformers import TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from vikdf.checks import check_positive
-from vikdf.defaults import PRECISIONS, DialogueSchedule, PrecisionFlag, PretrainSchedule
+from vikdf.defaults import PRECISIONS, DialogueSchedule, PretrainSchedule, TrainingFlags
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -23,13 +24,23 @@ def resolve_dtype(precision: str) -> torch.dtype:
 
 
 @dataclass
-class VIKDFTrainingArguments(PrecisionFlag, TrainingArguments):
-    """`TrainingArguments` with `--precision`."""
+class VIKDFTrainingArguments(TrainingFlags, TrainingArguments):
+    """`TrainingArguments` with `--precision` and `--save_full_model`."""
 
     def __post_init__(self):
         # Refused at parsing, before any model loads: transformers' own arguments accept 0.
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             check_positive(getattr(self, name), f"--{name}")
+        # These strategies upload checkpoint folders as they are, and a trainable-only checkpoint is no model
+        # (vikdf.trainable_checkpoints).
+        strategy = HubStrategy(self.hub_strategy)
+        uploads_checkpoints = strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
+        if self.push_to_hub and uploads_checkpoints and not self.save_full_model:
+            raise ValueError(
+                f"--hub_strategy {strategy.value} uploads checkpoint folders to the Hub, and a checkpoint holds only "
+                "the trainable parameters unless --save_full_model: add --save_full_model, or use --hub_strategy "
+                "every_save or end (the final model, whole, is pushed either way)."
+            )
         self.bf16 = self.bf16 or resolve_dtype(self.precision) == torch.bfloat16
         if self.deepspeed and self.ddp_backend and "LOCAL_RANK" in os.environ and self.accelerator_config is None:
             _start_deepspeed_processes(self.ddp_backend, self.ddp_timeout)

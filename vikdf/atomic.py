@@ -79,19 +79,22 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
 
 
 def damaged_file(folder: str | os.PathLike) -> str | None:
-    """The first file of a checkpoint whose tensors cannot be read, with the reason (None when all can).
+    """The first file of a checkpoint whose contents cannot be read, with the reason (None when all can).
 
-    Reads only each file's index (the safetensors header, the `torch.save` archive's directory): a truncated or
-    overwritten file fails there, so a resume is not stopped later by an error that names no file.
+    Reads only each tensor file's index (the safetensors header, the `torch.save` archive's directory), and parses
+    JSON files (`frozen_parts.json`, the configs): a truncated or overwritten file fails there, so a resume is not
+    stopped later by an error that names no file. Subfolders are read too (DeepSpeed's `global_step*/`).
     """
-    for path in sorted(Path(folder).iterdir()):
+    for path in sorted(path for path in Path(folder).rglob("*") if path.is_file()):
         try:
             if path.suffix == ".safetensors":
                 with safe_open(path, "pt"):
                     pass
             elif path.suffix in (".pt", ".pth", ".bin"):
                 zipfile.ZipFile(path).close()
-        except (SafetensorError, zipfile.BadZipFile, OSError) as error:
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (SafetensorError, zipfile.BadZipFile, OSError, ValueError) as error:
             return f"{path} ({type(error).__name__}: {error})"
     return None
 

@@ -85,9 +85,22 @@ def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIK
     except ValueError as err:
         raise ValueError(f"{flag} {path!r}: {err}") from err
     if os.path.isdir(path):
+        check_not_trainable_only(path, flag)
         check_weight_files(path)
         check_weight_shapes(path, config)
     return config
+
+
+def check_not_trainable_only(folder: str, flag: str) -> None:
+    """A `checkpoint-N` that holds the trainable parameters only (`vikdf.trainable_checkpoints`) is no model."""
+    from vikdf.frozen_parts import FROZEN_PARTS_NAME
+
+    if (Path(folder) / FROZEN_PARTS_NAME).is_file():
+        raise ValueError(
+            f"{flag} {folder!r} is a training checkpoint holding the trainable parameters only ({FROZEN_PARTS_NAME} "
+            "records the frozen parts it needs): continue that run with --resume_from_checkpoint, or load the run's "
+            "output folder (a whole model) or a checkpoint written with --save_full_model."
+        )
 
 
 def check_weight_files(folder: str | os.PathLike) -> None:
@@ -108,7 +121,8 @@ def check_weight_shapes(folder: str | os.PathLike, config: VIKDFConfig) -> None:
     """Compare every tensor of `folder`'s `*.safetensors` files with the shape `config` gives it.
 
     A `config.json` that does not belong to its weights is named here with the tensor and both shapes; transformers
-    would stop at the load and suggest `ignore_mismatched_sizes`, which re-initialises trained weights.
+    would stop at the load and suggest `ignore_mismatched_sizes`, which re-initialises trained weights. The packed
+    weights of a quantised LLM's layers (`vikdf.quantization`) have shapes of their own and are not compared.
     """
     import torch
     from safetensors import safe_open
@@ -118,6 +132,10 @@ def check_weight_shapes(folder: str | os.PathLike, config: VIKDFConfig) -> None:
     with torch.device("meta"):  # shapes only: nothing is allocated, even at 7B
         model = VIKDFForConditionalGeneration(copy.deepcopy(config))
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(config, "quantization_config", None) is not None:
+        for name, module in model.language_model.named_modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.language_model.get_output_embeddings():
+                expected.pop(f"language_model.{name}.weight")
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as weights:
             for name in weights.keys():

@@ -87,12 +87,14 @@ def build_vikdf_from_components(
     llm: str = DEFAULT_LLM,
     num_query_tokens: int = 32,
     dtype: torch.dtype | None = None,
+    quantization_config=None,
     **config_overrides,
 ) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
     """A fresh VIKDF from pretrained CLIP, BERT and LLM (hub ids or folders), with its processor.
 
     `config_overrides` go to `VIKDFConfig` (loss weights, ablation switches, masking, ...). `dtype` is the dtype
-    of the frozen towers and the LLM (the IQ-Former stays fp32).
+    of the frozen towers and the LLM (the IQ-Former stays fp32). A bitsandbytes `quantization_config` quantises
+    the LLM's layers alone (`vikdf.quantization`).
     """
     logger.info(f"Building VIKDF from CLIP={clip}, BERT={bert}, LLM={llm}")
     clip_model = CLIPModel.from_pretrained(clip, dtype=dtype)
@@ -106,6 +108,8 @@ def build_vikdf_from_components(
         clip_max_length=clip_model.config.text_config.max_position_embeddings,
     )
     if len(processor.tokenizer) > llm_model.get_input_embeddings().num_embeddings:
+        # transformers draws the new `<knowledge>` row from the global RNG: the entry points seed it first (--seed),
+        # so a resumed run rebuilds the same frozen LLM (its fingerprint is checked, `vikdf.frozen_parts`).
         llm_model.resize_token_embeddings(len(processor.tokenizer))
 
     config = vikdf_config_from_parts(
@@ -127,7 +131,9 @@ def build_vikdf_from_components(
     if config.include_pretraining_heads:
         state.update(_prefixed(clip_model.vision_model.state_dict(), "vision_encoder."))
         state.update(_prefixed(clip_model.visual_projection.state_dict(), "visual_projection."))
-    model = VIKDFForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model = VIKDFForConditionalGeneration.from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, quantization_config=quantization_config
+    )
     model.generation_config = paper_generation_config(llm_model.generation_config)  # its ids, the paper's decoding
     return model, processor
 

@@ -18,15 +18,26 @@ KNOWLEDGE_ABLATIONS = ("none", "zero", "shuffle")
 
 
 @dataclass
-class PrecisionFlag:
+class TrainingFlags:
+    """What the project adds to `TrainingArguments` (`vikdf.arguments`), here without torch so the quick help lists it."""
+
     precision: str = field(
         default="auto",
         metadata={"help": "auto (bf16 on a GPU that supports it, fp32 on CPU), bf16 or fp32. Sets --bf16 for you."},
     )
+    save_full_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Write every checkpoint-N as the whole model, loadable with AutoModel (as the final save always "
+            "is). By default a checkpoint holds the trainable parameters, the optimizer, scheduler and RNG states and "
+            "frozen_parts.json (each frozen part's source and fingerprint): resuming rebuilds the frozen parts from "
+            "their sources and refuses one that differs."
+        },
+    )
 
 
 @dataclass
-class PretrainSchedule(PrecisionFlag):
+class PretrainSchedule(TrainingFlags):
     """Paper §4.2: 4 GPUs × 32 = global batch 128, 100k steps, AdamW lr 1e-4, weight decay 0.05, a linear warm-up
     over a tenth of the steps (then constant, as released)."""
 
@@ -49,7 +60,7 @@ class PretrainSchedule(PrecisionFlag):
 
 
 @dataclass
-class DialogueSchedule(PrecisionFlag):
+class DialogueSchedule(TrainingFlags):
     """Dialogue fine-tuning defaults (the paper gives none beyond pre-training's optimiser)."""
 
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch per device."})

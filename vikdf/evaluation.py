@@ -74,14 +74,15 @@ Context = str | Sequence[str]
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 def load_checkpoint(
-    path: str | os.PathLike, dtype: torch.dtype | None = None
+    path: str | os.PathLike, dtype: torch.dtype | None = None, quantization_config=None
 ) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
     """A VIKDF checkpoint (folder or hub id) and its processor, with the local classes (no remote code runs).
 
-    The folder, its config and its weight files are checked first (`vikdf.checks.load_checkpoint_config`).
+    The folder, its config and its weight files are checked first (`vikdf.checks.load_checkpoint_config`). A
+    bitsandbytes `quantization_config` quantises the LLM alone; a checkpoint saved quantised loads quantised.
     """
     load_checkpoint_config(os.fspath(path), flag="checkpoint")
-    model = VIKDFForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = VIKDFForConditionalGeneration.from_pretrained(path, dtype=dtype, quantization_config=quantization_config)
     processor = VIKDFProcessor.from_pretrained(path)
     if processor.num_query_tokens != model.config.num_query_tokens:
         raise ValueError(

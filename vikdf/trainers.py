@@ -22,8 +22,10 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
+from unittest.mock import patch
 
 import torch
+import transformers.trainer
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import Trainer, TrainerState
@@ -50,6 +52,7 @@ from vikdf.losses import (
 )
 from vikdf.masking import apply_pixel_mask
 from vikdf.stream_state import check_stream_resume, load_stream_state, save_stream_state, stream_state_name
+from vikdf.trainable_checkpoints import TrainableCheckpointMixin
 
 logger = logging.get_logger(__name__)
 
@@ -160,6 +163,27 @@ def _reporting_full_disk(staging: str, what: str, folder: str):
         ) from error
 
 
+class _FrozenQuantisedLLMMixin:
+    """Lets the Trainer train a VIKDF whose frozen LLM is bitsandbytes-quantised (`vikdf.quantization`).
+
+    transformers refuses any quantised model without PEFT adapters ("purely quantized"), because it cannot train the
+    quantised weights. VIKDF never trains them: the queries, the IQ-Former and the projections train in full
+    precision, as LoRA adapters do over a 4-bit LLM. Checked here (no trainable parameter in a quantised layer),
+    then the Trainer's own check is passed over for this model only.
+    """
+
+    def __init__(self, *args, model=None, **kwargs):
+        if getattr(model, "is_quantized", False):
+            quantised = [name for name, parameter in model.named_parameters()
+                         if parameter.requires_grad and type(parameter).__module__.startswith("bitsandbytes")]
+            if quantised:
+                raise ValueError(f"Quantised LLM weights are set to train ({quantised[0]}, ...); they must stay frozen.")
+            with patch.object(transformers.trainer, "validate_quantization_for_training", lambda model: None):
+                super().__init__(*args, model=model, **kwargs)
+        else:
+            super().__init__(*args, model=model, **kwargs)
+
+
 class _AtomicSaveMixin:
     """Checkpoints and the final save written to a `_saving-*` folder and renamed once complete (`vikdf.atomic`).
 
@@ -239,7 +263,7 @@ class _AtomicSaveMixin:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
-class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
+class VIKDFPretrainTrainer(_FrozenQuantisedLLMMixin, _AtomicSaveMixin, TrainableCheckpointMixin, _MetricsMixin, Trainer):
     """Joint knowledge distillation and integration on image–text pairs (paper §3.2–3.4.1).
 
     Batches come from `vikdf.data.collators.PretrainCollator`. Losses are logged as `loss_tim`, `loss_tamim`,
@@ -453,7 +477,7 @@ class VIKDFPretrainTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
         return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
 
 
-class VIKDFDialogueTrainer(_AtomicSaveMixin, _MetricsMixin, Trainer):
+class VIKDFDialogueTrainer(_FrozenQuantisedLLMMixin, _AtomicSaveMixin, TrainableCheckpointMixin, _MetricsMixin, Trainer):
     """Dialogue fine-tuning of P(R | C, K) (§3.4.1): response NLL; the queries, IQ-Former and
     `language_projection` train, everything else stays frozen.
 
