@@ -61,19 +61,22 @@ PRESETS = {
         num_pairs=2000, num_heldout_pairs=200, num_dialogues=2000, num_eval_dialogues=120, clip_max_steps=600,
         clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=1500,
         pretrain_target=0.5, pretrain_every=100, pretrain_learning_rate=1e-3,
-        pretrain_batch=32, dialogue_epochs=8, eval_batch=24, num_query_tokens=8, table3=False, rows="all",
+        pretrain_batch=32, dialogue_epochs=8, eval_batch=24, num_query_tokens=8, table3=False, fig7_queries=(),
+        rows="all",
     ),
     "smoke": dict(
         names_per_look=2, image_only_per_colour=2,
         num_pairs=600, num_heldout_pairs=100, num_dialogues=120, num_eval_dialogues=12, clip_max_steps=50,
         clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
         pretrain_target=0.5, pretrain_every=10, pretrain_learning_rate=1e-3,
-        pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8, table3=True, rows="all",
+        pretrain_batch=32, dialogue_epochs=1, eval_batch=24, num_query_tokens=8, table3=True, fig7_queries=(4, 16),
+        rows="all",
     ),
 }
 # `python demo.py` within its 5-minute budget: VIKDF, without pre-training, the frozen LLM and shuffled knowledge.
 PRESETS["default"] = {**PRESETS["full"], "rows": "main"}
-PRESETS["tables"] = {**PRESETS["full"], "table3": True}
+# Fig. 7: VIKDF with n = 4 ... 64 query vectors, each its own pre-training (as many steps as VIKDF's) and fine-tuning.
+PRESETS["tables"] = {**PRESETS["full"], "table3": True, "fig7_queries": (4, 8, 16, 32, 64)}
 # Table 3's pre-training ablations: row suffix → the train_pretrain.py flag that switches the objective off.
 PRETRAINING_ABLATIONS = {
     "−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif",
@@ -333,7 +336,7 @@ def prediction_accuracy(predictions: list[dict], world, field_name: str = "hypot
                               world.knowledge_table())
 
 
-def by_kind(values: list[tuple[str, float]]) -> list[list[float]]:
+def by_kind(values: list[tuple[str, object]]) -> list[list]:
     """Per-dialogue values grouped by the object kind their context mentions: the clusters of the bootstrap."""
     groups: dict[str, list[float]] = {}
     for kind, value in values:
@@ -362,6 +365,27 @@ def compare(what: str, system: str, reference: str, outcomes: dict[str, list]) -
         return f"{what} helped: {system} {100 * gain:+.1f} points of knowledge accuracy over {reference} ({interval})."
     return (f"{what} did NOT measurably help on this run: {system} {100 * gain:+.1f} points over {reference}; "
             f"{interval} includes 0.")
+
+
+def queries_row(n: int) -> str:
+    return f"VIKDF, n = {n} queries"
+
+
+def text_metric_intervals(predictions: list[dict], world, knowledge: tuple[float, float, float]) -> dict:
+    """Fig. 7's columns for one system, each (value, low, high) ×100 with its 95 % interval over the kinds the test
+    contexts mention: knowledge accuracy (`knowledge`, already bootstrapped), corpus BLEU-1 and mean ROUGE-L."""
+    # The metrics' stack (pycocoevalcap, NLTK, evaluate) loads here, not when the demo is imported.
+    from vikdf.metrics.dialogue_metrics import bleu_1_counts, bleu_1_from_counts, rouge_l_scores, select_word_tokenizer, tokenize
+
+    split = select_word_tokenizer()[1]
+    kinds = [mentioned_object(p["context"], world.object_names) for p in predictions]
+    hyps = [tokenize(p["hypothesis"], split) for p in predictions]
+    refs = [tokenize(p["reference"], split) for p in predictions]
+    bleu = by_kind([(kind, bleu_1_counts(h, r)) for kind, h, r in zip(kinds, hyps, refs)])
+    rouge = by_kind(list(zip(kinds, rouge_l_scores(hyps, refs))))
+    return {"knowledge_accuracy": tuple(100 * v for v in knowledge),
+            "bleu_1": nested_bootstrap_interval(bleu, statistic=bleu_1_from_counts),
+            "rouge_l": nested_bootstrap_interval(rouge)}
 
 
 def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict, extra: list[str] = ()) -> tuple[dict, list[dict]]:
@@ -454,10 +478,14 @@ def main(argv: list[str] | None = None) -> dict:
     ablations = list(PRETRAINING_ABLATIONS.items()) if settings["table3"] else []
     for suffix, flag in ablations:  # each ablation gets the steps the full objective took
         pretrain(f"pretrain{suffix}", criterion.result.steps, [flag, "false"])
+    query_counts = [n for n in settings["fig7_queries"] if n != settings["num_query_tokens"]]  # VIKDF is the other
+    for n in query_counts:
+        pretrain(f"pretrain_n{n}", criterion.result.steps, ["--num_query_tokens", str(n)])
     stage_seconds["pretrain"] = stage(
         f"3/6 VIKDF pre-training of the five objectives: {criterion.result.describe()} (untrained IQ-Former "
         f"{100 * untrained_retrieval:.0f} %, chance 17 %)"
-        + (f"; and as many steps without each of {', '.join(PRETRAINING_ABLATIONS)}" if ablations else ""), started,
+        + (f"; and as many steps without each of {', '.join(PRETRAINING_ABLATIONS)}" if ablations else "")
+        + (f"; and with n = {', '.join(map(str, query_counts))} queries" if query_counts else ""), started,
     )
 
     def fine_tune(initial: str, folder: str, fraction: float = 1.0, extra: list[str] = ()) -> None:
@@ -479,10 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
         fine_tune("no_pretrain_init", "lora", extra=["--method", "lora"])
     for suffix, _ in ablations:
         fine_tune(f"pretrain{suffix}", f"vikdf{suffix}")
+    for n in query_counts:
+        fine_tune(f"pretrain_n{n}", f"vikdf_n{n}")
     stage_seconds["dialogue_fine_tuning"] = stage(
         "4/6 dialogue fine-tuning on Reddit-format dialogues: VIKDF and the no-pre-training ablation"
         + (", both with ⅛ of the dialogues too, and LoRA" if all_rows else "")
-        + (", and the Table 3 ablations" if ablations else ""), started,
+        + (", and the Table 3 ablations" if ablations else "") + (", and Fig. 7's query counts" if query_counts else ""),
+        started,
     )
 
     count = settings["num_eval_dialogues"]
@@ -498,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
         VIKDF + LOW: ("vikdf_low", out / "vikdf_low", []),
         PRETRAIN_ONLY: ("pretrain_only", out / "pretrain", textualise_all),
         SHUFFLED: ("vikdf_shuffled", out / "vikdf", ["--knowledge_ablation", "shuffle", *textualise_all]),
+        **{queries_row(n): (f"vikdf_n{n}", out / f"vikdf_n{n}", []) for n in query_counts},
     }
     if not all_rows:
         for name in (LORA, NO_PRETRAIN + LOW, VIKDF + LOW, PRETRAIN_ONLY):
@@ -552,6 +584,16 @@ def main(argv: list[str] | None = None) -> dict:
     for name, row in rows.items():
         low, high = row["knowledge_accuracy_interval"]
         print(f"  {name}: {_percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]")
+    figure7 = {}
+    if query_counts:
+        system_of = {settings["num_query_tokens"]: VIKDF, **{n: queries_row(n) for n in query_counts}}
+        figure7 = {n: text_metric_intervals(results[system_of[n]][1], world, intervals[system_of[n]])
+                   for n in sorted(system_of)}
+        print(f"\nFig. 7: VIKDF with n query vectors, each pre-trained {criterion.result.steps} steps and fine-tuned "
+              "alike; 95 % intervals over the image-only kinds:")
+        print("| n | Knowledge acc. | BLEU-1 | ROUGE-L |\n|---:|---|---|---|")
+        for n, row in figure7.items():
+            print(f"| {n} | " + " | ".join(f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in row.values()) + " |")
     print(f"\nTIM text→image recall@1 on {int(round(1 / chance))} held-out pairs: {100 * recall:.1f} % "
           f"(chance {100 * chance:.1f} %, {recall / chance:.0f}× chance)")
 
@@ -583,6 +625,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pretraining_criterion": {**_stand_in_summary(criterion.result), "untrained_value": untrained_retrieval,
                                   "history": criterion.result.history},
         "systems": rows,
+        "figure7": {str(n): {name: list(values) for name, values in row.items()} for n, row in figure7.items()},
         "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))},
         "llm_prompt_use": {"described": described, "plain": plain},
         "tim_recall_at_1": recall,

@@ -48,6 +48,12 @@ def report(summary: dict, preset: str, info: dict) -> str:
     headers = ["system", "knowledge acc. (image-only objects)", "95 % interval over kinds", "(seen objects)",
                "textualised K names the colour"]
     lines += [common.markdown_table(headers, systems), ""]
+    if summary.get("figure7"):
+        rows = [[n, *("{:.1f} [{:.1f}, {:.1f}]".format(*values) for values in columns.values())]
+                for n, columns in summary["figure7"].items()]
+        lines += [f"Fig. 7: VIKDF with n query vectors, each pre-trained {summary['pretraining_criterion']['steps']} "
+                  "steps and fine-tuned alike (95 % intervals over the image-only kinds):", "",
+                  common.markdown_table(["n", "knowledge acc.", "BLEU-1", "ROUGE-L"], rows), ""]
     recall, chance = summary["tim_recall_at_1"], summary["tim_chance"]
     use = summary["llm_prompt_use"]
     lines += [

@@ -137,10 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--freeze_iq_former", action="store_true",
                         help="the demo's switch beyond the paper: fine-tune the projection alone (results file "
                              "demo_seeds_<preset>_frozen-iq-former_cpu)")
+    parser.add_argument("--pretrain_steps", type=int, default=None,
+                        help="cap of VIKDF pre-training steps instead of the preset's (results file "
+                             "demo_seeds_<preset>[_frozen-iq-former]_<N>steps_cpu)")
     parser.add_argument("--output_dir", default=None, help="default benchmarks/results")
     args = parser.parse_args(argv)
     info = common.machine_info(torch.device("cpu"))
-    stem = f"demo_seeds_{args.preset}{'_frozen-iq-former' if args.freeze_iq_former else ''}_cpu"
+    steps = [] if args.pretrain_steps is None else ["--pretrain_steps", str(args.pretrain_steps)]
+    stem = (f"demo_seeds_{args.preset}{'_frozen-iq-former' if args.freeze_iq_former else ''}"
+            f"{'' if args.pretrain_steps is None else f'_{args.pretrain_steps}steps'}_cpu")
     directory = common.RESULTS_DIR if args.output_dir is None else common.Path(args.output_dir)
     runs: list[dict] = []
     if args.resume and (directory / f"{stem}.json").exists():
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             with tempfile.TemporaryDirectory(prefix="vikdf-demo-") as workdir:
                 summary = demo.main(["--preset", args.preset, "--seed", str(seed), "--llm_family", family,
-                                     "--output_dir", workdir, "--freeze_iq_former", str(args.freeze_iq_former)])
+                                     "--output_dir", workdir, "--freeze_iq_former", str(args.freeze_iq_former),
+                                     *steps])
             summary["num_eval_dialogues"] = demo.PRESETS[args.preset]["num_eval_dialogues"]
             summary["printed_table"] = [demo.table_row(name, row) for name, row in summary["systems"].items()]
             runs.append(summary)

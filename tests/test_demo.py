@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     # the Table 3 ablations, each its own pre-training run followed by the same fine-tuning.
     expected = [demo.FROZEN_LLM, demo.LORA, demo.NO_PRETRAIN, demo.VIKDF,
                 "VIKDF −TIM", "VIKDF −TAMIM", "VIKDF −IAMTM", "VIKDF −BVIF", demo.NO_PRETRAIN + demo.LOW, demo.VIKDF + demo.LOW, demo.PRETRAIN_ONLY, demo.SHUFFLED,
-                "VIKDF, zero knowledge"]
+                demo.queries_row(4), demo.queries_row(16), "VIKDF, zero knowledge"]
     assert list(summary["systems"]) == expected
     for name in expected:
         assert f"| {name} |" in printed
@@ -43,6 +45,17 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
         low, high = metrics["knowledge_accuracy_interval"]
         assert 0.0 <= low <= metrics["knowledge_accuracy"] <= high <= 1.0, name
     assert "95 % interval from a bootstrap over the 12 image-only kinds" in printed
+    # Fig. 7's driver: n = 4 and 16 each pre-trained and fine-tuned (n = 8 is VIKDF), with intervals over kinds.
+    assert "Fig. 7: VIKDF with n query vectors" in printed
+    assert list(summary["figure7"]) == ["4", "8", "16"]
+    for n, columns in summary["figure7"].items():
+        assert list(columns) == ["knowledge_accuracy", "bleu_1", "rouge_l"]
+        for value, low, high in columns.values():
+            assert math.isfinite(value) and low <= value + 1e-9 and value <= high + 1e-9, (n, columns)
+        assert f"| {n} | {columns['knowledge_accuracy'][0]:.1f} [" in printed
+    assert summary["figure7"]["8"]["bleu_1"][0] == pytest.approx(summary["systems"][demo.VIKDF]["bleu_1"], abs=1e-6)
+    assert (out / "pretrain_n16" / "config.json").exists()
+    assert json.loads((out / "vikdf_n4" / "config.json").read_text())["num_query_tokens"] == 4
     assert 0.0 <= summary["systems"][demo.PRETRAIN_ONLY]["textualised_accuracy"] <= 1.0
     for stand_in in summary["stand_ins"].values():
         assert stand_in["steps"] >= 1 and 0.0 <= stand_in["value"] <= 1.0 and stand_in["criterion"]

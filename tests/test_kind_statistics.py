@@ -7,6 +7,7 @@ import pytest
 
 import demo
 from vikdf.data.synthetic import knowledge_accuracy, knowledge_outcomes
+from vikdf.metrics.dialogue_metrics import bleu_1, bleu_1_counts, bleu_1_from_counts, rouge_l, rouge_l_scores
 from vikdf.stats import nested_bootstrap_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks import each other
@@ -39,6 +40,19 @@ def test_pooled_runs_resample_runs_then_kinds():
     assert mean == pytest.approx(0.5) and low == 0.0 and high == 1.0
     with pytest.raises(ValueError, match="empty"):
         nested_bootstrap_interval([[1.0], []])
+
+
+def test_corpus_bleu_1_is_bootstrapped_from_per_pair_counts():
+    hyps = ["a red ball is here", "yes", "the cat on the mat is blue today", "i like it"]
+    refs = ["the red ball", "yes it is", "a cat sat on a mat", "i do not like it at all"]
+    counts = [bleu_1_counts(h, r) for h, r in zip(hyps, refs)]
+    value, low, high = nested_bootstrap_interval([counts[:2], counts[2:]], statistic=bleu_1_from_counts)
+    assert value == pytest.approx(bleu_1(hyps, refs), abs=1e-6)
+    assert low < value < high
+    # Every kind with the same pairs: the corpus score cannot move.
+    value, low, high = nested_bootstrap_interval([counts] * 10, statistic=bleu_1_from_counts)
+    assert low == pytest.approx(value) and high == pytest.approx(value)
+    assert sum(rouge_l_scores(hyps, refs)) / len(hyps) == pytest.approx(rouge_l(hyps, refs))
 
 
 def test_knowledge_outcomes_name_the_kind_of_each_scored_response():

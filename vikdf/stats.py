@@ -13,7 +13,7 @@ that metric's statistics; a statistic that cannot be computed (no runs, one run,
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -99,52 +99,71 @@ def format_markdown_table(
     return "\n".join(lines) + "\n"
 
 
-# A nested sample: a list of numbers (the outcomes of one cluster, e.g. one kind's dialogues) or a list of nested
-# samples (e.g. the kinds of a run, or the runs of a benchmark).
-Nested = Sequence[float] | Sequence["Nested"]
+# A nested sample: a list of outcomes (those of one cluster, e.g. one kind's dialogues) or a list of nested samples
+# (e.g. the kinds of a run, or the runs of a benchmark). An outcome is a number, or a tuple of numbers of one length
+# when the statistic is a function of their sums (corpus BLEU-1 of clipped matches and lengths).
+Nested = Sequence[float] | Sequence[Sequence[float]] | Sequence["Nested"]
+Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def _resampled_sums(node: Nested, rng: np.random.Generator, resamples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sums and counts of the outcomes under `node`, each of shape (resamples,): the clusters of every level are
+def mean_statistic(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return sums / counts
+
+
+def _resampled_sums(node: Nested, rng: np.random.Generator, resamples: int, tuples: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sums (resamples, ...) and counts (resamples,) of the outcomes under `node`: the clusters of every level are
     drawn with replacement, and a drawn innermost cluster brings all its outcomes as they are.
 
     The outcomes inside a cluster are not drawn again: resampling at every level counts the within-cluster variance
     twice and overstates the interval, while resampling the clusters alone is consistent for clustered data."""
     if len(node) == 0:
         raise ValueError("a cluster of the bootstrap sample is empty; leave it out instead")
-    if not isinstance(node[0], Sequence):
-        return np.full(resamples, float(np.sum(node))), np.full(resamples, float(len(node)))
-    children = [_resampled_sums(child, rng, resamples) for child in node]
-    sums = np.stack([s for s, _ in children])                                     # (m, B)
+    if _innermost(node, tuples):
+        total = np.sum(np.asarray(node, dtype=float), axis=0)
+        return np.broadcast_to(total, (resamples, *np.shape(total))), np.full(resamples, float(len(node)))
+    children = [_resampled_sums(child, rng, resamples, tuples) for child in node]
+    sums = np.stack([s for s, _ in children])                                     # (m, B, ...)
     counts = np.stack([c for _, c in children])                                   # (m, B)
     draws = rng.integers(0, len(node), size=(len(node), resamples))               # (m, B): child drawn in slot j
     columns = np.arange(resamples)
     return sums[draws, columns].sum(axis=0), counts[draws, columns].sum(axis=0)
 
 
+def _innermost(node: Nested, tuples: bool) -> bool:
+    """Whether `node` is a list of outcomes: numbers, or (with tuple outcomes) lists of numbers."""
+    item = node[0]
+    return not isinstance(item, Sequence) if not tuples else not isinstance(item[0], Sequence)
+
+
 def nested_bootstrap_interval(
-    sample: Nested, confidence: float = 0.95, resamples: int = 4000, seed: int = 0
+    sample: Nested, confidence: float = 0.95, resamples: int = 4000, seed: int = 0, statistic: Statistic | None = None
 ) -> tuple[float, float, float]:
-    """The mean of all outcomes in `sample` and its percentile bootstrap interval, resampling the top-level clusters,
-    then the clusters nested in each drawn one, down to the innermost clusters, whose outcomes stay together.
+    """A statistic of all outcomes in `sample` (by default their mean) and its percentile bootstrap interval,
+    resampling the top-level clusters, then the clusters nested in each drawn one, down to the innermost clusters,
+    whose outcomes stay together.
 
     The demo's knowledge accuracy is decided kind by kind (a model knows a kind's colour or it does not), so its
     sampling unit is the object kind, not the dialogue: `sample` is then one list of per-dialogue outcomes (1 right,
     0 wrong; or a paired difference of two systems on the same dialogues, -1/0/1) per kind, and over several runs
-    one such list of kinds per run (runs drawn, then kinds within each drawn run).
+    one such list of kinds per run (runs drawn, then kinds within each drawn run). With a `statistic`, each outcome
+    is a tuple of numbers and `statistic(sums, counts)` maps their sums (resamples, k) and counts (resamples,) to
+    the statistic (resamples,), e.g. corpus BLEU-1 from clipped matches and lengths.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    sums, counts = _resampled_sums(sample, np.random.default_rng(seed), resamples)
-    means = sums / counts
+    tuples = statistic is not None
+    statistic = statistic or mean_statistic
+    sums, counts = _resampled_sums(sample, np.random.default_rng(seed), resamples, tuples)
+    values = statistic(sums, counts)
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    total, count = _observed_sum_and_count(sample)
-    return total / count, float(low), float(high)
+    low, high = np.percentile(values, [tail, 100 - tail])
+    total, count = _observed(sample, tuples)
+    return float(statistic(total[None], np.array([count]))[0]), float(low), float(high)
 
 
-def _observed_sum_and_count(node: Nested) -> tuple[float, int]:
-    if not isinstance(node[0], Sequence):
-        return float(np.sum(node)), len(node)
-    parts = [_observed_sum_and_count(child) for child in node]
+def _observed(node: Nested, tuples: bool) -> tuple[np.ndarray, float]:
+    """Sum and count of every outcome under `node`, as drawn once with each cluster once."""
+    if _innermost(node, tuples):
+        return np.sum(np.asarray(node, dtype=float), axis=0), float(len(node))
+    parts = [_observed(child, tuples) for child in node]
     return sum(s for s, _ in parts), sum(c for _, c in parts)

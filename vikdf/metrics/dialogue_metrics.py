@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import datasets
@@ -174,16 +175,38 @@ def bleu_1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return 100.0 * float(scores[0])
 
 
+def bleu_1_counts(hypothesis: str, reference: str) -> tuple[int, int, int]:
+    """One tokenised pair's share of corpus BLEU-1: (clipped unigram matches, hypothesis length, reference length).
+    Summed over a corpus, :func:`bleu_1_from_counts` gives :func:`bleu_1` (to the toolkit's 1e-9 smoothing), so a
+    bootstrap can redraw the pairs (`vikdf.stats.nested_bootstrap_interval`) without rescoring each draw."""
+    hyp, ref = Counter(hypothesis.split()), Counter(reference.split())
+    return sum((hyp & ref).values()), sum(hyp.values()), sum(ref.values())
+
+
+def bleu_1_from_counts(sums: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Corpus BLEU-1 (×100) from summed :func:`bleu_1_counts`, shape (..., 3): unigram precision times the brevity
+    penalty exp(1 − reference/hypothesis length) when the hypotheses are shorter. `counts` (the number of pairs)
+    is not needed; it is there to fit `nested_bootstrap_interval`'s `statistic`."""
+    matches, hyp_len, ref_len = np.moveaxis(np.asarray(sums, dtype=float), -1, 0)
+    precision = matches / np.maximum(hyp_len, 1e-9)
+    penalty = np.where(hyp_len < ref_len, np.exp(1 - ref_len / np.maximum(hyp_len, 1e-9)), 1.0)
+    return 100.0 * precision * penalty
+
+
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Mean per-sentence ROUGE-L F-measure (β = 1.2, ×100) of the COCO caption toolkit.
 
     The toolkit splits on a single space, so an empty hypothesis becomes the one token ``""``: it matches
     nothing in a non-empty reference and scores 0 rather than crashing.
     """
+    return float(np.mean(rouge_l_scores(hypotheses, references)))
+
+
+def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Each tokenised pair's ROUGE-L F-measure (×100): :func:`rouge_l` is their mean."""
     res = {i: [h] for i, h in enumerate(hypotheses)}
     gts = {i: [r] for i, r in enumerate(references)}
-    score, _ = Rouge().compute_score(gts, res)
-    return 100.0 * float(score)
+    return [100.0 * float(score) for score in Rouge().compute_score(gts, res)[1]]
 
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
