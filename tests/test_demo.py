@@ -106,13 +106,17 @@ def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
 
 
 def test_readme_table3_rows_are_the_tables_benchmark_lines():
-    """The README's Table 3 rows are lines of the benchmark's own table (`bench_demo.py --preset tables`), so they
-    cannot drift from the file that holds the measurement."""
+    """The README's Table 3 rows and Fig. 7 table are lines of the benchmark's own tables (`bench_demo.py --preset
+    tables`), so they cannot drift from the file that holds the measurement."""
     readme = (ROOT / "README.md").read_text()
     benchmark = (ROOT / "benchmarks" / "results" / "demo_tables_cpu.md").read_text().splitlines()
     names = [demo.VIKDF, *(f"VIKDF {suffix}" for suffix in demo.PRETRAINING_ABLATIONS), demo.NO_PRETRAIN,
              "VIKDF, zero knowledge"]
     for name in names:
         (line,) = [line for line in benchmark if line.startswith(f"| {name} |")]
+        assert line in readme, line
+    figure7 = benchmark[benchmark.index("| n | knowledge acc. | BLEU-1 | ROUGE-L |"):][:7]  # header, rule, 5 rows
+    assert [line.split(" | ")[0] for line in figure7[2:]] == ["| 4", "| 8", "| 16", "| 32", "| 64"]
+    for line in figure7:
         assert line in readme, line
 
