@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import HubStrategy, get_last_checkpoint
+from transformers.trainer_utils import HubStrategy, SaveStrategy, get_last_checkpoint
 from transformers.utils import CONFIG_NAME, logging
 
 from vikdf.frozen_parts import (
@@ -108,9 +108,11 @@ class TrainableCheckpointMixin:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         resumes_trainable = is_trainable_checkpoint(checkpoint)
         # Computed once per run, as the scripts built the model (before DeepSpeed may cast it): frozen weights do not
-        # change while training, so every checkpoint of the run reuses these.
+        # change while training, so every checkpoint of the run reuses these. A run that writes no checkpoint
+        # (--save_strategy no, as the demo's) does not read the frozen weights for them.
         self._frozen_fingerprints = None
-        if resumes_trainable or (self.writes_trainable_checkpoints and self.args.should_save):
+        saves_checkpoints = self.args.should_save and self.args.save_strategy != SaveStrategy.NO
+        if resumes_trainable or (self.writes_trainable_checkpoints and saves_checkpoints):
             self._frozen_fingerprints = frozen_fingerprints(self.model)
         if resumes_trainable:
             check_frozen_parts(checkpoint, self._frozen_fingerprints, self.frozen_sources)
