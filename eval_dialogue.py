@@ -166,8 +166,9 @@ def check_arguments(args: EvalArguments) -> None:
     for flag, value in (("--batch_size", args.batch_size), ("--num_beams", args.num_beams),
                         ("--max_test_dialogues", args.max_test_dialogues)):
         check_positive(value, flag)
-    if args.no_repeat_ngram_size < 0:
-        raise ValueError(f"--no_repeat_ngram_size {args.no_repeat_ngram_size} must be 0 (off) or positive.")
+    for flag, value in (("--no_repeat_ngram_size", args.no_repeat_ngram_size), ("--textualise", args.textualise)):
+        if value < 0:
+            raise ValueError(f"{flag} {value} must be 0 (off) or positive.")
     if args.do_sample and args.temperature is not None and not args.temperature > 0:
         raise ValueError(
             f"--temperature {args.temperature} with --do_sample must be above 0 (sampling divides the logits by it); "

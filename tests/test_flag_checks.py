@@ -68,6 +68,8 @@ def _pretrain(saved, **options):
         (_eval, ["--max_test_dialogues", "-2"], "--max_test_dialogues -2 must be positive"),
         (_eval, ["--num_beams", "0"], "--num_beams 0 must be positive"),
         (_eval, ["--batch_size", "0"], "--batch_size 0 must be positive"),
+        (_eval, ["--textualise", "-1"], r"--textualise -1 must be 0 \(off\) or positive"),
+        (_train_dialogue, ["--num_train_epochs", "0"], "--num_train_epochs 0.0 must be above 0"),
         (_eval, ["--do_sample", "true", "--temperature", "0"], "--temperature 0.0 with --do_sample must be above 0"),
         (_eval, ["--do_sample", "true", "--top_p", "1.5"], r"--top_p 1.5 with --do_sample must lie in \(0, 1\]"),
     ],
@@ -77,9 +79,10 @@ def test_nonsense_flags_are_refused_before_the_model_loads(saved, no_model_load,
         entry(saved, *flags)
 
 
-def test_a_zero_pretraining_batch_is_refused_before_the_towers_load(saved, no_model_load):
-    with pytest.raises(ValueError, match="--per_device_train_batch_size 0 must be positive"):
-        _pretrain(saved, per_device_train_batch_size=0)
+@pytest.mark.parametrize("flag, value", [("per_device_train_batch_size", 0), ("max_steps", 0), ("max_steps", -1)])
+def test_a_zero_pretraining_batch_or_schedule_is_refused_before_the_towers_load(saved, no_model_load, flag, value):
+    with pytest.raises(ValueError, match=f"--{flag} {value} must be positive"):
+        _pretrain(saved, **{flag: value})
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,21 @@ def _start_deepspeed_processes(backend: str, timeout: int) -> None:
 class PretrainTrainingArguments(PretrainSchedule, VIKDFTrainingArguments):
     """`TrainingArguments` with the paper's pre-training schedule (`vikdf.defaults.PretrainSchedule`)."""
 
+    def __post_init__(self):
+        # The pairs stream with no epochs, so the steps are the whole schedule; the Trainer would refuse 0 only after
+        # the towers have loaded.
+        check_positive(self.max_steps, "--max_steps")
+        super().__post_init__()
+
 
 @dataclass
 class DialogueTrainingArguments(DialogueSchedule, VIKDFTrainingArguments):
     """`TrainingArguments` with the dialogue fine-tuning defaults (`vikdf.defaults.DialogueSchedule`)."""
+
+    def __post_init__(self):
+        # Without --max_steps the epochs are the schedule, and none would train nothing and still save a "fine-tuned"
+        # checkpoint (--train_fraction 0 is the flag that asks for that).
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs {self.num_train_epochs} must be above 0 (or give --max_steps); "
+                             "to re-save a checkpoint without training, use --train_fraction 0.")
+        super().__post_init__()
