@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--llm_families", nargs="+", default=["llama", "qwen2"])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the result JSON")
     parser.add_argument("--freeze_iq_former", action="store_true",
-                        help="the demo's switch beyond the paper: fine-tune the projection alone (results file "
-                             "demo_seeds_<preset>_frozen-iq-former_cpu)")
+                        help="the demo's switch beyond the paper: fine-tune the projection alone, on its own schedule "
+                             "(results file demo_seeds_<preset>_frozen-iq-former_cpu)")
     parser.add_argument("--pretrain_steps", type=int, default=None,
                         help="cap of VIKDF pre-training steps instead of the preset's (results file "
                              "demo_seeds_<preset>[_frozen-iq-former]_<N>steps_cpu)")

@@ -5,8 +5,11 @@ import math
 from pathlib import Path
 
 import pytest
+from transformers import HfArgumentParser
 
 import demo
+import train_dialogue
+from vikdf.arguments import DialogueTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +89,27 @@ def test_verdict_counts_a_gain_only_when_its_interval_over_kinds_excludes_zero()
     assert "did NOT measurably help" in verdict and "+8.3 points" in verdict and "over 12 kinds" in verdict
 
 
+def test_projection_only_switch_fine_tunes_on_the_projections_own_schedule():
+    full = demo.PRESETS["full"]
+    paper = demo.dialogue_schedule(full, projection_only=False)
+    assert paper == ["--num_train_epochs", "8", "--learning_rate", "0.003"]  # the README's 8 epochs at 3e-3
+    switched = demo.dialogue_schedule(full, projection_only=True)
+    assert switched == ["--num_train_epochs", "24", "--learning_rate", "0.01", "--freeze_iq_former", "true"]
+    parser = HfArgumentParser((train_dialogue.DialogueModelArguments, DialogueTrainingArguments))
+    model_args, training_args = parser.parse_args_into_dataclasses(
+        args=["--model_name_or_path", "x", "--output_dir", "o", *switched])  # flags train_dialogue.py knows
+    assert model_args.freeze_iq_former and training_args.num_train_epochs == 24 and training_args.learning_rate == 0.01
+
+
+def verdict_lines(stem: Path, targets: list[dict]) -> list[str]:
+    """The benchmark's verdicts over all runs, with their figures, as its results file printed them."""
+    printed = stem.with_suffix(".md").read_text().splitlines()
+    lines = printed[printed.index("### Targets") + 2:][:len(targets)]
+    for check, line in zip(targets, lines, strict=True):
+        assert line.startswith(f"- {'MET' if check['met'] else 'NOT met'}: {check['target']} ("), line
+    return lines
+
+
 def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
     """The README's demo tables are the benchmark's: its mean ± sd table line for line, the rows of the default run
     (`python demo.py`: llama, seed 0) as the benchmark's own seed-0 run printed them, and every target verdict the
@@ -101,8 +125,20 @@ def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
             assert line in readme, line
     runs = {(run["llm_family"], run["seed"]) for run in results["runs"]}
     assert len(runs) >= 3 and f"over {len(runs)} runs" in readme
-    for check in results["targets"]:
-        assert f"{'MET' if check['met'] else 'NOT met'}: {check['target']}" in readme, check["target"]
+    for line in verdict_lines(ROOT / "benchmarks" / "results" / "demo_seeds_full_cpu", results["targets"]):
+        assert line in readme, line
+
+
+def test_readme_quotes_the_projection_only_switch_benchmark():
+    """The switch's section (`bench_demo_seeds.py --freeze_iq_former --pretrain_steps 3000`) quotes that benchmark's
+    table line for line, and its verdicts with their figures as the results file printed them."""
+    readme = (ROOT / "README.md").read_text()
+    stem = ROOT / "benchmarks" / "results" / "demo_seeds_full_frozen-iq-former_3000steps_cpu"
+    results = json.loads(stem.with_suffix(".json").read_text())
+    for line in results["readme_table"]:
+        assert line in readme, line
+    for line in verdict_lines(stem, results["targets"]):
+        assert line in readme, line
 
 
 def test_readme_table3_rows_are_the_tables_benchmark_lines():
