@@ -1,4 +1,4 @@
-"""Configuration of VIKDF (paper §3, §4.2; DESIGN.md §3).
+"""Configuration of VIKDF (paper §3, §4.2).
 
 Hub remote code: this file travels with every checkpoint, so it imports only transformers and `pipeline_vikdf`
 (which it names in `custom_pipelines`; importing it here is what makes that file travel with the config).
@@ -41,7 +41,7 @@ RECONSTRUCTION_PROMPTS = (
     "Build a mental image from the following caption:",
 )
 
-# Shapes of the paper's setting (DESIGN.md §3): CLIP ViT-L/14, BERT-base IQ-Former, Llama-2-7B.
+# Shapes of the paper's setting (§4.2): CLIP ViT-L/14, BERT-base IQ-Former, Llama-2-7B.
 CLIP_VIT_L14 = {
     "projection_dim": 768,
     "text_config": {

@@ -49,6 +49,7 @@ from vikdf.data.synthetic import (
 )
 from vikdf.evaluation import load_checkpoint
 from vikdf.losses import tim_similarity
+from vikdf.output_folder import folder_lock
 from vikdf.stats import nested_bootstrap_interval
 from vikdf.standin import Criterion, CriterionCallback, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
@@ -97,6 +98,8 @@ LOW = f", {LOW_RESOURCE_FRACTION:g} of the dialogues".replace("0.125", "⅛")
 
 # Marks a folder as a demo's output, which a later demo run may delete and write again.
 DEMO_MARKER = "_demo_output"
+# Held while a demo writes its folder: a second demo given the same --output_dir would delete it under the first.
+DEMO_LOCK = "_demo.lock"
 
 
 @dataclass
@@ -125,20 +128,30 @@ class DemoArguments:
     )
 
 
-def replace_demo_output(out: Path) -> Path:
-    """`out`, emptied for a new run: deleted only when it is new, empty or an earlier demo's output (its marker
-    file says so), never a folder of the user's own files, since every stage writes there."""
+def check_demo_output(out: Path) -> None:
+    """Refuse an --output_dir the demo may not replace: a file, or a folder of the user's own files (one without the
+    marker of an earlier demo's output), before anything is written there."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {str(out)!r} is an existing file: give a folder for the demo's output.")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).is_file():
-            raise ValueError(
-                f"--output_dir {str(out)!r} holds files that the demo did not write (it has no {DEMO_MARKER}), and "
-                "the demo replaces its output folder: give a new or empty folder, or delete this one yourself if "
-                "it is only the output of an older demo version."
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and not (out / DEMO_MARKER).is_file() and any(p.name != DEMO_LOCK for p in out.iterdir()):
+        raise ValueError(
+            f"--output_dir {str(out)!r} holds files that the demo did not write (it has no {DEMO_MARKER}), and "
+            "the demo replaces its output folder: give a new or empty folder, or delete this one yourself if "
+            "it is only the output of an older demo version."
+        )
+
+
+def replace_demo_output(out: Path) -> Path:
+    """`out` (checked by `check_demo_output`, locked by this run), emptied for a new run but for its lock file,
+    which another demo run waiting on the same folder holds on to."""
+    check_demo_output(out)
+    for entry in out.iterdir():
+        if entry.name == DEMO_LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     (out / DEMO_MARKER).write_text("Written by demo.py: a later demo run with this --output_dir replaces it.\n")
     return out
 
@@ -429,9 +442,15 @@ def main(argv: list[str] | None = None) -> dict:
     settings = dict(PRESETS[args.preset])
     if args.pretrain_steps is not None:
         settings["pretrain_steps"] = args.pretrain_steps
+    check_demo_output(Path(args.output_dir))
+    with folder_lock(args.output_dir, name=DEMO_LOCK):
+        return run(args, settings, replace_demo_output(Path(args.output_dir)))
+
+
+def run(args: DemoArguments, settings: dict, out: Path) -> dict:
+    """Every stage of the demo into `out`, the report printed; returns the summary (also `out`/summary.json)."""
     logging.set_verbosity_error()
     torch.manual_seed(args.seed)
-    out = replace_demo_output(Path(args.output_dir))
     started = time.time()
     stage_seconds: dict[str, float] = {}
 

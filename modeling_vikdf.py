@@ -1,5 +1,5 @@
 """VIKDF: an IQ-Former distils visual implicit knowledge from text through frozen CLIP towers, and a frozen causal
-LLM reads it as soft prompts (paper §3; DESIGN.md §3).
+LLM reads it as soft prompts (paper §3).
 
 Hub remote code: this file travels with every checkpoint, so it imports only torch, transformers and
 `configuration_vikdf`.
@@ -36,7 +36,7 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
-# Which top-level parts train in each stage (DESIGN.md §3). Everything else (CLIP towers, LLM) stays frozen.
+# Which top-level parts train in each stage (paper §3.2–3.4). Everything else (CLIP towers, LLM) stays frozen.
 PRETRAIN_TRAINABLE = (
     "query_tokens",
     "iq_former",
@@ -89,7 +89,7 @@ def llm_only_quantization(quantization_config):
     return quantization_config
 
 
-# Decoding of the released code (DESIGN.md §3), the generation config every VIKDF checkpoint carries. No sampling
+# Decoding of the released code, the generation config every VIKDF checkpoint carries. No sampling
 # matters: Llama-2-chat's own generation config samples (temperature 0.6, top-p 0.9).
 PAPER_GENERATION = {"num_beams": 3, "no_repeat_ngram_size": 3, "max_new_tokens": 32, "do_sample": False}
 

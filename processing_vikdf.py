@@ -1,6 +1,6 @@
 """Processor of VIKDF: CLIP tokenizer + CLIP image processor + LLM tokenizer + the three LLM layouts.
 
-Layouts (DESIGN.md §3), `<k>×n` being n copies of the knowledge placeholder:
+Layouts, `<k>×n` being n copies of the knowledge placeholder:
 
 - dialogue (§3.4): the LLM's own chat template, the knowledge slots right after the template's opening (the start
   of the user turn), the context turns joined by newlines; the response written as the template writes an

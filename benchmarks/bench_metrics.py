@@ -1,4 +1,4 @@
-"""Time the dialogue metrics (DESIGN.md §5) on 20,000 synthetic pairs with a GloVe-sized 300d file.
+"""Time the dialogue metrics on 20,000 synthetic pairs with a GloVe-sized 300d file.
 
     python benchmarks/bench_metrics.py [--pairs 20000] [--vocab-size 400000]
 

@@ -1,4 +1,4 @@
-"""Dialogue readers (DESIGN.md §4) on small files written in the real formats."""
+"""Dialogue readers on small files written in the real formats."""
 
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Dialogue metrics (DESIGN.md §5) and run statistics (paper §5.1) against hand-computed values."""
+"""Dialogue metrics (README, conventions) and run statistics (paper §5.1) against hand-computed values."""
 
 import json
 import math

@@ -233,4 +233,19 @@ def test_demo_refuses_a_folder_of_user_files_and_replaces_an_earlier_demo_output
     (earlier / "summary.json").write_text("{}")
     with pytest.raises(ModelLoaded):
         demo.main(["--output_dir", str(earlier)])
-    assert [p.name for p in earlier.iterdir()] == [demo.DEMO_MARKER]
+    assert sorted(p.name for p in earlier.iterdir()) == sorted([demo.DEMO_MARKER, demo.DEMO_LOCK])
+
+
+def test_a_second_demo_into_a_folder_a_demo_is_writing_is_refused_and_deletes_nothing(tmp_path, monkeypatch):
+    def stop(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr(demo, "write_synthetic_world", stop)
+    out = tmp_path / "demo"
+    with pytest.raises(ModelLoaded):
+        demo.main(["--output_dir", str(out)])
+    (out / "summary.json").write_text("{}")  # the first run's output so far
+    with folder_lock(out, name=demo.DEMO_LOCK):  # the first run, still writing
+        with pytest.raises(RuntimeError, match="is being written by another run"):
+            demo.main(["--output_dir", str(out)])
+    assert (out / "summary.json").read_text() == "{}"

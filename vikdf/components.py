@@ -1,4 +1,4 @@
-"""Build a fresh VIKDF from pretrained parts, by hub id or local folder (paper §4.2; DESIGN.md §3).
+"""Build a fresh VIKDF from pretrained parts, by hub id or local folder (paper §4.2).
 
 CLIP gives the frozen text and image towers with their projections, BERT initialises the IQ-Former, and the LLM
 is used as it is, with the `<knowledge>` placeholder added to its vocabulary.

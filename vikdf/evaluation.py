@@ -1,4 +1,5 @@
-"""Zero-resource dialogue evaluation of VIKDF (paper §3.4.2 inference, §4.4 metrics, Table 1; DESIGN.md §5).
+"""Zero-resource dialogue evaluation of VIKDF (paper §3.4.2 inference, §4.4 metrics, Table 1; conventions:
+README, "Conventions and where we differ from the release").
 
 The pieces `eval_dialogue.py` and the demo share:
 
@@ -64,7 +65,8 @@ LOWER_IS_BETTER = ("ppl", "ppl_token")
 # `perplexity(convention=...)` -> the metrics key of that figure.
 PPL_CONVENTIONS = {"dialogue": "ppl", "token": "ppl_token"}
 
-# Generation of the released code (DESIGN.md §3), passed explicitly so that every checkpoint is evaluated alike.
+# Generation of the released code (`modeling_vikdf.PAPER_GENERATION`), passed explicitly so that every checkpoint
+# is evaluated alike.
 RELEASED_GENERATION: dict[str, Any] = dict(PAPER_GENERATION)
 
 Context = str | Sequence[str]
@@ -240,7 +242,7 @@ def perplexity(
     convention: str = "dialogue",
     **kwargs,
 ) -> float:
-    """PPL over the response tokens and eos of every reference (DESIGN.md §5).
+    """PPL over the response tokens and eos of every reference (the release's convention).
 
     ``convention="dialogue"`` (default) is the Table-1 column as released, exp of the mean over dialogues of
     their mean token NLL; ``"token"`` is exp(Σ NLL / Σ tokens). See :func:`perplexities`.

@@ -1,4 +1,5 @@
-"""Masks for the two masked-modelling objectives of knowledge distillation (paper §3.2.2–3.2.3, §4.2; DESIGN §3).
+"""Masks for the two masked-modelling objectives of knowledge distillation (paper §3.2.2–3.2.3, §4.2; the release's
+masking: README, "Conventions and where we differ from the release").
 
 Each objective has a *scored* set (where its loss is averaged) and a *replaced* set (what the encoder does not
 see). The defaults are the authors' release; `keep_ratio=0` gives the paper's plain recipe, in which the two sets

@@ -1,4 +1,4 @@
-"""Readers for the dialogue corpora of the paper (§4.1) in the forms they are distributed in (DESIGN.md §4).
+"""Readers for the dialogue corpora of the paper (§4.1) in the forms they are distributed in.
 
 - Reddit Conversation, JSON: a list of ``{"context": [str, ...], "response": str}``.
 - Reddit Conversation, text: one dialogue per line, turns separated by tabs, the last turn is the response.

@@ -1,4 +1,4 @@
-"""Image–text pairs for VIKDF pre-training (paper §3.2–3.3, §4.2; DESIGN §4).
+"""Image–text pairs for VIKDF pre-training (paper §3.2–3.3, §4.2).
 
 Sources are read as they are distributed, and streamed, so that tens of millions of pairs never sit in memory:
 
@@ -75,7 +75,7 @@ def build_image_transform(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image → normalised `(3, image_size, image_size)` tensor, built with `timm.data.create_transform`.
 
-    Train: BLIP-2's pre-training recipe, which the paper follows (§3.4.1, DESIGN §4): random resized crop with
+    Train: BLIP-2's pre-training recipe, which the paper follows (§3.4.1): random resized crop with
     scale (`min_scale`, 1), bicubic, horizontal flip (BLIP-2's `blip2_image_train` flips too), no colour jitter,
     then mean/std normalisation (CLIP's by default, since the image tower is CLIP ViT-L/14).
     Eval: CLIP's own preprocessing, bicubic resize of the short side to `image_size`, then a centre crop.

@@ -1,1 +1,1 @@
-"""Automatic dialogue metrics (paper §4.4, DESIGN.md §5); see :mod:`vikdf.metrics.dialogue_metrics`."""
+"""Automatic dialogue metrics (paper §4.4); see :mod:`vikdf.metrics.dialogue_metrics`."""

@@ -1,4 +1,5 @@
-"""Automatic dialogue metrics of VIKDF (paper §4.4, Table 1), following DESIGN.md §5.
+"""Automatic dialogue metrics of VIKDF (paper §4.4, Table 1), with the released evaluation's
+conventions (README, "Conventions and where we differ from the release").
 
 This file is both an ``evaluate`` metric script and a plain module:
 
@@ -166,7 +167,7 @@ def bleu_1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU-1 (×100) of the COCO caption toolkit on tokenised, space-joined strings.
 
     ``Bleu.compute_score`` hard-codes ``option="closest"`` for the effective reference length, which is the
-    convention of DESIGN.md §5; the brevity penalty is part of the score. Empty hypotheses are fine for it
+    release's convention; the brevity penalty is part of the score. Empty hypotheses are fine for it
     (they add no n-grams but still count towards the reference length).
     """
     res = {i: [h] for i, h in enumerate(hypotheses)}
