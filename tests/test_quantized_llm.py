@@ -50,7 +50,8 @@ def runs(tiny_components, pair_world, tmp_path_factory):
             "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--activation_checkpointing", "true",
             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0",
         ])
-        results[mode] = {"pretrained": pretrained, "pretrainer": pretrainer, "finetuned": finetuned}
+        results[mode] = {"pretrained": pretrained, "pretrainer": pretrainer, "finetuned": finetuned,
+                         "card": (root / f"dialogue-{mode}" / "README.md").read_text()}
     return results
 
 
@@ -73,6 +74,9 @@ def test_only_the_llm_layers_are_quantised_and_the_checkpoint_says_so(runs, mode
     assert set(NOT_QUANTISED) <= set(saved["quantization_config"]["llm_int8_skip_modules"])
     # The fine-tuning loaded the pre-training output with its LLM quantised, with no flag given.
     assert all(isinstance(layer, QUANTISED_LINEAR[mode]) for layer in _llm_linears(runs[mode]["finetuned"].model))
+    # Its model card says so, and what loading it needs.
+    assert f"stored in {mode.replace('bit', '-bit')} (bitsandbytes)" in runs[mode]["card"]
+    assert "pip install bitsandbytes" in runs[mode]["card"] and "bitsandbytes" not in runs["none"]["card"]
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])

@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from vikdf.atomic import write_text_atomic
 from vikdf.evaluation import EXTRA_COLUMNS, TABLE1_COLUMNS, metrics_markdown
+from vikdf.quantization import checkpoint_quantization
 
 logger = logging.get_logger(__name__)
 
@@ -61,11 +62,13 @@ def looks_like_hub_id(name: str | None) -> bool:
 
 
 def component_names_from_config(config) -> dict[str, str | None]:
-    """The CLIP and BERT the checkpoint was built from, as its config remembers them (`vikdf.components`)."""
+    """The CLIP and BERT the checkpoint was built from, as its config remembers them (`vikdf.components`), and how
+    its LLM is stored ("none", "8bit" or "4bit": `vikdf.quantization.checkpoint_quantization`)."""
     names = {}
     for key, attribute in (("clip_model", "clip_config"), ("bert_model", "qformer_config")):
         sub = getattr(config, attribute, None)
         names[key] = getattr(sub, "_name_or_path", None) or None
+    names["llm_quantization"] = checkpoint_quantization(config)
     return names
 
 
@@ -135,6 +138,7 @@ def _description(
     train_fraction: float | None,
     clip_model: str | None = None,
     bert_model: str | None = None,
+    llm_quantization: str = "none",
 ) -> str:
     llm = _shown(base_model, "an unnamed LLM")
     if method == "lora":
@@ -160,6 +164,11 @@ def _description(
         tuning = f"Dialogue fine-tuning on {share} of `{os.path.basename(train_file)}`: {trained} trained, the rest frozen."
     bases = f"- Base LLM: {llm}\n- CLIP (frozen text tower): {_shown(clip_model, 'not recorded')}\n"
     bases += f"- BERT (initialises the IQ-Former): {_shown(bert_model, 'not recorded')}"
+    if llm_quantization != "none":
+        # The frozen LLM's layers are stored packed by bitsandbytes: loading needs it, and outputs differ a little
+        # from the full-precision LLM's.
+        bases += (f"\n- The frozen LLM's layers are stored in {llm_quantization.replace('bit', '-bit')} (bitsandbytes): "
+                  "loading needs `pip install bitsandbytes`; responses differ slightly from the full-precision LLM's.")
     return f"This is {what}\n\n{bases}\n- {tuning}"
 
 
@@ -175,6 +184,7 @@ def build_model_card(
     metrics_block: str | None = None,
     clip_model: str | None = None,
     bert_model: str | None = None,
+    llm_quantization: str = "none",
     results: Sequence[EvalResult] | None = None,
 ) -> ModelCard:
     """A VIKDF model card. `base_model` goes into the metadata only when it is a hub id; the licence defaults to
@@ -192,14 +202,15 @@ def build_model_card(
         pipeline_tag=TASK,
         model_name=model_id or "VIKDF",
         eval_results=list(results) if results else None,
-        tags=["vikdf", "dialogue", "zero-resource", "custom_code"] + (["lora"] if method == "lora" else []),
+        tags=["vikdf", "dialogue", "zero-resource", "custom_code"] + (["lora"] if method == "lora" else [])
+        + ([llm_quantization, "bitsandbytes"] if llm_quantization != "none" else []),
     )
     title = "VIKDF LoRA baseline" if method == "lora" else "VIKDF"
     repo = model_id or PLACEHOLDER_REPO
     body = f"""
 # {title}: zero-resource dialogue generation
 
-{_description(base_model, method, train_file, train_fraction, clip_model, bert_model)}
+{_description(base_model, method, train_file, train_fraction, clip_model, bert_model, llm_quantization)}
 
 Paper: [*{PAPER}*]({PAPER_URL}).
 
