@@ -47,7 +47,7 @@ from vikdf.data.synthetic import (
     tokenize_words,
     write_synthetic_world,
 )
-from vikdf.evaluation import load_checkpoint
+from vikdf.evaluation import TABLE1_COLUMNS, load_checkpoint
 from vikdf.losses import tim_similarity
 from vikdf.output_folder import folder_lock
 from vikdf.stats import nested_bootstrap_interval
@@ -86,10 +86,6 @@ PRETRAINING_ABLATIONS = {
 }
 CLIP_HELDOUT_PAIRS = 240  # the stand-in CLIP's own pairs kept out of its training, for its criterion
 LOW_RESOURCE_FRACTION = 0.125  # the paper's ⅛ of the dialogues
-METRIC_COLUMNS = [
-    ("PPL", "ppl"), ("BLEU-1", "bleu_1"), ("ROUGE-L", "rouge_l"), ("Average", "embedding_average"),
-    ("Extrema", "vector_extrema"), ("Greedy", "greedy_matching"), ("Dis-1", "distinct_1"), ("Dis-2", "distinct_2"),
-]
 VIKDF, NO_PRETRAIN, PRETRAIN_ONLY = "VIKDF", "VIKDF without pre-training", "VIKDF pre-training only (no dialogues)"
 SHUFFLED = "VIKDF, knowledge shuffled across the batch"
 FROZEN_LLM, LORA = "Frozen LLM (no knowledge)", "LLM + LoRA on the dialogues"
@@ -346,7 +342,7 @@ def _percent(value: float | None) -> str:
 
 
 def table_row(name: str, row: dict) -> str:
-    cells = ["–" if row.get(key) is None else f"{row[key]:.2f}" for _, key in METRIC_COLUMNS]
+    cells = ["–" if row.get(key) is None else f"{row[key]:.2f}" for key, _ in TABLE1_COLUMNS]
     knowledge = [_percent(row.get(key))
                  for key in ("knowledge_accuracy", "knowledge_accuracy_seen", "textualised_accuracy")]
     return f"| {name} | " + " | ".join(cells + knowledge) + " |"
@@ -605,9 +601,9 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
           "response names the object's usual colour (chance 16.7); 'seen': the same on validation dialogues about "
           "objects the fine-tuning dialogues talked about; 'textualised': the knowledge K put into words (§5.4) "
           "names it.\n")
-    print("| System | " + " | ".join(name for name, _ in METRIC_COLUMNS)
+    print("| System | " + " | ".join(title for _, title in TABLE1_COLUMNS)
           + " | Knowledge acc. | Knowledge acc. (seen) | Textualised K names the colour |")
-    print("|---" * (len(METRIC_COLUMNS) + 4) + "|")
+    print("|---" * (len(TABLE1_COLUMNS) + 4) + "|")
     for name, row in rows.items():
         print(table_row(name, row))
     kinds = len(accuracy_by_kind(outcomes[VIKDF]))

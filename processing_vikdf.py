@@ -30,6 +30,7 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
+# Label of every position no loss reads (prompt, padding, unmasked tokens): cross-entropy's default ignore_index.
 IGNORE_INDEX = -100
 
 Context = str | Sequence[str]

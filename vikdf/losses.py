@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from processing_vikdf import IGNORE_INDEX
 
 
 class _GatherWithLocalGradient(torch.autograd.Function):

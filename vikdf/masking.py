@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-IGNORE_INDEX = -100  # label of unmasked positions, ignored by torch.nn.functional.cross_entropy
+from processing_vikdf import IGNORE_INDEX
 
 
 # --------------------------------------------------------------------------------------------------- TAMIM
