@@ -20,6 +20,7 @@ examples, and saves the loss curves of all five objectives as a PNG.
 
 import json
 import random
+import re
 import shutil
 import sys
 import time
@@ -96,6 +97,9 @@ LOW = f", {LOW_RESOURCE_FRACTION:g} of the dialogues".replace("0.125", "⅛")
 DEMO_MARKER = "_demo_output"
 # Held while a demo writes its folder: a second demo given the same --output_dir would delete it under the first.
 DEMO_LOCK = "_demo.lock"
+# The top-level entries a demo run writes (its stages' folders, each row's checkpoint, the report): replacing an
+# earlier output deletes these and nothing else (a test checks that a run writes no other name).
+DEMO_ENTRIES = re.compile(r"(world|components|(no_)?pretrain.*|vikdf.*|lora|eval(_seen)?|loss_curves\.png|summary\.json)")
 
 
 @dataclass
@@ -125,24 +129,29 @@ class DemoArguments:
 
 
 def check_demo_output(out: Path) -> None:
-    """Refuse an --output_dir the demo may not replace: a file, or a folder of the user's own files (one without the
-    marker of an earlier demo's output), before anything is written there."""
+    """Refuse an --output_dir the demo may not replace, before anything is written there: a file, or a folder holding
+    anything but an earlier demo's marker, lock and entries (`DEMO_ENTRIES`), such as the user's own files."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {str(out)!r} is an existing file: give a folder for the demo's output.")
-    if out.is_dir() and not (out / DEMO_MARKER).is_file() and any(p.name != DEMO_LOCK for p in out.iterdir()):
+    if not out.is_dir():
+        return
+    earlier = (out / DEMO_MARKER).is_file()
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (DEMO_MARKER, DEMO_LOCK)
+                     and not (earlier and DEMO_ENTRIES.fullmatch(p.name)))
+    if foreign:
+        listing = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(
-            f"--output_dir {str(out)!r} holds files that the demo did not write (it has no {DEMO_MARKER}), and "
-            "the demo replaces its output folder: give a new or empty folder, or delete this one yourself if "
-            "it is only the output of an older demo version."
+            f"--output_dir {str(out)!r} holds files that the demo did not write ({listing}), and the demo replaces "
+            "its output folder: give a new or empty folder, or move or delete those files yourself."
         )
 
 
 def replace_demo_output(out: Path) -> Path:
-    """`out` (checked by `check_demo_output`, locked by this run), emptied for a new run but for its lock file,
-    which another demo run waiting on the same folder holds on to."""
-    check_demo_output(out)
+    """`out`, locked by this run and checked again under the lock, emptied of an earlier demo's entries; its lock
+    file stays, since another demo run waiting on the folder holds on to it."""
+    check_demo_output(out)  # every entry is now the marker, the lock or one a demo writes
     for entry in out.iterdir():
-        if entry.name == DEMO_LOCK:
+        if entry.name in (DEMO_MARKER, DEMO_LOCK):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -179,15 +188,7 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
     corpus = world.lm_corpus.read_text().splitlines() + list(CAPTION_PROMPTS) + list(RECONSTRUCTION_PROMPTS)
     # A vocabulary large enough for whole words: sequences half as long, and the LLM learns to copy sooner.
     paths = write_tiny_components(root, llm_family, corpus=corpus, seed=seed, vocab_size=1024)
-    clip_pairs = [(image, caption) for _, image, caption in iter_shard_pairs([world.clip_shard])]
-    clip_train, clip_heldout = clip_pairs[:-CLIP_HELDOUT_PAIRS], clip_pairs[-CLIP_HELDOUT_PAIRS:]
-    clip = pretrain_clip(
-        paths.clip, clip_train, max_steps=settings["clip_max_steps"], seed=seed,
-        name_labels=[world.object_names.index(mentioned_object(caption, world.object_names))
-                     for _, caption in clip_train],
-        criterion=Criterion("colour-word retrieval", clip_colour_retrieval(paths.clip, clip_heldout),
-                            settings["clip_target"], every=max(1, settings["criterion_every"] // 5)),
-    )
+    clip = prepare_clip(world, paths.clip, settings, seed)
     tokenizer = AutoTokenizer.from_pretrained(paths.llm)
     pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
     valid = load_dialogues(world.reddit_valid)
@@ -198,6 +199,20 @@ def prepare_components(world, root: Path, settings: dict, llm_family: str, seed:
                             settings["llm_target"], every=settings["criterion_every"]),
     )
     return paths, clip, llm
+
+
+def prepare_clip(world, clip_folder: Path, settings: dict, seed: int) -> StandInResult:
+    """The stand-in CLIP's pre-training on its own pairs (every kind in random colours), to its criterion, with the
+    head that tells the names apart."""
+    clip_pairs = [(image, caption) for _, image, caption in iter_shard_pairs([world.clip_shard])]
+    clip_train, clip_heldout = clip_pairs[:-CLIP_HELDOUT_PAIRS], clip_pairs[-CLIP_HELDOUT_PAIRS:]
+    return pretrain_clip(
+        clip_folder, clip_train, max_steps=settings["clip_max_steps"], seed=seed,
+        name_labels=[world.object_names.index(mentioned_object(caption, world.object_names))
+                     for _, caption in clip_train],
+        criterion=Criterion("colour-word retrieval", clip_colour_retrieval(clip_folder, clip_heldout),
+                            settings["clip_target"], every=max(1, settings["criterion_every"] // 5)),
+    )
 
 
 def clip_colour_retrieval(clip_folder: Path, heldout: list):
