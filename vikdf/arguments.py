@@ -2,7 +2,7 @@
 switch that picks bf16 on GPUs that have it and fp32 elsewhere (paper §4.2 trains in bf16)."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -63,7 +63,20 @@ def _start_deepspeed_processes(backend: str, timeout: int) -> None:
 
 @dataclass
 class PretrainTrainingArguments(PretrainSchedule, VIKDFTrainingArguments):
-    """`TrainingArguments` with the paper's pre-training schedule (`vikdf.defaults.PretrainSchedule`)."""
+    """`TrainingArguments` with the paper's pre-training schedule (`vikdf.defaults.PretrainSchedule`) and what
+    `VIKDFPretrainTrainer` needs of the Trainer: the collator's keys reach the model whole, and an evaluation scores
+    the objectives' losses only."""
+
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Drop batch keys forward() does not name (off: the pre-training forward and "
+                                         "its losses read every key of the collator's batch)."}
+    )
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluate the losses only (the pre-training model has no predictions)."}
+    )
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["llm_labels"], metadata={"help": "The batch keys that hold labels."}
+    )
 
     def __post_init__(self):
         # The pairs stream with no epochs, so the steps are the whole schedule; the Trainer would refuse 0 only after

@@ -7,32 +7,33 @@ slots). The trainer turns them into the weighted sum of eq. 5 + eq. 9.
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 
+from modeling_vikdf import next_token_positions
 from processing_vikdf import IGNORE_INDEX
 
 
-class _GatherWithLocalGradient(torch.autograd.Function):
-    """all_gather whose backward returns each rank the gradient of its own slice (summed over ranks)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        # Every rank computed a loss over all gathered rows; the gradient of this rank's rows is the sum.
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def gather_across_ranks(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows concatenated (gradient kept for the local slice) and the offset of the local rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def gather_across_ranks(
+    tensor: torch.Tensor, rank: int | None = None, world_size: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """All `world_size` ranks' rows concatenated and the offset of this rank's rows, as open_clip's `ClipLoss` gathers
+    (`rank` and `world_size` default to `process_rank()`). The gather's backward gives each rank the gradient of its
+    own rows summed over every rank's loss."""
+    if rank is None or world_size is None:
+        rank, world_size = process_rank()
+    if world_size == 1:
         return tensor, 0
-    return _GatherWithLocalGradient.apply(tensor), dist.get_rank() * tensor.shape[0]
+    # Gathered as rows (B, ·): the gather's backward sends each rank's gradient rows as they lie in memory (gloo's
+    # all-to-all), and the gradient of the max-pooled (B, n, T) image embeddings is not laid out contiguously.
+    gathered = torch.cat(all_gather(tensor.flatten(1)))
+    return gathered.view(-1, *tensor.shape[1:]), rank * tensor.shape[0]
 
 
 def tim_similarity(text_embeddings: torch.Tensor, image_embeddings: torch.Tensor) -> torch.Tensor:
@@ -42,15 +43,21 @@ def tim_similarity(text_embeddings: torch.Tensor, image_embeddings: torch.Tensor
     return text_embeddings @ image_embeddings.t()
 
 
-def tim_loss(text_embeddings: torch.Tensor, image_embeddings: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def tim_loss(
+    text_embeddings: torch.Tensor,
+    image_embeddings: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> torch.Tensor:
     """Text-Image Matching, eq. 2: symmetric InfoNCE between `K_T` and `K_I` with a learnable temperature.
 
-    `logit_scale` is log(1/τ). Negatives are the other pairs of *all* ranks (the released code uses the local
-    batch only); each rank scores its own rows against every rank's and keeps the gradient of its local slice.
-    Averaged over pairs and both directions.
+    `logit_scale` is log(1/τ). Negatives are the other pairs of all `world_size` ranks (the released code uses the
+    local batch only); each rank scores its own rows against every rank's and keeps the gradient of its local slice.
+    `rank` and `world_size` are as in `gather_across_ranks`. Averaged over pairs and both directions.
     """
-    all_text, offset = gather_across_ranks(text_embeddings)
-    all_image, _ = gather_across_ranks(image_embeddings)
+    all_text, offset = gather_across_ranks(text_embeddings, rank, world_size)
+    all_image, _ = gather_across_ranks(image_embeddings, rank, world_size)
     scale = logit_scale.clamp(max=torch.log(torch.tensor(100.0))).exp()
     rows = torch.arange(text_embeddings.shape[0], device=text_embeddings.device)
     targets = rows + offset
@@ -85,9 +92,12 @@ def iamtm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
     """Image-Assisted Masked Text Modeling, eq. 4: cross-entropy on masked caption tokens only.
 
     `labels` hold the original token at masked positions and -100 elsewhere; N_t of eq. 4 counts masked tokens.
+    `logits` are (..., V) aligned with `labels`, or (M, V) at the masked tokens only (what the model computes).
     """
     selected = labels != IGNORE_INDEX
-    return _reduce(F.cross_entropy(logits[selected].float(), labels[selected], reduction="none"), reduction)
+    if logits.shape[:-1] == labels.shape:
+        logits = logits[selected]
+    return _reduce(F.cross_entropy(logits.float(), labels[selected], reduction="none"), reduction)
 
 
 def iaci_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -105,13 +115,6 @@ def iaci_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     return _reduce(F.cross_entropy(logits.float(), targets[selected], reduction="none"), reduction)
 
 
-def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, S) True where the next token is labelled: the only positions whose logits a next-token loss reads."""
-    positions = torch.zeros_like(labels, dtype=torch.bool)
-    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return positions
-
-
 def iakr_loss(reconstructed_knowledge: torch.Tensor, knowledge: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Instruction-aware Knowledge Reconstruction, eq. 8: squared error between `K` and `K̂`, averaged over the
     vector width and the N_q query slots (B, n, D).
@@ -122,4 +125,5 @@ def iakr_loss(reconstructed_knowledge: torch.Tensor, knowledge: torch.Tensor, re
     return _reduce(per_slot, reduction)
 
 
-__all__ = ["tim_loss", "tim_similarity", "tamim_loss", "iamtm_loss", "iaci_loss", "iakr_loss", "gather_across_ranks", "next_token_positions"]
+__all__ = ["tim_loss", "tim_similarity", "tamim_loss", "iamtm_loss", "iaci_loss", "iakr_loss", "gather_across_ranks",
+           "process_rank", "next_token_positions"]

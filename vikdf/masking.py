@@ -14,8 +14,8 @@ are the same.
   id otherwise (CLIP has no mask token; the release writes CLIP's end-of-text id, 49407; no random tokens). The
   cross-entropy is averaged over every chosen token, unchanged ones included.
 
-Pure torch. Randomness comes from an optional `torch.Generator` (CPU), drawn on the CPU, so that a seed gives the
-same masks on any device.
+Pure torch (`apply_pixel_mask` is the model's). Randomness comes from an optional `torch.Generator` (CPU), drawn
+on the CPU, so that a seed gives the same masks on any device.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+# The model owns I' of eq. 3, since its pre-training forward masks the images it is given.
+from modeling_vikdf import apply_pixel_mask
 from processing_vikdf import IGNORE_INDEX
 
 
@@ -95,12 +97,6 @@ def tamim_pixel_masks(
     if batch_size is None:
         return PixelMasks(scored[0], replaced[0])
     return PixelMasks(scored, replaced)
-
-
-def apply_pixel_mask(pixel_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked image I' of eq. 3: normalised `pixel_values` (`(C, H, W)` or `(B, C, H, W)`) with the pixels where
-    `mask` (`(H, W)` or `(B, H, W)`; the *replaced* set) is True set to 0, on every channel. Returns a new tensor."""
-    return pixel_values.masked_fill(mask.to(pixel_values.device).unsqueeze(-3), 0.0)
 
 
 def mask_images(

@@ -84,7 +84,7 @@ class TinyComponentPaths:
 
     clip: Path
     bert: Path
-    llm: Path
+    llm: Path | None  # None: no LLM written (the demo's real-LLM presets bring their own)
 
 
 def _check_family(llm_family: str) -> None:
@@ -208,7 +208,7 @@ def tiny_llm_tokenizer(
 
 def write_tiny_components(
     directory: str | Path,
-    llm_family: str = "llama",
+    llm_family: str | None = "llama",
     corpus: Iterable[str] = DEFAULT_CORPUS,
     image_size: int = 32,
     seed: int = 0,
@@ -217,12 +217,15 @@ def write_tiny_components(
     """Write random tiny CLIP, BERT and LLM folders (weights, configs, tokenizers, image processor) to `directory`.
 
     `vocab_size` bounds both BPE vocabularies (fewer entries when `corpus` has fewer distinct pieces); the LLM's
-    leaves room for the `<knowledge>` token the component loader adds, as real LLMs do.
+    leaves room for the `<knowledge>` token the component loader adds, as real LLMs do. `llm_family=None` writes
+    CLIP and BERT only.
     """
-    _check_family(llm_family)
+    if llm_family is not None:
+        _check_family(llm_family)
     corpus = list(corpus)
     root = Path(directory)
-    paths = TinyComponentPaths(clip=root / "clip", bert=root / "bert", llm=root / f"llm-{llm_family}")
+    paths = TinyComponentPaths(clip=root / "clip", bert=root / "bert",
+                               llm=None if llm_family is None else root / f"llm-{llm_family}")
     torch.manual_seed(seed)
 
     clip_tokenizer = tiny_clip_tokenizer(corpus, vocab_size)
@@ -234,6 +237,8 @@ def write_tiny_components(
     ).save_pretrained(paths.clip)
 
     BertModel(tiny_bert_config()).save_pretrained(paths.bert)
+    if llm_family is None:
+        return paths
 
     llm_tokenizer = tiny_llm_tokenizer(llm_family, corpus, vocab_size - 2)
     llm = AutoModelForCausalLM.from_config(tiny_llm_config(llm_family, vocab_size=len(llm_tokenizer)))

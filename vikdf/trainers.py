@@ -22,13 +22,14 @@ import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from unittest.mock import patch
 
 import torch
 import transformers.trainer
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
@@ -41,6 +42,7 @@ from vikdf.atomic import (
     last_complete_checkpoint,
     staging_folder,
 )
+from modeling_vikdf import VIKDFPretrainingOutput, enabled_objectives
 from vikdf.losses import (
     IGNORE_INDEX,
     iaci_loss,
@@ -50,41 +52,69 @@ from vikdf.losses import (
     tamim_loss,
     tim_loss,
 )
-from vikdf.masking import apply_pixel_mask
 from vikdf.stream_state import check_stream_resume, load_stream_state, save_stream_state, stream_state_name
 from vikdf.trainable_checkpoints import TrainableCheckpointMixin
 
 logger = logging.get_logger(__name__)
 
-OBJECTIVES = ("tim", "tamim", "iamtm", "iaci", "iakr")
+def _tim(outputs: VIKDFPretrainingOutput, batch: dict, args) -> torch.Tensor:
+    return tim_loss(outputs.tim_text_embeddings, outputs.tim_image_embeddings, outputs.logit_scale,
+                    rank=args.process_index, world_size=args.world_size)
 
 
-def enabled_objectives(config) -> tuple[str, ...]:
-    """The objectives a config trains: the ablation switches of Table 3 remove TIM, TAMIM, IAMTM or IAKR (−BVIF)."""
-    switches = {"tim": config.use_tim, "tamim": config.use_tamim, "iamtm": config.use_iamtm, "iaci": True, "iakr": config.use_bvif}
-    return tuple(name for name in OBJECTIVES if switches[name])
+def _tamim(outputs: VIKDFPretrainingOutput, batch: dict, args) -> torch.Tensor:
+    return tamim_loss(outputs.tamim_reconstruction, batch["pixel_values"], batch["pixel_mask"], reduction="sum")
 
 
-def loss_weights(config) -> dict[str, float]:
-    """λ1..λ5 of eq. 5 and eq. 9."""
-    return {
-        "tim": config.loss_weight_tim,
-        "tamim": config.loss_weight_tamim,
-        "iamtm": config.loss_weight_iamtm,
-        "iaci": config.loss_weight_iaci,
-        "iakr": config.loss_weight_iakr,
-    }
+def _iamtm(outputs: VIKDFPretrainingOutput, batch: dict, args) -> torch.Tensor:
+    return iamtm_loss(outputs.iamtm_logits, batch["clip_mlm_labels"], reduction="sum")
+
+
+def _iaci(outputs: VIKDFPretrainingOutput, batch: dict, args) -> torch.Tensor:
+    return iaci_loss(outputs.iaci_logits, _caption_labels(batch), reduction="sum")
+
+
+def _iakr(outputs: VIKDFPretrainingOutput, batch: dict, args) -> torch.Tensor:
+    return iakr_loss(outputs.iakr_reconstruction, outputs.text_knowledge, reduction="sum")
+
+
+def _caption_labels(batch: dict) -> torch.Tensor:
+    """The IACI rows' labels (B, S): the LLM rows start with one IACI row per image."""
+    return batch["llm_labels"][: batch["pixel_values"].shape[0]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A row of the objective table. `loss(outputs, batch, args)` is a sum over the objective's items in one
+    micro-batch, or a mean where `count` is None (TIM, whose negatives are the micro-batch itself);
+    `count(batch, num_query_tokens)` is the number of those items. `name` keys `OBJECTIVE_PARTS` (the config switch
+    and the heads) and the logged `loss_<name>`; `weight` is the config field of its λ."""
+
+    name: str
+    loss: Callable[[VIKDFPretrainingOutput, dict, TrainingArguments], torch.Tensor]
+    weight: str
+    count: Callable[[dict, int], torch.Tensor] | None
+
+
+# λ1..λ5 of eq. 5 and eq. 9 over eq. 2, 3, 4, 6 and 8, in `OBJECTIVE_PARTS` order.
+OBJECTIVE_TABLE = (
+    Objective("tim", _tim, "loss_weight_tim", None),
+    Objective("tamim", _tamim, "loss_weight_tamim",
+              lambda batch, n: batch["pixel_mask"].sum() * batch["pixel_values"].shape[1]),
+    Objective("iamtm", _iamtm, "loss_weight_iamtm", lambda batch, n: (batch["clip_mlm_labels"] != IGNORE_INDEX).sum()),
+    Objective("iaci", _iaci, "loss_weight_iaci",
+              lambda batch, n: (_caption_labels(batch)[:, 1:] != IGNORE_INDEX).sum()),
+    Objective("iakr", _iakr, "loss_weight_iakr", lambda batch, n: torch.tensor(batch["pixel_values"].shape[0] * n)),
+)
+OBJECTIVES = tuple(objective.name for objective in OBJECTIVE_TABLE)
+LOGGED_LOSSES = tuple(f"loss_{name}" for name in OBJECTIVES)
+# Batch keys only the losses read (TAMIM's scored pixels); the rest are the model's pre-training inputs.
+LOSS_ONLY_INPUTS = ("pixel_mask",)
 
 
 def count_items(batch: dict[str, torch.Tensor], num_query_tokens: int) -> dict[str, torch.Tensor]:
     """Items each normalised objective averages over in one micro-batch (TIM is per micro-batch, not counted)."""
-    images = batch["pixel_values"].shape[0]
-    return {
-        "tamim": batch["pixel_mask"].sum() * batch["pixel_values"].shape[1],
-        "iamtm": (batch["clip_mlm_labels"] != IGNORE_INDEX).sum(),
-        "iaci": (batch["llm_labels"][:images, 1:] != IGNORE_INDEX).sum(),
-        "iakr": torch.tensor(images * num_query_tokens),
-    }
+    return {o.name: o.count(batch, num_query_tokens) for o in OBJECTIVE_TABLE if o.count is not None}
 
 
 class _MetricsMixin:
@@ -266,18 +296,13 @@ class _AtomicSaveMixin:
 class VIKDFPretrainTrainer(_FrozenQuantisedLLMMixin, _AtomicSaveMixin, TrainableCheckpointMixin, _MetricsMixin, Trainer):
     """Joint knowledge distillation and integration on image–text pairs (paper §3.2–3.4.1).
 
-    Batches come from `vikdf.data.collators.PretrainCollator`. Losses are logged as `loss_tim`, `loss_tamim`,
-    `loss_iamtm`, `loss_iaci`, `loss_iakr` next to the weighted total; a disabled objective is not computed.
+    Batches come from `vikdf.data.collators.PretrainCollator`; the model's forward turns one into a
+    `VIKDFPretrainingOutput`, and `compute_loss` weighs the losses of `OBJECTIVE_TABLE`. They are logged as
+    `LOGGED_LOSSES` (`loss_tim`, ...) next to the weighted total; a disabled objective is not computed.
     """
 
     # Token- and pixel-level objectives are normalised over the accumulated batch in compute_loss.
     loss_is_scaled_for_ga = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.args.remove_unused_columns = False  # the collator's keys are not forward() arguments
-        self.label_names = ["llm_labels"]
-        self.args.prediction_loss_only = True
 
     def get_train_dataloader(self) -> DataLoader:
         """A `StatefulDataLoader` of its own when the dataset splits itself across ranks and workers
@@ -379,102 +404,33 @@ class VIKDFPretrainTrainer(_FrozenQuantisedLLMMixin, _AtomicSaveMixin, Trainable
         return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        vikdf = self.accelerator.unwrap_model(model)
-        config = vikdf.config
-        objectives = enabled_objectives(config)
+        config = self.accelerator.unwrap_model(model).config
         local_counts = count_items(inputs, config.num_query_tokens)
         rank_scale = self._rank_loss_scale()
         if not model.training or not isinstance(num_items_in_batch, dict):
             num_items_in_batch, rank_scale = local_counts, 1
         accumulation = self.current_gradient_accumulation_steps if model.training else 1
 
-        means = self._objective_sums(model, vikdf, inputs, objectives)
-        weights = loss_weights(config)
+        # One forward through the (possibly distributed) model: every trained part is used inside it.
+        outputs = model(**{key: value for key, value in inputs.items() if key not in LOSS_ONLY_INPUTS})
+        enabled = enabled_objectives(config)
         total, logged = 0.0, {}
-        for name, value in means.items():
-            if name == "tim":
+        for objective in OBJECTIVE_TABLE:
+            if objective.name not in enabled:
+                continue
+            value = objective.loss(outputs, inputs, self.args)
+            if objective.count is None:
                 scaled = value / accumulation
-                logged["loss_tim"] = value
+                logged[f"loss_{objective.name}"] = value
             else:
                 # value is a sum over this micro-batch's items: normalise by the accumulated (global) batch's count.
-                scaled = value * rank_scale / num_items_in_batch[name].clamp(min=1)
-                logged[f"loss_{name}"] = value / local_counts[name].clamp(min=1)
-            total = total + weights[name] * scaled
+                scaled = value * rank_scale / num_items_in_batch[objective.name].clamp(min=1)
+                logged[f"loss_{objective.name}"] = value / local_counts[objective.name].clamp(min=1)
+            total = total + getattr(config, objective.weight) * scaled
         self._record(logged)
         if return_outputs:
             return total, logged
         return total
-
-    def _objective_sums(self, model, vikdf, batch: dict[str, torch.Tensor], objectives: tuple[str, ...]):
-        """TIM as a mean; the other objectives as sums over their items (masked pixels, tokens, query slots)."""
-        pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
-        images = pixel_values.shape[0]
-        losses = {}
-
-        # Frozen text tower: clean and masked captions in one call (the masked copy only feeds IAMTM).
-        clip_ids, clip_mask = batch["clip_input_ids"], batch["clip_attention_mask"]
-        if "iamtm" in objectives:
-            states = vikdf.encode_text(torch.cat([clip_ids, batch["clip_masked_input_ids"]]), clip_mask.repeat(2, 1))
-            text_states, masked_text_states = states[:images], states[images:]
-        else:
-            text_states = vikdf.encode_text(clip_ids, clip_mask)
-        text_knowledge = vikdf.distill_knowledge(text_states, clip_mask)  # K_T: (B, n, D)
-
-        if {"tim", "tamim", "iamtm"} & set(objectives):
-            masked_pixels = apply_pixel_mask(pixel_values, batch["pixel_replaced_mask"]) if "tamim" in objectives else None
-            image_states, masked_image_states = self._image_states(vikdf, pixel_values, masked_pixels)
-            image_knowledge = vikdf.distill_knowledge(image_states)  # K_I: (B, n, D)
-        if "tim" in objectives:
-            text_embeddings, image_embeddings = vikdf.tim_embeddings(text_knowledge, image_knowledge)
-            losses["tim"] = tim_loss(text_embeddings, image_embeddings, vikdf.logit_scale)
-        if "tamim" in objectives:
-            reconstruction = vikdf.reconstruct_image(masked_image_states, text_knowledge)
-            losses["tamim"] = tamim_loss(reconstruction, pixel_values, pixel_mask, reduction="sum")
-        if "iamtm" in objectives:
-            losses["iamtm"] = self._masked_token_sum(vikdf, masked_text_states, image_knowledge, batch["clip_mlm_labels"])
-
-        losses["iaci"], iakr_states = self._language_pass(model, batch, text_knowledge, "iakr" in objectives)
-        if "iakr" in objectives:
-            reconstructed = vikdf.reconstruct_knowledge(iakr_states, batch["llm_input_ids"][images:])
-            losses["iakr"] = iakr_loss(reconstructed, text_knowledge, reduction="sum")
-        return losses
-
-    # The three stages below are where the step's speed-ups live; benchmarks/bench_pretrain_step.py overrides them
-    # to time each one against its slower alternative.
-    def _image_states(self, vikdf, pixel_values: torch.Tensor, masked_pixels: torch.Tensor | None):
-        """Frozen vision states (B, P, E) of the clean images and of the TAMIM-masked ones (None without TAMIM), in
-        one pass of the vision tower."""
-        images = pixel_values.shape[0]
-        pixels = pixel_values if masked_pixels is None else torch.cat([pixel_values, masked_pixels])
-        states = vikdf.encode_image(pixels)
-        return states[:images], None if masked_pixels is None else states[images:]
-
-    def _masked_token_sum(self, vikdf, masked_text_states, image_knowledge, labels: torch.Tensor) -> torch.Tensor:
-        """IAMTM (eq. 4) summed over the masked tokens; the vocabulary head runs on those tokens only."""
-        masked = labels != IGNORE_INDEX
-        logits = vikdf.predict_masked_tokens(masked_text_states, image_knowledge, masked)  # (M, V)
-        return iamtm_loss(logits, labels[masked], reduction="sum")
-
-    def _language_pass(self, model, batch: dict[str, torch.Tensor], text_knowledge: torch.Tensor, wants_iakr: bool):
-        """IACI (eq. 6) summed over caption tokens, and the IAKR rows' final LLM states (None without IAKR): IACI rows
-        then IAKR rows in one call through the (possibly distributed) model's forward.
-
-        The LM head runs on the IACI rows' caption positions only: nothing reads the IAKR rows' logits, and at a
-        32k vocabulary the head over every position cost more than the rest of the LLM (benchmarks/)."""
-        images = text_knowledge.shape[0]
-        llm_ids, iaci_labels = batch["llm_input_ids"], batch["llm_labels"][:images]
-        positions = torch.zeros_like(llm_ids, dtype=torch.bool)
-        positions[:images] = next_token_positions(iaci_labels)
-        outputs = model(
-            input_ids=llm_ids,
-            attention_mask=batch["llm_attention_mask"],
-            knowledge=text_knowledge.repeat(llm_ids.shape[0] // images, 1, 1),
-            logits_positions=positions,
-            output_hidden_states=wants_iakr,
-            use_cache=False,
-        )
-        iaci = iaci_loss(outputs.logits, iaci_labels, reduction="sum")  # logits: (caption tokens, V)
-        return iaci, outputs.hidden_states[-1][images:] if wants_iakr else None
 
 
 class VIKDFDialogueTrainer(_FrozenQuantisedLLMMixin, _AtomicSaveMixin, TrainableCheckpointMixin, _MetricsMixin, Trainer):
@@ -509,8 +465,10 @@ __all__ = [
     "VIKDFPretrainTrainer",
     "VIKDFDialogueTrainer",
     "enabled_objectives",
-    "loss_weights",
+    "Objective",
+    "OBJECTIVE_TABLE",
     "OBJECTIVES",
+    "LOGGED_LOSSES",
     "RESUME_LAST",
     "resolve_resume_checkpoint",
     "stream_state_name",
