@@ -71,8 +71,8 @@ PRESETS = {
         clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=1500,
         pretrain_target=0.5, pretrain_every=100, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_batch=16, dialogue_epochs=8, dialogue_learning_rate=3e-3, projection_only_epochs=24,
-        projection_only_learning_rate=1e-2, eval_batch=24, num_query_tokens=8, table3=False, fig7_queries=(),
-        rows="all", real_llm=False,
+        projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=32, num_query_tokens=8, table3=False,
+        fig7_queries=(), rows="all", real_llm=False,
     ),
     "smoke": dict(
         names_per_look=2, image_only_per_colour=2,
@@ -80,8 +80,8 @@ PRESETS = {
         clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
         pretrain_target=0.5, pretrain_every=10, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_batch=16, dialogue_epochs=1, dialogue_learning_rate=3e-3, projection_only_epochs=1,
-        projection_only_learning_rate=1e-2, eval_batch=24, num_query_tokens=8, table3=True, fig7_queries=(4, 16),
-        rows="all", real_llm=False,
+        projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=32, num_query_tokens=8, table3=True,
+        fig7_queries=(4, 16), rows="all", real_llm=False,
     ),
 }
 # `python demo.py` within its 5-minute budget: VIKDF, without pre-training, the frozen LLM and shuffled knowledge.
@@ -93,10 +93,11 @@ PRESETS["tables"] = {**PRESETS["full"], "table3": True, "fig7_queries": (4, 8, 1
 PRESETS["real-llm"] = {**PRESETS["default"], "real_llm": True, "num_dialogues": 480, "num_eval_dialogues": 60,
                        "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_every": 50, "dialogue_batch": 8,
                        "dialogue_epochs": 2, "eval_batch": 12}
-# Its smoke version, run by the tests on the real SmolLM2: a few steps, a handful of dialogues.
+# Its smoke version, run by the tests on the real SmolLM2: a few steps, a handful of dialogues, 8-token responses
+# (the other presets write the released 32).
 PRESETS["real-llm-smoke"] = {**PRESETS["smoke"], "real_llm": True, "rows": "main", "table3": False,
                              "fig7_queries": (), "num_dialogues": 24, "pretrain_steps": 2, "pretrain_batch": 8,
-                             "eval_batch": 12}
+                             "eval_batch": 12, "eval_max_new_tokens": 8}
 # Table 3's pre-training ablations: row suffix → the train_pretrain.py flag that switches the objective off.
 PRETRAINING_ABLATIONS = {
     "−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif",
@@ -466,7 +467,8 @@ def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict
              extra: list[str] = ()) -> tuple[dict, list[dict]]:
     metrics = eval_dialogue.main([
         "--model_name_or_path", str(checkpoint), "--test_file", str(test_file), "--output_dir", str(output_dir),
-        "--batch_size", str(settings["eval_batch"]), "--glove_path", str(glove), "--disable_tqdm", "true", *extra,
+        "--batch_size", str(settings["eval_batch"]), "--max_new_tokens", str(settings["eval_max_new_tokens"]),
+        "--glove_path", str(glove), "--disable_tqdm", "true", *extra,
     ])
     predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     return metrics, predictions
