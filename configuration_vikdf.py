@@ -88,6 +88,9 @@ LLAMA_2_7B = {
 }
 
 TIM_POOLINGS = ("first", "max")
+# How a dialogue checkpoint was fine-tuned (§3.4): "vikdf" reads the knowledge slots; "lora" is the Table-4 baseline,
+# LoRA on the LLM with the same chat template and no knowledge, so it is run without knowledge.
+DIALOGUE_METHODS = ("vikdf", "lora")
 LOSS_WEIGHTS = ("loss_weight_tim", "loss_weight_tamim", "loss_weight_iamtm", "loss_weight_iaci", "loss_weight_iakr")
 PROBABILITIES = ("mask_ratio", "mask_keep_ratio", "text_mask_ratio", "text_mask_keep_ratio", "head_dropout")
 POSITIVE_SIZES = ("mask_patch_size", "head_num_attention_heads", "head_intermediate_size", "tim_embed_dim",
@@ -137,6 +140,9 @@ class VIKDFConfig(PreTrainedConfig):
         clip_max_length: the CLIP text tower's context (77 tokens).
         include_pretraining_heads: when False the vision tower and the TIM/TAMIM/IAMTM/IAKR heads are left out,
             which is all zero-resource inference needs.
+        dialogue_method: how the dialogue checkpoint was fine-tuned, one of `DIALOGUE_METHODS`: `"vikdf"` (the
+            default, also of configs saved before the field existed) or `"lora"`, the Table-4 baseline that every
+            entry point runs without knowledge.
     """
 
     model_type = "vikdf"
@@ -180,6 +186,7 @@ class VIKDFConfig(PreTrainedConfig):
     knowledge_token_id: int | None = None
     clip_max_length: int = 77
     include_pretraining_heads: bool = True
+    dialogue_method: str = "vikdf"
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -246,6 +253,8 @@ class VIKDFConfig(PreTrainedConfig):
             )
         if not isinstance(self.num_query_tokens, int) or self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens={self.num_query_tokens!r}; it must be a positive number of queries (paper: 32).")
+        if self.dialogue_method not in DIALOGUE_METHODS:
+            raise ValueError(f"dialogue_method={self.dialogue_method!r}; choose one of {DIALOGUE_METHODS}.")
         if self.tim_pooling not in TIM_POOLINGS:
             raise ValueError(f"tim_pooling={self.tim_pooling!r}; choose one of {TIM_POOLINGS}.")
         if len(self.caption_prompts) == 0 or len(self.reconstruction_prompts) == 0:
@@ -255,6 +264,12 @@ class VIKDFConfig(PreTrainedConfig):
                 f"clip_max_length={self.clip_max_length} exceeds the CLIP text tower's "
                 f"max_position_embeddings={self.clip_config.text_config.max_position_embeddings}."
             )
+
+    @property
+    def dialogue_with_knowledge(self) -> bool:
+        """Whether dialogue runs with the knowledge slots: every method but the LoRA baseline, which was fine-tuned
+        without them (Table 4) and so answers without them."""
+        return self.dialogue_method != "lora"
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "VIKDFConfig":
@@ -280,4 +295,4 @@ VIKDFConfig.register_for_auto_class()
 # with the type registered it needs no remote code, so it does not stop to ask whether to trust it.
 AutoConfig.register(VIKDFConfig.model_type, VIKDFConfig, exist_ok=True)
 
-__all__ = ["VIKDFConfig"]
+__all__ = ["DIALOGUE_METHODS", "VIKDFConfig"]

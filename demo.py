@@ -505,227 +505,283 @@ def main(argv: list[str] | None = None) -> dict:
         return run(args, settings, replace_demo_output(Path(args.output_dir)))
 
 
-def run(args: DemoArguments, settings: dict, out: Path) -> dict:
-    """Every stage of the demo into `out`, the report printed; returns the summary (also `out`/summary.json)."""
-    logging.set_verbosity_error()
-    torch.manual_seed(args.seed)
-    started = time.time()
-    stage_seconds: dict[str, float] = {}
+class DemoRun:
+    """The demo's six stages into `out`, each a method that prints its line, then the report; `run` calls them in
+    order. What a stage measures is kept on the instance for the stages after it and for the summary."""
 
-    glove = glove_text(args.cache_dir)
-    world = write_synthetic_world(
-        out / "world", seed=args.seed, num_pairs=settings["num_pairs"], num_heldout_pairs=settings["num_heldout_pairs"],
-        num_dialogues=settings["num_dialogues"], num_eval_dialogues=settings["num_eval_dialogues"],
-        names_per_look=settings["names_per_look"], image_only_per_colour=settings["image_only_per_colour"],
-    )
-    stage_seconds["world"] = stage(
-        f"1/6 synthetic world written: {len(world.kinds)} object kinds ({len(world.image_only_objects)} image-only), "
-        f"{settings['num_pairs']} image–text pairs, dialogues in Reddit and Image-Chat form ({out / 'world'})",
-        started,
-    )
+    def __init__(self, args: DemoArguments, settings: dict, out: Path):
+        self.args, self.settings, self.out = args, settings, out
+        self.started = time.time()
+        self.stage_seconds: dict[str, float] = {}  # since the start, at the end of each stage
 
-    components, clip_result, llm_result = prepare_components(
-        world, out / "components", settings, args.llm_family, args.seed, args.cache_dir
-    )
-    tokenizer = AutoTokenizer.from_pretrained(components.llm)
-    llm = AutoModelForCausalLM.from_pretrained(components.llm).eval()
-    test_dialogues = load_dialogues(world.image_chat_test)
-    described, plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, world, flag) for flag in (True, False))
-    towers = (f"2/6 stand-in towers: CLIP {clip_result.describe()}; LLM {llm_result.describe()}" if llm_result else
-              f"2/6 towers: stand-in CLIP {clip_result.describe()}; real LLM {SMOLLM2_FOLDER}, frozen as it ships")
-    stage_seconds["stand_in_towers"] = stage(
-        f"{towers} (on the test dialogues: {100 * described:.0f} % with the description, {100 * plain:.0f} % "
-        "without, chance 17 %)", started,
-    )
+    def stage(self, key: str, message: str) -> None:
+        self.stage_seconds[key] = stage(message, self.started)
 
-    common = ["--clip_model", str(components.clip), "--bert_model", str(components.bert), "--llm_model",
-              str(components.llm), "--num_query_tokens", str(settings["num_query_tokens"]),
-              "--config_overrides", json.dumps(TINY_HEADS), "--seed", str(args.seed)]
+    def write_world(self) -> None:
+        settings = self.settings
+        self.glove = glove_text(self.args.cache_dir)
+        self.world = world = write_synthetic_world(
+            self.out / "world", seed=self.args.seed, num_pairs=settings["num_pairs"],
+            num_heldout_pairs=settings["num_heldout_pairs"], num_dialogues=settings["num_dialogues"],
+            num_eval_dialogues=settings["num_eval_dialogues"], names_per_look=settings["names_per_look"],
+            image_only_per_colour=settings["image_only_per_colour"],
+        )
+        self.stage("world", f"1/6 synthetic world written: {len(world.kinds)} object kinds "
+                            f"({len(world.image_only_objects)} image-only), {settings['num_pairs']} image–text pairs, "
+                            f"dialogues in Reddit and Image-Chat form ({self.out / 'world'})")
 
-    def pretrain(folder: str, steps: int, extra: list[str] = (), callbacks: list = ()):
+    def prepare_towers(self) -> None:
+        """The frozen towers (`prepare_components`), and whether the LLM uses what its prompt says."""
+        args, world = self.args, self.world
+        self.components, self.clip_result, self.llm_result = prepare_components(
+            world, self.out / "components", self.settings, args.llm_family, args.seed, args.cache_dir
+        )
+        tokenizer = AutoTokenizer.from_pretrained(self.components.llm)
+        llm = AutoModelForCausalLM.from_pretrained(self.components.llm).eval()
+        test_dialogues = load_dialogues(world.image_chat_test)
+        self.described, self.plain = (prompt_copy_rate(llm, tokenizer, test_dialogues, world, flag)
+                                      for flag in (True, False))
+        towers = (f"2/6 stand-in towers: CLIP {self.clip_result.describe()}; LLM {self.llm_result.describe()}"
+                  if self.llm_result else f"2/6 towers: stand-in CLIP {self.clip_result.describe()}; real LLM "
+                                          f"{SMOLLM2_FOLDER}, frozen as it ships")
+        self.stage("stand_in_towers", f"{towers} (on the test dialogues: {100 * self.described:.0f} % with the "
+                                      f"description, {100 * self.plain:.0f} % without, chance 17 %)")
+
+    def pretrain(self) -> None:
+        """VIKDF pre-training until K_T of held-out contexts about image-only kinds finds images of their usual
+        colour (the criterion, checked every `pretrain_every` steps), with `pretrain_steps` as its cap, as the
+        stand-ins do; then the Table 3 ablations and Fig. 7's query counts, each as many steps as VIKDF took."""
+        settings, components, world = self.settings, self.components, self.world
+        # The ablation's starting point, and the processor the criterion reads contexts with: a VIKDF that never
+        # saw an image–text pair.
+        torch.manual_seed(self.args.seed)
+        untrained, processor = build_vikdf_from_components(
+            str(components.clip), str(components.bert), str(components.llm),
+            num_query_tokens=settings["num_query_tokens"], **TINY_HEADS,
+        )
+        untrained.save_pretrained(self.out / "no_pretrain_init")
+        processor.save_pretrained(self.out / "no_pretrain_init")
+        look_retrieval = LookRetrieval(
+            world.heldout_shard, [list(d.context) for d in load_dialogues(world.image_only_probe)],
+            world.knowledge_table(), processor, untrained.config.clip_config.vision_config.image_size,
+        )
+        self.criterion = CriterionCallback(Criterion("image-only look retrieval (TIM top-5)", look_retrieval,
+                                                     settings["pretrain_target"], every=settings["pretrain_every"]))
+        self.untrained_retrieval = look_retrieval(untrained.eval())
+        self.pretrainer = self.pretrain_run("pretrain", settings["pretrain_steps"], callbacks=[self.criterion])
+        steps = self.criterion.result.steps
+        self.ablations = list(PRETRAINING_ABLATIONS.items()) if settings["table3"] else []
+        for suffix, flag in self.ablations:
+            self.pretrain_run(f"pretrain{suffix}", steps, [flag, "false"])
+        self.query_counts = [n for n in settings["fig7_queries"] if n != settings["num_query_tokens"]]  # not VIKDF's
+        for n in self.query_counts:
+            self.pretrain_run(f"pretrain_n{n}", steps, ["--num_query_tokens", str(n)])
+        self.stage("pretrain",
+                   f"3/6 VIKDF pre-training of the five objectives: {self.criterion.result.describe()} (untrained "
+                   f"IQ-Former {100 * self.untrained_retrieval:.0f} %, chance 17 %)"
+                   + (f"; and as many steps without each of {', '.join(PRETRAINING_ABLATIONS)}" if self.ablations
+                      else "")
+                   + (f"; and with n = {', '.join(map(str, self.query_counts))} queries" if self.query_counts
+                      else ""))
+
+    def pretrain_run(self, folder: str, steps: int, extra: list[str] = (), callbacks: list = ()):
+        """One `train_pretrain.py` run into `out/folder`, built from the towers as from hub ids."""
+        settings, components = self.settings, self.components
         return train_pretrain.main([
-            *common, "--train_sources", f"synthetic=wds:{world.train_shards}", "--output_dir", str(out / folder),
+            "--clip_model", str(components.clip), "--bert_model", str(components.bert), "--llm_model",
+            str(components.llm), "--num_query_tokens", str(settings["num_query_tokens"]),
+            "--config_overrides", json.dumps(TINY_HEADS), "--seed", str(self.args.seed),
+            "--train_sources", f"synthetic=wds:{self.world.train_shards}", "--output_dir", str(self.out / folder),
             "--max_steps", str(steps), "--per_device_train_batch_size", str(settings["pretrain_batch"]),
             "--learning_rate", str(settings["pretrain_learning_rate"]), "--warmup_steps", "0.05", "--logging_steps",
             "10", "--save_strategy", "no", "--shuffle_buffer", "200", "--disable_tqdm", "true", *extra,
         ], callbacks=list(callbacks))
 
-    # Pre-training runs until K_T of held-out contexts about image-only kinds finds images of their usual colour
-    # (the criterion, checked every `pretrain_every` steps), with `pretrain_steps` as its cap, as the stand-ins do.
-    # The ablation's starting point, and the processor the criterion reads contexts with: a VIKDF that never saw an
-    # image–text pair.
-    torch.manual_seed(args.seed)
-    untrained, processor = build_vikdf_from_components(
-        str(components.clip), str(components.bert), str(components.llm),
-        num_query_tokens=settings["num_query_tokens"], **TINY_HEADS,
-    )
-    untrained.save_pretrained(out / "no_pretrain_init")
-    processor.save_pretrained(out / "no_pretrain_init")
-    look_retrieval = LookRetrieval(
-        world.heldout_shard, [list(d.context) for d in load_dialogues(world.image_only_probe)],
-        world.knowledge_table(), processor, untrained.config.clip_config.vision_config.image_size,
-    )
-    criterion = CriterionCallback(Criterion("image-only look retrieval (TIM top-5)", look_retrieval,
-                                            settings["pretrain_target"], every=settings["pretrain_every"]))
-    untrained_retrieval = look_retrieval(untrained.eval())
-    pretrainer = pretrain("pretrain", settings["pretrain_steps"], callbacks=[criterion])
-    ablations = list(PRETRAINING_ABLATIONS.items()) if settings["table3"] else []
-    for suffix, flag in ablations:  # each ablation gets the steps the full objective took
-        pretrain(f"pretrain{suffix}", criterion.result.steps, [flag, "false"])
-    query_counts = [n for n in settings["fig7_queries"] if n != settings["num_query_tokens"]]  # VIKDF is the other
-    for n in query_counts:
-        pretrain(f"pretrain_n{n}", criterion.result.steps, ["--num_query_tokens", str(n)])
-    stage_seconds["pretrain"] = stage(
-        f"3/6 VIKDF pre-training of the five objectives: {criterion.result.describe()} (untrained IQ-Former "
-        f"{100 * untrained_retrieval:.0f} %, chance 17 %)"
-        + (f"; and as many steps without each of {', '.join(PRETRAINING_ABLATIONS)}" if ablations else "")
-        + (f"; and with n = {', '.join(map(str, query_counts))} queries" if query_counts else ""), started,
-    )
+    def fine_tune(self) -> None:
+        self.all_rows = self.settings["rows"] == "all"
+        self.fine_tune_run("pretrain", "vikdf")
+        self.fine_tune_run("no_pretrain_init", "no_pretrain")
+        if self.all_rows:
+            self.fine_tune_run("pretrain", "vikdf_low", LOW_RESOURCE_FRACTION)
+            self.fine_tune_run("no_pretrain_init", "no_pretrain_low", LOW_RESOURCE_FRACTION)
+            # The fine-tuned text-only baseline (Table 4): LoRA on the LLM, same dialogues, no knowledge.
+            self.fine_tune_run("no_pretrain_init", "lora", extra=["--method", "lora"])
+        for suffix, _ in self.ablations:
+            self.fine_tune_run(f"pretrain{suffix}", f"vikdf{suffix}")
+        for n in self.query_counts:
+            self.fine_tune_run(f"pretrain_n{n}", f"vikdf_n{n}")
+        self.stage("dialogue_fine_tuning",
+                   "4/6 dialogue fine-tuning on Reddit-format dialogues: VIKDF and the no-pre-training ablation"
+                   + (", both with ⅛ of the dialogues too, and LoRA" if self.all_rows else "")
+                   + (", and the Table 3 ablations" if self.ablations else "")
+                   + (", and Fig. 7's query counts" if self.query_counts else ""))
 
-    def fine_tune(initial: str, folder: str, fraction: float = 1.0, extra: list[str] = ()) -> None:
+    def fine_tune_run(self, initial: str, folder: str, fraction: float = 1.0, extra: list[str] = ()) -> None:
+        """One `train_dialogue.py` run from `out/initial` into `out/folder` on the Reddit-format dialogues."""
+        settings = self.settings
         train_dialogue.main([
-            "--model_name_or_path", str(out / initial), "--output_dir", str(out / folder), "--train_file",
-            str(world.reddit_train), "--train_fraction", str(fraction), "--per_device_train_batch_size", str(settings["dialogue_batch"]),
-            "--save_strategy", "no", "--disable_tqdm", "true", "--seed", str(args.seed),
-            *dialogue_schedule(settings, projection_only=args.freeze_iq_former and "--method" not in extra), *extra,
+            "--model_name_or_path", str(self.out / initial), "--output_dir", str(self.out / folder), "--train_file",
+            str(self.world.reddit_train), "--train_fraction", str(fraction), "--per_device_train_batch_size",
+            str(settings["dialogue_batch"]), "--save_strategy", "no", "--disable_tqdm", "true", "--seed",
+            str(self.args.seed),
+            *dialogue_schedule(settings, projection_only=self.args.freeze_iq_former and "--method" not in extra),
+            *extra,
         ])
 
-    all_rows = settings["rows"] == "all"
-    fine_tune("pretrain", "vikdf")
-    fine_tune("no_pretrain_init", "no_pretrain")
-    if all_rows:
-        fine_tune("pretrain", "vikdf_low", LOW_RESOURCE_FRACTION)
-        fine_tune("no_pretrain_init", "no_pretrain_low", LOW_RESOURCE_FRACTION)
-        # The fine-tuned text-only baseline (Table 4): LoRA on the LLM, same dialogues, no knowledge.
-        fine_tune("no_pretrain_init", "lora", extra=["--method", "lora"])
-    for suffix, _ in ablations:
-        fine_tune(f"pretrain{suffix}", f"vikdf{suffix}")
-    for n in query_counts:
-        fine_tune(f"pretrain_n{n}", f"vikdf_n{n}")
-    stage_seconds["dialogue_fine_tuning"] = stage(
-        "4/6 dialogue fine-tuning on Reddit-format dialogues: VIKDF and the no-pre-training ablation"
-        + (", both with ⅛ of the dialogues too, and LoRA" if all_rows else "")
-        + (", and the Table 3 ablations" if ablations else "") + (", and Fig. 7's query counts" if query_counts else ""),
-        started,
-    )
+    def systems(self) -> dict[str, tuple[str, Path, list[str]]]:
+        """The preset's rows: name → (evaluation folder, checkpoint, eval_dialogue.py flags)."""
+        out, textualise_all = self.out, self.textualise_all
+        systems = {
+            FROZEN_LLM: ("llm", out / "vikdf", ["--baseline", "llm"]),
+            LORA: ("lora", out / "lora", []),
+            NO_PRETRAIN: ("no_pretrain", out / "no_pretrain", textualise_all),
+            VIKDF: ("vikdf", out / "vikdf", textualise_all),
+            **{f"VIKDF {suffix}": (f"vikdf{suffix}", out / f"vikdf{suffix}", textualise_all)
+               for suffix, _ in self.ablations},
+            NO_PRETRAIN + LOW: ("no_pretrain_low", out / "no_pretrain_low", []),
+            VIKDF + LOW: ("vikdf_low", out / "vikdf_low", []),
+            PRETRAIN_ONLY: ("pretrain_only", out / "pretrain", textualise_all),
+            SHUFFLED: ("vikdf_shuffled", out / "vikdf", ["--knowledge_ablation", "shuffle", *textualise_all]),
+            **{queries_row(n): (f"vikdf_n{n}", out / f"vikdf_n{n}", []) for n in self.query_counts},
+        }
+        if not self.all_rows:
+            for name in (LORA, NO_PRETRAIN + LOW, VIKDF + LOW, PRETRAIN_ONLY):
+                del systems[name]
+        if self.ablations:
+            systems["VIKDF, zero knowledge"] = ("vikdf_zero", out / "vikdf", ["--knowledge_ablation", "zero"])
+        return systems
 
-    count = settings["num_eval_dialogues"]
-    textualise_all = ["--textualise", str(count)]
-    # name: (evaluation folder, checkpoint, eval_dialogue.py flags)
-    systems = {
-        FROZEN_LLM: ("llm", out / "vikdf", ["--baseline", "llm"]),
-        LORA: ("lora", out / "lora", []),
-        NO_PRETRAIN: ("no_pretrain", out / "no_pretrain", textualise_all),
-        VIKDF: ("vikdf", out / "vikdf", textualise_all),
-        **{f"VIKDF {suffix}": (f"vikdf{suffix}", out / f"vikdf{suffix}", textualise_all) for suffix, _ in ablations},
-        NO_PRETRAIN + LOW: ("no_pretrain_low", out / "no_pretrain_low", []),
-        VIKDF + LOW: ("vikdf_low", out / "vikdf_low", []),
-        PRETRAIN_ONLY: ("pretrain_only", out / "pretrain", textualise_all),
-        SHUFFLED: ("vikdf_shuffled", out / "vikdf", ["--knowledge_ablation", "shuffle", *textualise_all]),
-        **{queries_row(n): (f"vikdf_n{n}", out / f"vikdf_n{n}", []) for n in query_counts},
-    }
-    if not all_rows:
-        for name in (LORA, NO_PRETRAIN + LOW, VIKDF + LOW, PRETRAIN_ONLY):
-            del systems[name]
-    if ablations:
-        systems["VIKDF, zero knowledge"] = ("vikdf_zero", out / "vikdf", ["--knowledge_ablation", "zero"])
-    results = {
-        name: evaluate(checkpoint, world.image_chat_test, out / "eval" / folder, settings, glove, extra)
-        for name, (folder, checkpoint, extra) in systems.items()
-    }
-    # In-distribution check: validation dialogues about the objects whose colours fine-tuning did see.
-    seen = {
-        name: evaluate(checkpoint, world.reddit_valid, out / "eval_seen" / folder, settings, glove,
-                       ["--skip_perplexity", *[flag for flag in extra if flag not in textualise_all]])
-        for name, (folder, checkpoint, extra) in systems.items()
-    }
-    stage_seconds["evaluation"] = stage(
-        f"5/6 zero-resource evaluation on {count} Image-Chat-format test dialogues (Zero-Data setting)", started
-    )
+    def evaluate(self) -> None:
+        """Every row on the Image-Chat-format test set, and on validation dialogues about the objects whose
+        colours fine-tuning did see (the in-distribution check)."""
+        count, settings, glove = self.settings["num_eval_dialogues"], self.settings, self.glove
+        self.textualise_all = ["--textualise", str(count)]
+        self.evaluated = self.systems()
+        self.results = {
+            name: evaluate(checkpoint, self.world.image_chat_test, self.out / "eval" / folder, settings, glove, extra)
+            for name, (folder, checkpoint, extra) in self.evaluated.items()
+        }
+        self.seen = {
+            name: evaluate(checkpoint, self.world.reddit_valid, self.out / "eval_seen" / folder, settings, glove,
+                           ["--skip_perplexity", *[flag for flag in extra if flag not in self.textualise_all]])
+            for name, (folder, checkpoint, extra) in self.evaluated.items()
+        }
+        self.stage("evaluation",
+                   f"5/6 zero-resource evaluation on {count} Image-Chat-format test dialogues (Zero-Data setting)")
 
-    recall, chance = tim_recall_at_1(out / "pretrain", world.heldout_shard)
-    plot_losses(pretrainer.state.log_history, out / "loss_curves.png")
-    stage_seconds["report"] = stage("6/6 report", started)
+    def measure(self) -> None:
+        """TIM recall@1, the loss curves, and per row the knowledge accuracy with its interval over kinds."""
+        world = self.world
+        self.recall, self.chance = tim_recall_at_1(self.out / "pretrain", world.heldout_shard)
+        plot_losses(self.pretrainer.state.log_history, self.out / "loss_curves.png")
+        self.stage("report", "6/6 report")
+        self.outcomes = {name: prediction_outcomes(predictions, world)
+                         for name, (_, predictions) in self.results.items()}
+        # (accuracy, low, high): the mean of every scored outcome and its interval over kinds
+        self.intervals = {name: nested_bootstrap_interval(accuracy_by_kind(self.outcomes[name]))
+                          for name in self.results}
+        self.rows = {
+            name: {**metrics, "knowledge_accuracy": self.intervals[name][0],
+                   "knowledge_accuracy_interval": list(self.intervals[name][1:]),
+                   # Per test dialogue in the test set's order, its kind and whether the response was right: what a
+                   # benchmark pools over runs (the bootstrap draws runs, then kinds).
+                   "knowledge_outcomes": self.outcomes[name],
+                   "knowledge_accuracy_seen": prediction_accuracy(self.seen[name][1], world),
+                   "textualised_accuracy": textualised_accuracy(self.out / "eval" / self.evaluated[name][0], world)}
+            for name, (metrics, _) in self.results.items()
+        }
+        self.figure7 = {}
+        if self.query_counts:
+            system_of = {self.settings["num_query_tokens"]: VIKDF, **{n: queries_row(n) for n in self.query_counts}}
+            self.figure7 = {n: text_metric_intervals(self.results[system_of[n]][1], world,
+                                                     self.intervals[system_of[n]])
+                            for n in sorted(system_of)}
+        knowledge = [json.loads(line)
+                     for line in (self.out / "eval" / "vikdf" / "knowledge.jsonl").read_text().splitlines()]
+        self.examples = [
+            {"context": " / ".join(prediction["context"]), "response": prediction["hypothesis"],
+             "frozen LLM": frozen["hypothesis"], "reference": prediction["reference"],
+             "knowledge": textualised["knowledge"]}
+            for prediction, frozen, textualised in zip(self.results[VIKDF][1], self.results[FROZEN_LLM][1], knowledge)
+        ][:3]
 
-    outcomes = {name: prediction_outcomes(predictions, world) for name, (_, predictions) in results.items()}
-    # (accuracy, low, high): the mean of every scored outcome and its interval over kinds
-    intervals = {name: nested_bootstrap_interval(accuracy_by_kind(outcomes[name])) for name in results}
-    rows = {
-        name: {**metrics, "knowledge_accuracy": intervals[name][0],
-               "knowledge_accuracy_interval": list(intervals[name][1:]),
-               # Per test dialogue in the test set's order, its kind and whether the response was right: what a
-               # benchmark pools over runs (the bootstrap draws runs, then kinds).
-               "knowledge_outcomes": outcomes[name],
-               "knowledge_accuracy_seen": prediction_accuracy(seen[name][1], world),
-               "textualised_accuracy": textualised_accuracy(out / "eval" / systems[name][0], world)}
-        for name, (metrics, _) in results.items()
-    }
-    accuracy = {name: row["knowledge_accuracy"] for name, row in rows.items()}
-    print("\nZero-Data setting (Table 3's Image-Chat columns): fine-tuned on Reddit-format dialogues, tested zero-shot "
-          "on Image-Chat-format dialogues about objects whose colour only the image–text pairs show. Knowledge acc.: the "
-          "response names the object's usual colour (chance 16.7); 'seen': the same on validation dialogues about "
-          "objects the fine-tuning dialogues talked about; 'textualised': the knowledge K put into words (§5.4) "
-          "names it. Average, Extrema and Greedy: GloVe 6B 50d (the paper's are 300d); a word GloVe lacks, such as "
-          "an invented object name, takes the mean of its 400,000 vectors, as in the released evaluation.\n")
-    print("\n".join(table_header() + [table_row(name, row) for name, row in rows.items()]))
-    kinds = len(accuracy_by_kind(outcomes[VIKDF]))
-    print(f"\nKnowledge acc. with its 95 % interval from a bootstrap over the {kinds} image-only kinds (a kind "
-          f"moves it by {100 / kinds:.1f} points):")
-    for name, row in rows.items():
-        low, high = row["knowledge_accuracy_interval"]
-        print(f"  {name}: {_percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]")
-    figure7 = {}
-    if query_counts:
-        system_of = {settings["num_query_tokens"]: VIKDF, **{n: queries_row(n) for n in query_counts}}
-        figure7 = {n: text_metric_intervals(results[system_of[n]][1], world, intervals[system_of[n]])
-                   for n in sorted(system_of)}
-        print(f"\nFig. 7: VIKDF with n query vectors, each pre-trained {criterion.result.steps} steps and fine-tuned "
-              "alike; 95 % intervals over the image-only kinds:")
-        print("| n | Knowledge acc. | BLEU-1 | ROUGE-L |\n|---:|---|---|---|")
-        for n, row in figure7.items():
-            print(f"| {n} | " + " | ".join(f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in row.values()) + " |")
-    print(f"\nTIM text→image recall@1 on {int(round(1 / chance))} held-out pairs: {100 * recall:.1f} % "
-          f"(chance {100 * chance:.1f} %, {recall / chance:.0f}× chance)")
+    def print_report(self) -> None:
+        rows, outcomes, intervals = self.rows, self.outcomes, self.intervals
+        accuracy = {name: row["knowledge_accuracy"] for name, row in rows.items()}
+        print("\nZero-Data setting (Table 3's Image-Chat columns): fine-tuned on Reddit-format dialogues, tested "
+              "zero-shot on Image-Chat-format dialogues about objects whose colour only the image–text pairs show. "
+              "Knowledge acc.: the response names the object's usual colour (chance 16.7); 'seen': the same on "
+              "validation dialogues about objects the fine-tuning dialogues talked about; 'textualised': the "
+              "knowledge K put into words (§5.4) names it. Average, Extrema and Greedy: GloVe 6B 50d (the paper's "
+              "are 300d); a word GloVe lacks, such as an invented object name, takes the mean of its 400,000 "
+              "vectors, as in the released evaluation.\n")
+        print("\n".join(table_header() + [table_row(name, row) for name, row in rows.items()]))
+        kinds = len(accuracy_by_kind(outcomes[VIKDF]))
+        print(f"\nKnowledge acc. with its 95 % interval from a bootstrap over the {kinds} image-only kinds (a kind "
+              f"moves it by {100 / kinds:.1f} points):")
+        for name, row in rows.items():
+            low, high = row["knowledge_accuracy_interval"]
+            print(f"  {name}: {_percent(row['knowledge_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]")
+        if self.figure7:
+            print(f"\nFig. 7: VIKDF with n query vectors, each pre-trained {self.criterion.result.steps} steps and "
+                  "fine-tuned alike; 95 % intervals over the image-only kinds:")
+            print("| n | Knowledge acc. | BLEU-1 | ROUGE-L |\n|---:|---|---|---|")
+            for n, row in self.figure7.items():
+                print(f"| {n} | " + " | ".join(f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in row.values()) + " |")
+        print(f"\nTIM text→image recall@1 on {int(round(1 / self.chance))} held-out pairs: {100 * self.recall:.1f} % "
+              f"(chance {100 * self.chance:.1f} %, {self.recall / self.chance:.0f}× chance)")
 
-    print("\nExamples (VIKDF, and the frozen LLM on the same context):")
-    knowledge = [json.loads(line) for line in (out / "eval" / "vikdf" / "knowledge.jsonl").read_text().splitlines()]
-    examples = [{"context": " / ".join(prediction["context"]), "response": prediction["hypothesis"],
-                 "frozen LLM": frozen["hypothesis"], "reference": prediction["reference"],
-                 "knowledge": textualised["knowledge"]}
-                for prediction, frozen, textualised in zip(results[VIKDF][1], results[FROZEN_LLM][1], knowledge)][:3]
-    for example in examples:
-        print("\n".join(f"  {key + ':':10} {value}" for key, value in example.items()) + "\n")
+        print("\nExamples (VIKDF, and the frozen LLM on the same context):")
+        for example in self.examples:
+            print("\n".join(f"  {key + ':':10} {value}" for key, value in example.items()) + "\n")
 
-    best_text_only = max((name for name in (FROZEN_LLM, LORA) if name in accuracy), key=accuracy.get)
-    print(compare("The distilled knowledge", VIKDF, best_text_only, outcomes))
-    print(compare("VIKDF pre-training", VIKDF, NO_PRETRAIN, outcomes))
-    if all_rows:
-        print(compare("VIKDF pre-training with ⅛ of the dialogues", VIKDF + LOW, NO_PRETRAIN + LOW, outcomes))
-    _, low, high = intervals[SHUFFLED]
-    print(f"Shuffled knowledge: {100 * accuracy[SHUFFLED]:.1f} % [{100 * low:.1f}, {100 * high:.1f}] (chance 16.7 %: "
-          f"{'inside' if low <= 1 / 6 <= high else 'OUTSIDE'} the interval).")
-    if all_rows:
-        print(f"Pre-training only: its textualised knowledge names the right colour "
-              f"{_percent(rows[PRETRAIN_ONLY]['textualised_accuracy'])} % of the time (reported, not a target).")
-    print(f"Loss curves: {out / 'loss_curves.png'}; everything else under {out}/. Total {time.time() - started:.0f}s.")
-    summary = {
-        "preset": args.preset,
-        "seed": args.seed,
-        "llm_family": args.llm_family,
-        "pretrain_steps": settings["pretrain_steps"],
-        "pretraining_criterion": {**_stand_in_summary(criterion.result), "untrained_value": untrained_retrieval,
-                                  "history": criterion.result.history},
-        "systems": rows,
-        "figure7": {str(n): {name: list(values) for name, values in row.items()} for n, row in figure7.items()},
-        "stand_ins": {name: _stand_in_summary(result) for name, result in (("clip", clip_result), ("llm", llm_result))
-                      if result is not None},
-        "examples": examples,
-        "llm_prompt_use": {"described": described, "plain": plain},
-        "tim_recall_at_1": recall,
-        "tim_chance": chance,
-        "stage_seconds": stage_seconds,  # since the start, at the end of each stage
-        "seconds": time.time() - started,
-    }
+        best_text_only = max((name for name in (FROZEN_LLM, LORA) if name in accuracy), key=accuracy.get)
+        print(compare("The distilled knowledge", VIKDF, best_text_only, outcomes))
+        print(compare("VIKDF pre-training", VIKDF, NO_PRETRAIN, outcomes))
+        if self.all_rows:
+            print(compare("VIKDF pre-training with ⅛ of the dialogues", VIKDF + LOW, NO_PRETRAIN + LOW, outcomes))
+        _, low, high = intervals[SHUFFLED]
+        print(f"Shuffled knowledge: {100 * accuracy[SHUFFLED]:.1f} % [{100 * low:.1f}, {100 * high:.1f}] (chance "
+              f"16.7 %: {'inside' if low <= 1 / 6 <= high else 'OUTSIDE'} the interval).")
+        if self.all_rows:
+            print(f"Pre-training only: its textualised knowledge names the right colour "
+                  f"{_percent(rows[PRETRAIN_ONLY]['textualised_accuracy'])} % of the time (reported, not a target).")
+        print(f"Loss curves: {self.out / 'loss_curves.png'}; everything else under {self.out}/. "
+              f"Total {time.time() - self.started:.0f}s.")
+
+    def summary(self) -> dict:
+        args, criterion = self.args, self.criterion.result
+        return {
+            "preset": args.preset,
+            "seed": args.seed,
+            "llm_family": args.llm_family,
+            "pretrain_steps": self.settings["pretrain_steps"],
+            "pretraining_criterion": {**_stand_in_summary(criterion), "untrained_value": self.untrained_retrieval,
+                                      "history": criterion.history},
+            "systems": self.rows,
+            "figure7": {str(n): {name: list(values) for name, values in row.items()}
+                        for n, row in self.figure7.items()},
+            "stand_ins": {name: _stand_in_summary(result)
+                          for name, result in (("clip", self.clip_result), ("llm", self.llm_result))
+                          if result is not None},
+            "examples": self.examples,
+            "llm_prompt_use": {"described": self.described, "plain": self.plain},
+            "tim_recall_at_1": self.recall,
+            "tim_chance": self.chance,
+            "stage_seconds": self.stage_seconds,
+            "seconds": time.time() - self.started,
+        }
+
+
+def run(args: DemoArguments, settings: dict, out: Path) -> dict:
+    """Every stage of the demo into `out`, the report printed; returns the summary (also `out`/summary.json)."""
+    logging.set_verbosity_error()
+    torch.manual_seed(args.seed)
+    demo_run = DemoRun(args, settings, out)
+    for step in (demo_run.write_world, demo_run.prepare_towers, demo_run.pretrain, demo_run.fine_tune,
+                 demo_run.evaluate, demo_run.measure, demo_run.print_report):
+        step()
+    summary = demo_run.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

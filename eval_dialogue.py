@@ -18,14 +18,15 @@ the PPL convention, the token-level PPL and the word tokeniser) and `eval_info.j
 LLM (paper §5.4, Fig. 6). Evaluating a local checkpoint folder
 (not a baseline run) also writes the metrics row into its model card (README.md).
 
-Generation defaults are the released ones: beam 3, no repeated 3-grams, 32 new tokens, greedy (no sampling);
-batches are left padded and give the same responses as batch size 1. The loop lives in `vikdf.evaluation`.
+Decoding follows the checkpoint's generation config (a VIKDF checkpoint carries the released settings); the
+decoding flags override it. Batches are left padded and give the same responses as batch size 1. The loop lives in
+`vikdf.evaluation`.
 
     accelerate launch --num_processes 4 eval_dialogue.py ...   # the dialogues split over 4 processes / GPUs
 
 splits the test set by batches over the processes, each on its own device; rank 0 gathers the responses and
 per-dialogue NLLs, computes the metrics and alone writes the files and the model card, identical to one process
-(`vikdf.evaluation_processes`).
+(`vikdf.evaluation.evaluate_dialogues`).
 """
 
 from __future__ import annotations
@@ -87,10 +88,19 @@ class EvalArguments:
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Dialogues per generation / perplexity batch."})
-    num_beams: int = field(default=3, metadata={"help": "Beam width (released: 3)."})
-    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Forbid repeated n-grams (released: 3)."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Longest response in tokens (released: 32)."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of deterministic beam search."})
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beam width (default: the checkpoint's generation config, as released)."}
+    )
+    no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata={"help": "Forbid repeated n-grams of this size, 0 = off (default: the checkpoint's generation config)."},
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Longest response in tokens (default: the checkpoint's generation config)."}
+    )
+    do_sample: bool = field(
+        default=False, metadata={"help": "Sample instead of decoding as the checkpoint's generation config says."}
+    )
     temperature: float | None = field(default=None, metadata={"help": "Sampling temperature (with --do_sample)."})
     top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling top-p (with --do_sample)."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling (with --do_sample)."})
@@ -167,7 +177,7 @@ def check_arguments(args: EvalArguments) -> None:
                         ("--max_test_dialogues", args.max_test_dialogues)):
         check_positive(value, flag)
     for flag, value in (("--no_repeat_ngram_size", args.no_repeat_ngram_size), ("--textualise", args.textualise)):
-        if value < 0:
+        if value is not None and value < 0:
             raise ValueError(f"{flag} {value} must be 0 (off) or positive.")
     if args.do_sample and args.temperature is not None and not args.temperature > 0:
         raise ValueError(
@@ -179,36 +189,17 @@ def check_arguments(args: EvalArguments) -> None:
     check_device(args.device)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
-    None on the other processes of a multi-process run."""
-    from vikdf.quantization import LLMQuantizationArguments, check_quantization_request
+def load_test_dialogues(args: EvalArguments, quantization) -> list:
+    """Everything that can be wrong with a path or a flag, found before the model loads; then the test dialogues."""
+    from vikdf.checks import check_glove_file, check_input_file, check_max_new_tokens, load_checkpoint_config
+    from vikdf.quantization import check_quantization_request
 
-    args, quantization = HfArgumentParser((EvalArguments, LLMQuantizationArguments)).parse_args_into_dataclasses(args=argv)
-    check_arguments(args)
-    import torch
-    from accelerate import PartialState
-
-    from vikdf.arguments import resolve_dtype
-    from vikdf.checks import check_glove_file, check_input_file, check_max_new_tokens, fit_generation_length, load_checkpoint_config
-    from vikdf.evaluation import load_checkpoint, metrics_markdown, metrics_notes, write_evaluation
-    from vikdf.evaluation_processes import evaluate_dialogues_across_processes
-    from vikdf.knowledge import textualise_knowledge
-    from vikdf.knowledge_ablation import knowledge_ablation
-    from vikdf.model_card import update_model_card_metrics
-    from vikdf.output_folder import MODEL_CARD_LOCK, folder_lock, writer_lock
-
-    # Without a GPU, cpu=True lets accelerate join the launched processes over gloo (it finds no backend otherwise).
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    if args.aggregate:
-        return run_aggregate(args) if state.is_main_process else None
     if args.model_name_or_path is None or args.test_file is None:
         raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
-
-    # Everything that can be wrong with a path or a flag is found before the model loads and generates.
     config = load_checkpoint_config(args.model_name_or_path)
     check_quantization_request(quantization, config, args.model_name_or_path)
-    check_max_new_tokens(config, args.max_new_tokens)
+    if args.max_new_tokens is not None:  # the checkpoint's own length is checked once its generation config loads
+        check_max_new_tokens(config, args.max_new_tokens)
     check_input_file(args.test_file, "--test_file")
     check_glove_file(args.glove_path)
     dialogues = load_dialogues(
@@ -219,6 +210,97 @@ def main(argv: list[str] | None = None) -> dict | None:
         dialogues = dialogues[: args.max_test_dialogues]
     if not dialogues:
         raise ValueError(f"{args.test_file}: no test dialogues.")
+    return dialogues
+
+
+def evaluated_system(args: EvalArguments, config) -> tuple[bool, str]:
+    """Whether the run reads knowledge, and the system's name in the log and eval_info.json: VIKDF, the frozen LLM
+    (--baseline llm) or the LoRA baseline, which was trained without knowledge (Table 4)."""
+    with_knowledge = args.baseline is None and config.dialogue_with_knowledge
+    lora = not config.dialogue_with_knowledge
+    if lora and args.baseline is None:
+        logger.info("LoRA baseline checkpoint (Table 4): evaluating without knowledge.")
+    if args.knowledge_ablation != "none" and not with_knowledge:
+        raise ValueError(
+            f"--knowledge_ablation {args.knowledge_ablation} needs a VIKDF evaluation with knowledge; "
+            f"{args.model_name_or_path} is evaluated without (--baseline or a LoRA checkpoint)."
+        )
+    system = "VIKDF" if with_knowledge else ("LoRA baseline" if lora else "frozen LLM")
+    if args.knowledge_ablation != "none":
+        system += f" (knowledge {args.knowledge_ablation})"
+    return with_knowledge, system
+
+
+def decoding_settings(args: EvalArguments, model) -> dict:
+    """The decoding of the run: the checkpoint's generation config with the decoding flags given on top."""
+    from vikdf.evaluation import checkpoint_generation
+
+    flags = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+             "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample or None}
+    generation = checkpoint_generation(model, **{key: value for key, value in flags.items() if value is not None})
+    if generation["do_sample"]:
+        sampling = (("temperature", args.temperature), ("top_p", args.top_p))
+        generation.update({key: value for key, value in sampling if value is not None})
+    return generation
+
+
+def write_textualised_knowledge(args: EvalArguments, model, processor, dialogues: list, generation: dict) -> None:
+    """knowledge.jsonl: the knowledge of the first --textualise contexts put into words (paper §5.4), decoded
+    deterministically with the run's beam width, n-gram block and length."""
+    from vikdf.knowledge import textualise_knowledge
+    from vikdf.knowledge_ablation import knowledge_ablation
+
+    chosen = dialogues[: args.textualise]
+    decoding = {key: generation[key] for key in ("num_beams", "no_repeat_ngram_size", "max_new_tokens")}
+    with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
+        texts = textualise_knowledge(
+            model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
+            batch_size=args.batch_size, **decoding,
+        )
+    with open(Path(args.output_dir) / "knowledge.jsonl", "w", encoding="utf-8") as f:
+        for dialogue, text in zip(chosen, texts):
+            f.write(json.dumps({"context": list(dialogue.context), "knowledge": text}, ensure_ascii=False) + "\n")
+
+
+def add_metrics_to_model_card(args: EvalArguments, model, result: dict) -> None:
+    """Write the metrics row into a local checkpoint folder's model card; baseline and ablation runs leave it."""
+    from vikdf.model_card import update_model_card_metrics
+    from vikdf.output_folder import MODEL_CARD_LOCK, folder_lock
+
+    if not (args.update_model_card and os.path.isdir(args.model_name_or_path)):
+        return
+    if args.baseline is not None or args.knowledge_ablation != "none":
+        logger.info("Baseline or ablation run: the checkpoint's model card is left unchanged.")
+        return
+    # Another evaluation of this checkpoint may be adding its row: one read-modify-write at a time.
+    with folder_lock(args.model_name_or_path, "--model_name_or_path", MODEL_CARD_LOCK, wait=True):
+        card = update_model_card_metrics(
+            args.model_name_or_path, result["metrics"], _test_name(args), config=model.config, tokenizer=result["tokenizer"],
+        )
+    logger.info(f"Model card updated: {card}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
+    None on the other processes of a multi-process run."""
+    from vikdf.quantization import LLMQuantizationArguments
+
+    args, quantization = HfArgumentParser((EvalArguments, LLMQuantizationArguments)).parse_args_into_dataclasses(args=argv)
+    check_arguments(args)
+    import torch
+    from accelerate import PartialState
+
+    from vikdf.arguments import resolve_dtype
+    from vikdf.checks import fit_generation_length
+    from vikdf.evaluation import evaluate_dialogues, load_checkpoint, metrics_markdown, metrics_notes, write_evaluation
+    from vikdf.knowledge_ablation import knowledge_ablation
+    from vikdf.output_folder import writer_lock
+
+    # Without a GPU, cpu=True lets accelerate join the launched processes over gloo (it finds no backend otherwise).
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if args.aggregate:
+        return run_aggregate(args) if state.is_main_process else None
+    dialogues = load_test_dialogues(args, quantization)
 
     # Every process checks that --output_dir is not a file; the one that writes the files holds the folder's lock.
     with writer_lock(args.output_dir, state.is_main_process):
@@ -227,68 +309,29 @@ def main(argv: list[str] | None = None) -> dict | None:
         dtype = resolve_dtype(args.precision)
         model, processor = load_checkpoint(args.model_name_or_path, dtype, quantization.bitsandbytes_config(dtype))
         model.to(device).eval()
-        fit_generation_length(model.config, processor, args.max_new_tokens)
-
-        method = getattr(model.config, "dialogue_method", "vikdf")
-        with_knowledge = args.baseline is None and method != "lora"
-        if method == "lora" and args.baseline is None:
-            logger.info("LoRA baseline checkpoint (Table 4): evaluating without knowledge.")
-        if args.knowledge_ablation != "none" and not with_knowledge:
-            raise ValueError(
-                f"--knowledge_ablation {args.knowledge_ablation} needs a VIKDF evaluation with knowledge; "
-                f"{args.model_name_or_path} is evaluated without (--baseline or a LoRA checkpoint)."
-            )
-        system = "VIKDF" if with_knowledge else ("LoRA baseline" if method == "lora" else "frozen LLM")
-        if args.knowledge_ablation != "none":
-            system += f" (knowledge {args.knowledge_ablation})"
+        generation = decoding_settings(args, model)
+        fit_generation_length(model.config, processor, generation["max_new_tokens"])
+        with_knowledge, system = evaluated_system(args, model.config)
         logger.info(
             f"Evaluating {system} from {args.model_name_or_path} on {len(dialogues)} dialogues of {args.test_file}."
         )
-
-        generation = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
-                      "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
-        if args.do_sample:
-            sampling = (("temperature", args.temperature), ("top_p", args.top_p))
-            generation.update({k: v for k, v in sampling if v is not None})
         with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
-            result = evaluate_dialogues_across_processes(
-                model, processor, dialogues, state, with_knowledge=with_knowledge, glove_path=args.glove_path,
+            result = evaluate_dialogues(
+                model, processor, dialogues, state=state, with_knowledge=with_knowledge, glove_path=args.glove_path,
                 batch_size=args.batch_size, compute_perplexity=not args.skip_perplexity,
-                seed=args.seed if args.do_sample else None, progress=not args.disable_tqdm, **generation,
+                seed=args.seed if generation["do_sample"] else None, progress=not args.disable_tqdm, **generation,
             )
         if not state.is_main_process:
             return None  # rank 0 alone writes the files and the model card
-        metrics = result["metrics"]
         info = {**asdict(args), "system": system, "with_knowledge": with_knowledge, "num_dialogues": len(dialogues),
                 "num_processes": state.num_processes, "generation": generation}
         write_evaluation(args.output_dir, result, info)
-        notes = metrics_notes(metrics, result["tokenizer"])
-        logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(metrics)}{notes}")
-
+        logger.info(f"{system} on {args.test_file}:\n{metrics_markdown(result['metrics'])}"
+                    f"{metrics_notes(result['metrics'], result['tokenizer'])}")
         if args.textualise > 0:
-            chosen = dialogues[: args.textualise]
-            with knowledge_ablation(model, args.knowledge_ablation, seed=args.seed):
-                texts = textualise_knowledge(
-                    model, processor, [list(d.context) for d in chosen], prompt=args.textualise_prompt,
-                    batch_size=args.batch_size, num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    max_new_tokens=args.max_new_tokens,
-                )
-            with open(Path(args.output_dir) / "knowledge.jsonl", "w", encoding="utf-8") as f:
-                for dialogue, text in zip(chosen, texts):
-                    f.write(json.dumps({"context": list(dialogue.context), "knowledge": text}, ensure_ascii=False) + "\n")
-
-        if args.update_model_card and os.path.isdir(args.model_name_or_path):
-            if args.baseline is None and args.knowledge_ablation == "none":
-                # Another evaluation of this checkpoint may be adding its row: one read-modify-write at a time.
-                with folder_lock(args.model_name_or_path, "--model_name_or_path", MODEL_CARD_LOCK, wait=True):
-                    card = update_model_card_metrics(
-                        args.model_name_or_path, metrics, _test_name(args), config=model.config,
-                        tokenizer=result["tokenizer"],
-                    )
-                logger.info(f"Model card updated: {card}")
-            else:
-                logger.info("Baseline or ablation run: the checkpoint's model card is left unchanged.")
-        return metrics
+            write_textualised_knowledge(args, model, processor, dialogues, generation)
+        add_metrics_to_model_card(args, model, result)
+        return result["metrics"]
 
 
 if __name__ == "__main__":

@@ -99,19 +99,21 @@ def paper_generation_config(base: GenerationConfig | None = None) -> GenerationC
     return config
 
 
-def _damaged_weights(folder) -> str:
-    """The first `*.safetensors` file of a local `folder` whose header cannot be read (the folder if none is)."""
+def damaged_weight_file(folder) -> tuple[str, Exception] | None:
+    """The first `*.safetensors` file of a local `folder` whose header cannot be read, with the error (None when every
+    one can, or `folder` is not a local folder): safetensors' own error names no file."""
     from safetensors import safe_open  # a dependency of transformers; only needed on this error path
 
-    if folder is not None and os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".safetensors"):
-                try:
-                    with safe_open(os.path.join(folder, name), framework="pt"):
-                        pass
-                except Exception:
-                    return os.path.join(folder, name)
-    return f"A weights file of {folder!r}"
+    if folder is None or not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except Exception as error:  # SafetensorError, or the file's own OSError
+                return os.path.join(folder, name), error
+    return None
 
 
 def _next_token_loss(
@@ -320,7 +322,9 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         except Exception as err:
             if type(err).__name__ != "SafetensorError":
                 raise
-            raise OSError(f"{_damaged_weights(args[0] if args else None)} is damaged or truncated ({err}).") from err
+            damaged = damaged_weight_file(args[0] if args else None)
+            name = damaged[0] if damaged else f"A weights file of {args[0] if args else None!r}"
+            raise OSError(f"{name} is damaged or truncated ({err}).") from err
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.set_trainable_stage(model.default_stage)
         return loaded
@@ -720,5 +724,6 @@ __all__ = [
     "OBJECTIVE_PARTS",
     "enabled_objectives",
     "PAPER_GENERATION",
+    "damaged_weight_file",
     "paper_generation_config",
 ]

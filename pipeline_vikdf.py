@@ -7,7 +7,7 @@
 
 The config's `custom_pipelines` maps "text-generation" to `VIKDFDialoguePipeline`, so this pipeline, not the
 generic text-generation one, runs a VIKDF checkpoint: context → CLIP text tower → IQ-Former → `K` → LLM → response,
-with the checkpoint's generation config (the paper's beam 3, no repeated 3-grams, 32 new tokens).
+with the checkpoint's generation config (the released decoding, written by `modeling_vikdf.paper_generation_config`).
 
 Hub remote code: this file travels with every checkpoint, so it imports only torch and transformers.
 """
@@ -17,25 +17,6 @@ from typing import Any
 
 import torch
 from transformers import Pipeline
-
-
-def _is_message(item: Any) -> bool:
-    return isinstance(item, dict) and "role" in item and "content" in item
-
-
-def context_turns(context: Any) -> list[str]:
-    """A dialogue context as turns, oldest first: a string (one turn), a list of turns, or chat messages
-    (`{"role", "content"}`, their contents in order; VIKDF does not use the roles)."""
-    if isinstance(context, str):
-        return [context]
-    if isinstance(context, Sequence) and context and all(_is_message(m) for m in context):
-        return [message["content"] for message in context]
-    if isinstance(context, Sequence) and context and all(isinstance(turn, str) for turn in context):
-        return list(context)
-    raise TypeError(
-        f"A dialogue context is a string, a list of turns or a list of chat messages; got {type(context).__name__}: "
-        f"{context!r:.80}."
-    )
 
 
 def caption_prompt_ids(processor, prompt: str) -> list[int]:
@@ -67,7 +48,7 @@ def textualise_knowledge(
     model.eval()
     texts: list[str] = []
     for start in range(0, len(contexts), batch_size):
-        chunk = [context_turns(context) for context in contexts[start : start + batch_size]]
+        chunk = [processor.context_turns(context) for context in contexts[start : start + batch_size]]
         clip = {name: tensor.to(model.device) for name, tensor in processor.clip_text_inputs(chunk).items()}
         knowledge = model.get_text_knowledge(clip["clip_input_ids"], clip["clip_attention_mask"])
         input_ids = prefix.repeat(len(chunk), 1)  # the same prompt in every row: no padding
@@ -99,6 +80,7 @@ class VIKDFDialoguePipeline(Pipeline):
                 "list of contexts."
             )
         # Anything but a list of lists is one context; `context_turns` refuses what is not one (None, a number).
+        context_turns = self.processor.context_turns
         single = not isinstance(inputs, Sequence) or isinstance(inputs, str) or not isinstance(inputs[0], (list, tuple))
         contexts = [inputs] if single else list(inputs)
         # Wrapped, so that the base class neither splits a list of turns into a batch nor reads it as a chat.
@@ -113,16 +95,9 @@ class VIKDFDialoguePipeline(Pipeline):
             forward["knowledge_prompt"] = knowledge_prompt
         return {}, forward, {}
 
-    @property
-    def with_knowledge(self) -> bool:
-        return getattr(self.model.config, "dialogue_method", "vikdf") != "lora"
-
     def preprocess(self, inputs: dict) -> dict:
         turns = inputs["context"]
-        if self.with_knowledge:
-            encoded = dict(self.processor(text=[turns]))
-        else:
-            encoded = self.processor.dialogue_inputs([turns], with_knowledge=False)
+        encoded = self.processor.dialogue_batch([turns], with_knowledge=self.model.config.dialogue_with_knowledge)
         return {"model_inputs": encoded, "context": turns}
 
     def _forward(self, inputs: dict, generate_kwargs: dict | None = None, return_knowledge: bool = False, knowledge_prompt: str | None = None) -> dict:
@@ -146,4 +121,4 @@ class VIKDFDialoguePipeline(Pipeline):
         return answer
 
 
-__all__ = ["VIKDFDialoguePipeline", "caption_prompt_ids", "context_turns", "textualise_knowledge"]
+__all__ = ["VIKDFDialoguePipeline", "caption_prompt_ids", "textualise_knowledge"]

@@ -18,6 +18,7 @@ Hub remote code: imports only torch, transformers and `configuration_vikdf`.
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import logging
@@ -33,19 +34,17 @@ logger = logging.get_logger(__name__)
 # Label of every position no loss reads (prompt, padding, unmasked tokens): cross-entropy's default ignore_index.
 IGNORE_INDEX = -100
 
-Context = str | Sequence[str]
+# One turn, the turns oldest first, or chat messages (`VIKDFProcessor.context_turns`).
+Context = str | Sequence[str] | Sequence[dict[str, str]]
 
 
-def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
-    width = max(len(row) for row in rows)
-    padded = [([value] * (width - len(row)) + row) if side == "left" else (row + [value] * (width - len(row))) for row in rows]
-    return torch.tensor(padded, dtype=torch.long)
-
-
-def _batch(rows: list[list[int]], pad_id: int, side: str, labels: list[list[int]] | None = None) -> dict:
-    batch = {"input_ids": _pad(rows, pad_id, side), "attention_mask": _pad([[1] * len(r) for r in rows], 0, side)}
+def _batch(tokenizer, rows: list[list[int]], side: str, labels: list[list[int]] | None = None) -> dict:
+    """`input_ids` and `attention_mask` padded on `side` by `tokenizer` (its pad id; mask 0 on padding), and
+    `labels` padded alike with IGNORE_INDEX, which the tokenizer does not pad."""
+    batch = dict(tokenizer.pad({"input_ids": rows}, padding_side=side, return_attention_mask=True, return_tensors="pt"))
     if labels is not None:
-        batch["labels"] = _pad(labels, IGNORE_INDEX, side)
+        rows_of_labels = [torch.tensor(row, dtype=torch.long) for row in labels]
+        batch["labels"] = pad_sequence(rows_of_labels, batch_first=True, padding_value=IGNORE_INDEX, padding_side=side)
     return batch
 
 
@@ -108,13 +107,26 @@ class VIKDFProcessor(ProcessorMixin):
     # CLIP side
     # ----------------------------------------------------------------------------------------------------------
     @staticmethod
-    def join_context(context: Context) -> str:
-        """A context as one string: turns joined by newlines (a str is taken as it is)."""
-        turns = [context] if isinstance(context, str) else list(context)
-        for turn in turns:
-            if not isinstance(turn, str):
-                raise TypeError(f"Context turns must be strings, got {type(turn).__name__}: {turn!r}.")
-        return "\n".join(turn.strip() for turn in turns)
+    def context_turns(context: Context) -> list[str]:
+        """A dialogue context as its turns, oldest first: a string (one turn), a list of turns, or a list of chat
+        messages (`{"role", "content"}`, their contents in order; VIKDF does not read the roles)."""
+        if isinstance(context, str):
+            return [context]
+        turns = None
+        if isinstance(context, Sequence):
+            messages = bool(context) and all(isinstance(m, dict) and "role" in m and "content" in m for m in context)
+            turns = [message["content"] for message in context] if messages else list(context)
+        if turns is None or not all(isinstance(turn, str) for turn in turns):
+            raise TypeError(
+                "A dialogue context is a string, a list of turns or a list of chat messages; got "
+                f"{type(context).__name__}: {context!r:.80}."
+            )
+        return turns
+
+    @classmethod
+    def join_context(cls, context: Context) -> str:
+        """A context as one string: its turns (`context_turns`) joined by newlines."""
+        return "\n".join(turn.strip() for turn in cls.context_turns(context))
 
     def clip_text_inputs(self, texts: Sequence[Context], truncation_side: str = "left") -> dict[str, torch.Tensor]:
         """`clip_input_ids`/`clip_attention_mask` (B, ≤77) with CLIP's start and end-of-text around the text.
@@ -132,7 +144,7 @@ class VIKDFProcessor(ProcessorMixin):
         pieces = tokenizer([self.join_context(text) for text in texts], add_special_tokens=False, verbose=False)["input_ids"]
         kept = [ids[max(len(ids) - body, 0) :] if truncation_side == "left" else ids[:body] for ids in pieces]
         rows = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in kept]
-        batch = _batch(rows, tokenizer.pad_token_id, "right")
+        batch = _batch(tokenizer, rows, "right")
         return {"clip_input_ids": batch["input_ids"], "clip_attention_mask": batch["attention_mask"]}
 
     # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +202,7 @@ class VIKDFProcessor(ProcessorMixin):
             prefix = self._bos() + self._slot_ids() + prompt_ids
             rows.append(prefix + caption_ids + [eos])
             labels.append([IGNORE_INDEX] * len(prefix) + caption_ids + [eos if score_eos else IGNORE_INDEX])
-        return _batch(rows, self.tokenizer.pad_token_id, padding_side, labels)
+        return _batch(self.tokenizer, rows, padding_side, labels)
 
     def reconstruction_inputs(
         self,
@@ -204,7 +216,7 @@ class VIKDFProcessor(ProcessorMixin):
         for caption, prompt in zip(captions, prompts, strict=True):
             prompt_ids, caption_ids = self._prompt_and_caption_ids(prompt, caption, max_caption_tokens)
             rows.append(self._bos() + prompt_ids + caption_ids + self._slot_ids())
-        return _batch(rows, self.tokenizer.pad_token_id, padding_side)
+        return _batch(self.tokenizer, rows, padding_side)
 
     def dialogue_prompt_ids(self, context: Context, with_knowledge: bool = True) -> list[int]:
         """Token ids of the chat-templated prompt: knowledge slots, then the context, ready for the response.
@@ -312,7 +324,21 @@ class VIKDFProcessor(ProcessorMixin):
             rows.append(prompt + target)
             labels.append([IGNORE_INDEX] * len(prompt) + target)
         side = padding_side or ("left" if responses is None else "right")
-        return _batch(rows, self.tokenizer.pad_token_id, side, labels if responses is not None else None)
+        return _batch(self.tokenizer, rows, side, labels if responses is not None else None)
+
+    def dialogue_batch(
+        self, contexts: Sequence[Context], responses: Sequence[str] | None = None, with_knowledge: bool = True
+    ) -> dict:
+        """Model inputs for `contexts` (left padded) or, with `responses`, for scoring them (right padded, `labels`).
+
+        With knowledge: the dialogue layout with `<knowledge>` slots plus the CLIP inputs that `K` is distilled from
+        (§3.4). Without: the same chat template alone and no CLIP inputs, for the frozen-LLM and LoRA baselines
+        (Table 4).
+        """
+        responses = None if responses is None else list(responses)
+        if with_knowledge:
+            return dict(self(text=list(contexts), responses=responses))
+        return self.dialogue_inputs(list(contexts), responses, with_knowledge=False)
 
     # ----------------------------------------------------------------------------------------------------------
     # The usual processor entry points

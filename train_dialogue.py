@@ -338,84 +338,135 @@ def push_folder(output_dir: str, training_args: DialogueTrainingArguments, messa
     )
 
 
-def main(argv: list[str] | None = None) -> DialogueTrainingResult:
-    exit_on_quick_help(argv, "train_dialogue.py", __doc__.split("\n\n")[0],
-                       (DialogueModelArguments, DialogueDataArguments, LLMQuantizationArguments, DialogueSchedule))
-    from transformers import HfArgumentParser, set_seed
-    from transformers.integrations import is_deepspeed_zero3_enabled
+def parse_arguments(argv: list[str] | None):
+    """The four flag groups, a `--preset`'s flags first so that flags given explicitly win."""
+    from transformers import HfArgumentParser
 
-    from modeling_vikdf import paper_generation_config
-    from vikdf.arguments import DialogueTrainingArguments, resolve_dtype
-    from vikdf.data.collators import DialogueCollator
-    from vikdf.evaluation import load_checkpoint
-    from vikdf.frozen_parts import sources_from_checkpoint
-    from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
-    from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
-    from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
+    from vikdf.arguments import DialogueTrainingArguments
 
     parser = HfArgumentParser(
         (DialogueModelArguments, DialogueDataArguments, LLMQuantizationArguments, DialogueTrainingArguments)
     )
     argv = full_help_argv(with_preset(sys.argv[1:] if argv is None else argv))
-    model_args, data_args, quantization, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_dialogue_model(
+    model_args: DialogueModelArguments, data_args: DialogueDataArguments, quantization, training_args
+) -> tuple[VIKDFForConditionalGeneration, VIKDFProcessor]:
+    """The pre-trained checkpoint made a dialogue checkpoint: no pre-training heads, the paper's decoding, the
+    length flags and the fine-tuning method in its config."""
+    from modeling_vikdf import paper_generation_config
+    from vikdf.arguments import resolve_dtype
+    from vikdf.evaluation import load_checkpoint
+
+    dtype = resolve_dtype(training_args.precision)
+    model, processor = load_checkpoint(model_args.model_name_or_path, dtype, quantization.bitsandbytes_config(dtype))
+    model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
+    # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
+    # generation config is the LLM's own (Llama-2-chat's samples).
+    model.generation_config = paper_generation_config(model.generation_config)
+    set_lengths(processor, data_args)
+    model.config.dialogue_method = model_args.method  # every entry point runs a LoRA checkpoint without knowledge
+    return model, processor
+
+
+def model_card_writer(model, model_args: DialogueModelArguments, data_args: DialogueDataArguments, training_args,
+                      trained: bool):
+    """`write_card(directory)`: the model card of this run's checkpoint."""
+    from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
+
+    def write_card(directory: str) -> None:
+        write_model_card(
+            directory,
+            base_model=model_args.base_model_name or base_model_from_config(model.config),
+            **component_names_from_config(model.config),
+            license=model_args.license,
+            method=model_args.method,
+            train_file=data_args.train_file,
+            train_fraction=data_args.train_fraction if trained else 0.0,
+            datasets=[d.strip() for d in data_args.dataset_names.split(",")] if data_args.dataset_names else None,
+            model_id=training_args.hub_model_id,
+        )
+
+    return write_card
+
+
+def save_zero_resource_checkpoint(model, processor, training_args, write_card) -> None:
+    """--train_fraction 0: the pre-trained checkpoint saved as the dialogue checkpoint, no fine-tuning (Table 1's
+    zero-resource rows)."""
+    logger.info("--train_fraction 0: no dialogue fine-tuning; saving the inference checkpoint only.")
+    if training_args.should_save:
+        save_inference_checkpoint(model, processor, training_args.output_dir)
+        write_card(training_args.output_dir)
+        if training_args.push_to_hub:
+            push_folder(training_args.output_dir, training_args, "Zero-resource VIKDF checkpoint")
+
+
+def model_to_train(model, model_args: DialogueModelArguments):
+    """VIKDF with its dialogue stage's parts trainable (§3.4.1), or the LLM wrapped in LoRA (Table 4)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if model_args.method == "vikdf":
+        model.set_trainable_stage("dialogue_projection" if model_args.freeze_iq_former else "dialogue")
+        return model
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("--method lora merges the adapters into full LLM weights at the end; use ZeRO-2, not ZeRO-3.")
+    return add_lora(model, model_args)
+
+
+def save_trained_checkpoint(trainer, processor, model_args: DialogueModelArguments, training_args, write_card):
+    """The fine-tuned checkpoint and its card; LoRA adapters merged into the LLM first, so that the folder is an
+    ordinary VIKDF checkpoint. Returns the final model."""
+    output_dir = training_args.output_dir
+    if model_args.method == "vikdf":
+        trainer.save_model()  # also pushes (with our card) when --push_to_hub
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        if trainer.is_world_process_zero():
+            write_card(output_dir)
+        return final
+    final = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    if trainer.is_world_process_zero():
+        save_inference_checkpoint(final, processor, output_dir)
+        write_card(output_dir)
+        if training_args.push_to_hub:
+            push_folder(output_dir, training_args, "LoRA baseline (merged)")
+    return final
+
+
+def main(argv: list[str] | None = None) -> DialogueTrainingResult:
+    exit_on_quick_help(argv, "train_dialogue.py", __doc__.split("\n\n")[0],
+                       (DialogueModelArguments, DialogueDataArguments, LLMQuantizationArguments, DialogueSchedule))
+    from transformers import set_seed
+
+    from vikdf.data.collators import DialogueCollator
+    from vikdf.frozen_parts import sources_from_checkpoint
+    from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
+    from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
+
+    model_args, data_args, quantization, training_args = parse_arguments(argv)
     logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, data_args)
     set_seed(training_args.seed)
     train, validation = preflight(model_args, data_args, quantization)
-    check_not_input_folder(training_args.output_dir, model_args.model_name_or_path, "--model_name_or_path")
-    with writer_lock(training_args.output_dir, training_args.should_save):
-        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-        check_fresh_start(training_args.output_dir, resume)
-
-        dtype = resolve_dtype(training_args.precision)
-        model, processor = load_checkpoint(model_args.model_name_or_path, dtype, quantization.bitsandbytes_config(dtype))
-        model.drop_pretraining_heads()  # dialogue never uses them; every folder written is an inference checkpoint
-        # Every dialogue checkpoint decodes as the paper does, also one fine-tuned from an older checkpoint whose
-        # generation config is the LLM's own (Llama-2-chat's samples).
-        model.generation_config = paper_generation_config(model.generation_config)
-        set_lengths(processor, data_args)
-        model.config.dialogue_method = model_args.method  # eval_dialogue.py reads it: LoRA checkpoints use no knowledge
-        output_dir = training_args.output_dir
-
-        def write_card(directory: str) -> None:
-            write_model_card(
-                directory,
-                base_model=model_args.base_model_name or base_model_from_config(model.config),
-                **component_names_from_config(model.config),
-                license=model_args.license,
-                method=model_args.method,
-                train_file=data_args.train_file,
-                train_fraction=data_args.train_fraction if train else 0.0,
-                datasets=[d.strip() for d in data_args.dataset_names.split(",")] if data_args.dataset_names else None,
-                model_id=training_args.hub_model_id,
-            )
-
+    output_dir = training_args.output_dir
+    check_not_input_folder(output_dir, model_args.model_name_or_path, "--model_name_or_path")
+    with writer_lock(output_dir, training_args.should_save):
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+        check_fresh_start(output_dir, resume)
+        model, processor = load_dialogue_model(model_args, data_args, quantization, training_args)
+        write_card = model_card_writer(model, model_args, data_args, training_args, trained=bool(train))
         if not train:
-            logger.info("--train_fraction 0: no dialogue fine-tuning; saving the inference checkpoint only.")
-            if training_args.should_save:
-                save_inference_checkpoint(model, processor, output_dir)
-                write_card(output_dir)
-                if training_args.push_to_hub:
-                    push_folder(output_dir, training_args, "Zero-resource VIKDF checkpoint")
+            save_zero_resource_checkpoint(model, processor, training_args, write_card)
             return DialogueTrainingResult(output_dir, model, processor, None, 0)
 
         logger.info(f"Fine-tuning ({model_args.method}) on {len(train)} dialogues from {data_args.train_file}.")
-        if model_args.method == "vikdf":
-            model.set_trainable_stage("dialogue_projection" if model_args.freeze_iq_former else "dialogue")
-            trained = model
-        else:
-            if is_deepspeed_zero3_enabled():
-                raise ValueError(
-                    "--method lora merges the adapters into full LLM weights at the end; use ZeRO-2, not ZeRO-3."
-                )
-            trained = add_lora(model, model_args)
-
         trainer = VIKDFDialogueTrainer(
-            model=trained,
+            model=model_to_train(model, model_args),
             args=training_args,
             train_dataset=train,
             eval_dataset=validation or None,
-            data_collator=DialogueCollator(processor, with_knowledge=model_args.method == "vikdf"),
+            data_collator=DialogueCollator(processor, with_knowledge=model.config.dialogue_with_knowledge),
             processing_class=processor,
             model_card_writer=write_card,
             frozen_sources=sources_from_checkpoint(model, model_args.model_name_or_path),
@@ -423,20 +474,7 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
         result = trainer.train(resume_from_checkpoint=resume)
         if trainer.finished_before_start:
             return DialogueTrainingResult(output_dir, model, processor, trainer, len(train))
-
-        if model_args.method == "vikdf":
-            trainer.save_model()  # also pushes (with our card) when --push_to_hub
-            final = trainer.accelerator.unwrap_model(trainer.model)
-            if trainer.is_world_process_zero():
-                write_card(output_dir)
-        else:
-            # Merge the adapters into the LLM so the folder is an ordinary VIKDF checkpoint.
-            final = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            if trainer.is_world_process_zero():
-                save_inference_checkpoint(final, processor, output_dir)
-                write_card(output_dir)
-                if training_args.push_to_hub:
-                    push_folder(output_dir, training_args, "LoRA baseline (merged)")
+        final = save_trained_checkpoint(trainer, processor, model_args, training_args, write_card)
         if trainer.is_world_process_zero():
             trainer.save_metrics("train", result.metrics)
             trainer.save_state()

@@ -19,8 +19,7 @@ Every response is forced to exactly `--max_new_tokens` new tokens (`min_new_toke
 behaviour is; a trained model stops some beams early, which favours batch 1 a little. "responses/s" = dialogues /
 wall time of the generation of all of them (inputs built before the timer at paper size; inside it at tiny size,
 as `generate_responses` builds them). With `--rounds R`, every batch size runs R times interleaved and the median
-is reported. Rows "without no_repeat_ngram" show the share of transformers' n-gram blocking, which runs on the host;
-rows "previous code" time `model.generate` as it was before it matched the release (the prompt's ids passed to the
+is reported. Rows "previous code" time `model.generate` as it was before it matched the release (the prompt's ids passed to the
 LLM with its embeddings, so that the n-gram blocking walked the whole prompt at every step), interleaved with the
 current code's, in the same run.
 """
@@ -30,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -53,12 +51,7 @@ TINY_OVERRIDES = dict(
 # ---------------------------------------------------------------------------------------------------------------- tiny
 
 
-CURRENT, NO_NGRAM, PREVIOUS = "current", "no_ngram", "previous"
-VARIANT_LABELS = {
-    CURRENT: "",
-    NO_NGRAM: " (without no_repeat_ngram, reference)",
-    PREVIOUS: " (previous code: prompt ids to the logits processors)",
-}
+CURRENT, PREVIOUS = "current", "previous"
 
 
 def synthetic_dialogues(count: int, seed: int) -> list[list[str]]:
@@ -200,21 +193,26 @@ def prompt_ids_to_the_llm(model):
         del model.generate
 
 
-def timed_run(pipeline, batch_size: int, settings: dict, previous_code: bool = False) -> tuple[float, float, list]:
-    """(seconds, peak GiB, outputs) of generating every dialogue at `batch_size`, from inputs the pipeline prepared."""
-    prepared = pipeline.prepare(batch_size)
-    variant = prompt_ids_to_the_llm(pipeline.model) if previous_code else contextlib.nullcontext()
-    with variant, common.PeakMemory(pipeline.device) as memory:
-        common.synchronize(pipeline.device)
-        start = time.perf_counter()
-        outputs = pipeline.generate(prepared, batch_size, settings)
-        common.synchronize(pipeline.device)
-        end = time.perf_counter()
-    return end - start, memory.peak_gib, outputs
+def timed_run(pipeline, batch_size: int, settings: dict, previous_code: bool, outputs: dict):
+    """A measurement: generating every dialogue at `batch_size` from inputs the pipeline prepared; the outputs of
+    the current code kept by batch size."""
+    def run():
+        prepared = pipeline.prepare(batch_size)
+        variant = prompt_ids_to_the_llm(pipeline.model) if previous_code else contextlib.nullcontext()
+        with variant, common.PeakMemory(pipeline.device) as memory:
+            common.synchronize(pipeline.device)
+            start = time.perf_counter()
+            generated = pipeline.generate(prepared, batch_size, settings)
+            common.synchronize(pipeline.device)
+            seconds = time.perf_counter() - start
+        if not previous_code:
+            outputs[batch_size] = generated
+        return {"seconds": [seconds], "peak_gib": [memory.peak_gib]}
+    return run
 
 
 def parse_args(argv=None):
-    p = common.argument_parser(__doc__, llm_layers_help="paper size: cut the LLM to this many layers")
+    p = common.argument_parser(__doc__)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 16, 32])
     p.add_argument("--num_dialogues", type=int, default=64)
     p.add_argument("--num_beams", type=int, default=3)
@@ -222,136 +220,61 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--allow_early_stop", action="store_true", help="do not force max_new_tokens new tokens")
     p.add_argument("--context_tokens", type=int, default=64, help="paper size: longest synthetic context")
-    p.add_argument("--no_ngram_reference", action="store_true",
-                   help="skip the reference rows without no_repeat_ngram_size")
-    p.add_argument("--no_previous_code", action="store_true",
-                   help="skip the rows of the previous generate (prompt ids shown to the logits processors)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions per row (median reported)")
+    p.add_argument("--no_previous_code", action="store_true", help="skip the rows of the previous generate")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = common.resolve_dtype(args.dtype, device)
-    info = common.machine_info(device)
-    label = args.size + (f"-{args.llm_family}" if args.size == "tiny" and args.llm_family != "llama" else "")
+    device, dtype = common.setup(args)
+    rounds = args.rounds or 2
+    label = args.size + (f"-{args.llm_family}" if args.llm_family != "llama" else "")
     label += f"-llm{args.llm_layers}L" if args.llm_layers else ""
-    print(f"device {info['device']}, dtype {common.dtype_name(dtype)}, size {label}", flush=True)
-
-    t0 = time.perf_counter()
     pipeline = (TinyPipeline if args.size == "tiny" else PaperPipeline)(args, device, dtype)
-    build_s = time.perf_counter() - t0
     pad, eos = pipeline.pad_eos
     settings = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                 "max_new_tokens": args.max_new_tokens, "do_sample": False, "pad_token_id": pad, "eos_token_id": eos}
     if not args.allow_early_stop:
         settings["min_new_tokens"] = args.max_new_tokens
-
     sizes = sorted(set(args.batch_sizes))
-    ends = sorted({sizes[0], sizes[-1]})
     configs = [(size, CURRENT) for size in sizes]
-    if not args.no_ngram_reference and args.no_repeat_ngram_size:
-        configs += [(size, NO_NGRAM) for size in ends]
-    if not args.no_previous_code:
-        configs += [(size, PREVIOUS) for size in ends]
+    configs += [] if args.no_previous_code else [(size, PREVIOUS) for size in sorted({sizes[0], sizes[-1]})]
+    for size in sizes:  # warm-up: kernels, allocator, tokenizers
+        common.guarded(lambda: pipeline.generate(pipeline.prepare(size, limit=size), size, settings), device)
 
-    # Warm-up: one batch of each size (kernels, allocator, tokenizers), not timed.
-    for size in sizes:
-        try:
-            pipeline.generate(pipeline.prepare(size, limit=size), size, settings)
-        except Exception as error:  # noqa: BLE001 - the timed rounds report it
-            common.free_memory(device)
-            print(f"warm-up at batch {size} failed: {type(error).__name__}", flush=True)
-
-    raw = {config: [] for config in configs}
-    outputs_by_size = {}
-    for _ in range(args.rounds):
-        for size, variant in configs:
-            run_settings = {**settings, "no_repeat_ngram_size": 0} if variant == NO_NGRAM else dict(settings)
-            try:
-                seconds, peak, outputs = timed_run(pipeline, size, run_settings, previous_code=variant == PREVIOUS)
-            except Exception as error:  # noqa: BLE001 - an OOM at a large batch must not end the run
-                common.free_memory(device)
-                raw[(size, variant)].append({"error": "OOM" if common.is_oom(error) else f"{type(error).__name__}: {error}"})
-                continue
-            raw[(size, variant)].append({"seconds": seconds, "peak_gib": peak})
-            if variant == CURRENT:
-                outputs_by_size[size] = outputs
-            print(f"batch {size} ({variant}): {seconds:.2f} s", flush=True)
-
-    n = args.num_dialogues
-    rows = []
-    for (size, variant), runs in raw.items():
-        good = [r for r in runs if "error" not in r]
-        if not good:
-            rows.append({"batch_size": size, "variant": variant, "error": runs[0]["error"]})
-            continue
-        seconds = statistics.median(r["seconds"] for r in good)
-        rows.append({
-            "batch_size": size, "variant": variant, "seconds": seconds,
-            "round_seconds": [r["seconds"] for r in good],
-            "responses_per_s": n / seconds, "new_tokens_per_s": n * args.max_new_tokens / seconds,
-            "peak_memory_gib": max(r["peak_gib"] for r in good),
-        })
+    outputs, n, rows = {}, args.num_dialogues, []
+    measured = common.interleaved([timed_run(pipeline, size, settings, variant == PREVIOUS, outputs)
+                                   for size, variant in configs], rounds, device)
+    for (size, variant), runs in zip(configs, measured):
+        seconds = common.median_of(runs, "seconds")
+        rows.append({"batch_size": size, "variant": variant, **(seconds if isinstance(seconds, dict) else {
+            "seconds": seconds, "responses_per_s": n / seconds, "new_tokens_per_s": n * args.max_new_tokens / seconds,
+            "peak_memory_gib": max(r["peak_gib"][0] for r in runs)})})
     base = {r["variant"]: r for r in rows if r["batch_size"] == sizes[0] and "error" not in r}
     current = {r["batch_size"]: r for r in rows if r["variant"] == CURRENT and "error" not in r}
-    reference_outputs = outputs_by_size.get(sizes[0])
-    for r in rows:
-        if "error" in r:
-            continue
-        b, same_size = base.get(r["variant"]), current.get(r["batch_size"])
-        r["speedup_vs_batch1"] = r["responses_per_s"] / b["responses_per_s"] if b else None
-        r["vs_current_code"] = r["responses_per_s"] / same_size["responses_per_s"] if same_size else None
-        if r["variant"] == CURRENT and reference_outputs is not None and r["batch_size"] in outputs_by_size:
-            same = sum(a == b for a, b in zip(outputs_by_size[r["batch_size"]], reference_outputs))
-            r["identical_to_batch1"] = f"{same}/{n}"
+    for r in (r for r in rows if "error" not in r):
+        r["speedup_vs_batch1"] = r["responses_per_s"] / base[r["variant"]]["responses_per_s"] if r["variant"] in base else None
+        r["vs_current_code"] = r["responses_per_s"] / current[r["batch_size"]]["responses_per_s"] if r["batch_size"] in current else None
+        if r["variant"] == CURRENT and sizes[0] in outputs:
+            r["identical_to_batch1"] = f"{sum(a == b for a, b in zip(outputs[r['batch_size']], outputs[sizes[0]]))}/{n}"
 
-    cpu_note = " (CPU, tiny shapes: NOT representative of GPU)" if device.type == "cpu" and args.size == "tiny" else \
-        (" (CPU: not representative of GPU)" if device.type == "cpu" else "")
-    md = [f"# VIKDF dialogue generation — {info['device']} — size {label}{cpu_note}", ""]
-    md += common.machine_lines(info)
-    md += [
-        f"- dtype: {common.dtype_name(dtype)}, attention: {args.attn_implementation}; model + inputs built in {build_s:.1f} s",
-        f"- settings: beam {args.num_beams}, no_repeat_ngram_size {args.no_repeat_ngram_size}, "
-        f"{'up to' if args.allow_early_stop else 'exactly'} {args.max_new_tokens} new tokens, no sampling; "
-        f"{n} dialogues per row, median of {args.rounds} interleaved round(s)",
-        "- timed: " + ("`vikdf.evaluation.generate_responses` (processor + CLIP text tower + IQ-Former + LLM beam search "
-                       "+ decoding)" if args.size == "tiny" else "`model.generate` on pre-built synthetic inputs "
-                       "(CLIP text tower + IQ-Former + LLM beam search)"),
-        "- memory: " + ("torch.cuda.max_memory_allocated over the generation" if device.type == "cuda" else
-                        "peak glibc heap in use (mallinfo2; every CPU tensor, weights included) sampled every 2 ms"),
-        "",
-    ]
-    table = []
-    for r in rows:
-        name = f"{r['batch_size']}" + VARIANT_LABELS[r["variant"]]
-        if "error" in r:
-            table.append([name, r["error"], "", "", "", "", "", ""])
-            continue
-        table.append([name, common.fmt(r["responses_per_s"], 2), common.fmt(r["new_tokens_per_s"], 0),
-                      common.fmt(r["seconds"], 2), f"{common.fmt(r['speedup_vs_batch1'], 2)}x",
-                      f"{common.fmt(r['vs_current_code'], 2)}x", common.fmt(r["peak_memory_gib"], 2),
-                      r.get("identical_to_batch1", "")])
-    md.append(common.markdown_table(
-        ["batch size", "responses/s", "new tokens/s", f"seconds for {n}", "vs batch 1 (same code)",
-         "vs the current code", "peak GiB", "same output as batch 1"], table))
-    best = max((r for r in rows if "error" not in r and r["variant"] == CURRENT), key=lambda r: r["responses_per_s"],
-               default=None)
-    if best is not None and base.get(CURRENT):
-        md += ["", f"Batched / batch-1 responses/s: **{best['speedup_vs_batch1']:.2f}x** at batch {best['batch_size']} "
-               "(project target: >= 10x on the GPU)."]
-    md.append("")
-    markdown = "\n".join(md)
-    print(markdown)
-    payload = {"machine": info, "args": vars(args), "settings": settings, "build_s": build_s, "rows": rows}
-    md_path, json_path = common.write_results(f"generate_{common.device_slug(device)}_{label}" + (f"_{args.tag}" if args.tag else ""), markdown, payload,
-                                              args.output_dir)
-    print(f"wrote {md_path} and {json_path}")
+    table = [[f"{r['batch_size']}" + (" (previous code)" if r["variant"] == PREVIOUS else ""), r["error"]]
+             if "error" in r else
+             [f"{r['batch_size']}" + (" (previous code)" if r["variant"] == PREVIOUS else ""),
+              common.fmt(r["responses_per_s"]), common.fmt(r["new_tokens_per_s"], 0), common.fmt(r["seconds"]),
+              f"{common.fmt(r['speedup_vs_batch1'])}x", f"{common.fmt(r['vs_current_code'])}x",
+              common.fmt(r["peak_memory_gib"]), r.get("identical_to_batch1", "")] for r in rows]
+    lines = [f"- dtype {common.dtype_name(dtype)}, beam {args.num_beams}, no_repeat_ngram_size "
+             f"{args.no_repeat_ngram_size}, {'up to' if args.allow_early_stop else 'exactly'} {args.max_new_tokens} new "
+             f"tokens; {n} dialogues per row, median of {rounds} interleaved round(s); timed: "
+             + ("`vikdf.evaluation.generate_responses`" if args.size == "tiny" else "`model.generate` on built inputs"),
+             "", common.markdown_table(["batch size", "responses/s", "new tokens/s", f"seconds for {n}",
+                                        "vs batch 1 (same code)", "vs the current code", "peak GiB",
+                                        "same output as batch 1"], table)]
     pipeline.close()
-    return payload
+    common.publish(f"generate_{common.device_slug(device)}_{label}" + (f"_{args.tag}" if args.tag else ""),
+                   f"VIKDF dialogue generation, size {label}" + (" (CPU)" if device.type == "cpu" else ""), lines,
+                   {"args": vars(args), "settings": settings, "rows": rows}, args.output_dir, device)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 from _bench_common import (
-    _rss_bytes, count_parameters, device_slug, fmt, machine_info, machine_lines, markdown_table, resolve_device,
-    write_results,
+    count_parameters, device_slug, fmt, machine_info, machine_lines, markdown_table, rss_bytes, write_results,
 )
 
 import torch  # noqa: E402  (after _bench_common, which sets the offline environment)
@@ -106,7 +105,7 @@ def measure_one(root: Path, mode: str, steps: int) -> dict:
 
     quantization = LLMQuantizationArguments(llm_quantization=mode).bitsandbytes_config(torch.float32)
     contexts = [["a dog in the park", "is it playing with a red ball?"]] * 4
-    libraries = _rss_bytes()  # torch, transformers and bitsandbytes imported, before any weight
+    libraries = rss_bytes()  # torch, transformers and bitsandbytes imported, before any weight
     torch.manual_seed(0)
     model, processor = build_vikdf_from_components(
         str(root / "clip"), str(root / "bert"), str(root / "llm-llama"), num_query_tokens=8,
@@ -158,7 +157,7 @@ def main() -> None:
                      fmt(m["llm_layers_bytes"] / GiB, 3), fmt(m["footprint_bytes"] / GiB, 3),
                      fmt(m["added_rss_bytes"] / GiB, 3), fmt(m["step_s"], 3)])
     ratio = {mode: rule["none"]["step_s"] / rule[mode]["step_s"] for mode in MODES}
-    info = machine_info(resolve_device("cpu"))
+    info = machine_info(torch.device("cpu"))
     table = markdown_table(
         ["setting", "LLM layers GiB", "model GiB", "peak RSS added GiB", "step s"], rows
     )
@@ -182,7 +181,7 @@ def main() -> None:
         "GiB, while TIM, TAMIM and IAMTM learn against their features.", "",
     ])
     print(markdown)
-    write_results(f"quantized_llm_{device_slug(resolve_device('cpu'))}", markdown,
+    write_results(f"quantized_llm_{device_slug(torch.device('cpu'))}", markdown,
                   {"paper_size": paper, "medium": measured, "speed_vs_fp32": ratio, "machine": info})
 
 

@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 from markupsafe import escape
 
 from vikdf import app as chat
-from vikdf.evaluation import RELEASED_GENERATION
+from modeling_vikdf import PAPER_GENERATION
 from vikdf.human_eval import __main__ as human_eval_cli
 
 
@@ -98,7 +98,7 @@ def test_servers_bind_localhost_by_default_and_chat_uses_the_released_generation
     assert served[-1][1:] == ("127.0.0.1", 8001)
 
     app, responder = chat.build_chat_app(chat.ChatArguments(model=str(checkpoint)))
-    assert responder.generation == RELEASED_GENERATION and responder.compare_llm
+    assert responder.generation == PAPER_GENERATION and responder.compare_llm
     responder.close()
 
     db = tmp_path / "study.sqlite"

@@ -13,7 +13,7 @@ from transformers import AutoModel, HfArgumentParser
 import eval_dialogue
 import train_dialogue
 from vikdf.arguments import DialogueTrainingArguments
-from vikdf.evaluation import METRIC_KEYS, load_checkpoint, perplexity
+from vikdf.evaluation import METRIC_KEYS, load_checkpoint, perplexities, response_nll
 from vikdf.model_card import PLACEHOLDER_REPO
 from vikdf.quantization import LLMQuantizationArguments
 
@@ -68,7 +68,7 @@ def finetuned(world):
 
 def ppl_on_training_dialogues(folder) -> float:
     model, processor = load_checkpoint(folder)
-    return perplexity(model, processor, [c for c, _ in TRAIN], [r for _, r in TRAIN], batch_size=4)
+    return perplexities(*response_nll(model, processor, [c for c, _ in TRAIN], [r for _, r in TRAIN], batch_size=4))["ppl"]
 
 
 def test_every_cli_field_has_help():

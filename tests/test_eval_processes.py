@@ -15,8 +15,7 @@ import pytest
 
 import eval_dialogue
 from vikdf.data.dialogue import load_dialogues
-from vikdf.evaluation import load_checkpoint, perplexity
-from vikdf.evaluation_processes import rank_share
+from vikdf.evaluation import load_checkpoint, perplexities, rank_share, response_nll
 
 REPO = Path(__file__).resolve().parents[1]
 # 7 dialogues, batch 2: 4 single-process batches (the last of 1), 2 per rank.
@@ -77,7 +76,8 @@ def test_two_processes_give_the_files_and_card_of_one(checkpoint, tmp_path):
     model, processor = load_checkpoint(root / "model")
     dialogues = load_dialogues(test_file)
     contexts, references = [list(d.context) for d in dialogues], [d.response for d in dialogues]
-    assert single["ppl"] == pytest.approx(perplexity(model, processor, contexts, references, batch_size=2), rel=1e-9)
+    expected = perplexities(*response_nll(model, processor, contexts, references, batch_size=2))["ppl"]
+    assert single["ppl"] == pytest.approx(expected, rel=1e-9)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

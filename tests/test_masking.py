@@ -7,7 +7,6 @@ from vikdf.masking import (
     IGNORE_INDEX,
     apply_pixel_mask,
     mask_caption_tokens,
-    mask_images,
     num_chosen_patches,
     tamim_pixel_masks,
 )
@@ -60,7 +59,8 @@ def test_batched_masks_are_independent_exact_and_seeded():
 
 def test_replaced_pixels_are_zero_and_others_unchanged():
     images = torch.randn(4, 3, 224, 224)
-    masked, masks = mask_images(images, generator=torch.Generator().manual_seed(3))
+    masks = tamim_pixel_masks(224, 224, batch_size=4, generator=torch.Generator().manual_seed(3))
+    masked = apply_pixel_mask(images, masks.replaced)
     assert masks.scored.shape == (4, 224, 224)
     channel_mask = masks.replaced.unsqueeze(1).expand_as(images)
     assert torch.all(masked[channel_mask] == 0)

@@ -1,5 +1,6 @@
 """The five pre-training losses of one fixed tiny case equal the values stored when the pre-training step still ran
-in the trainer (before the model's `forward` returned `VIKDFPretrainingOutput`): moving the step changed no loss.
+in the trainer (before the model's `forward` returned `VIKDFPretrainingOutput`): moving the step changed no loss,
+and neither does any of the slower passes the step benchmark times.
 
 The stored values were computed by `VIKDFPretrainTrainer.compute_loss` at commit fe6bcf3 on this case: tiny Llama
 components written under seed 0 and the VIKDF built from them right after, as a session's first `build_tiny` does
@@ -13,6 +14,7 @@ from pretrain_helpers import disable_dropout
 
 from conftest import TINY_OVERRIDES
 
+from modeling_vikdf import PretrainingPasses
 from vikdf.arguments import PretrainTrainingArguments
 from vikdf.components import build_vikdf_from_components
 from vikdf.data.collators import PretrainCollator
@@ -36,11 +38,13 @@ STORED_LOSSES = {
 }
 
 
-def stored_case_losses(folder) -> dict[str, float]:
+def stored_case_losses(folder, passes: PretrainingPasses | None = None) -> dict[str, float]:
+    """The case's logged losses and total; `passes` switches the model's forward to a slower way of computing them."""
     torch.manual_seed(0)
     paths = write_tiny_components(folder / "components", "llama")
     model, processor = build_vikdf_from_components(str(paths.clip), str(paths.bert), str(paths.llm), **TINY_OVERRIDES)
     disable_dropout(model).eval()
+    model.pretraining_passes = passes or PretrainingPasses()
     generator = torch.Generator().manual_seed(0)
     examples = [{"pixel_values": torch.randn(3, 32, 32, generator=generator), "caption": c} for c in CASE_CAPTIONS]
     batch = PretrainCollator(processor, model.config, seed=0)(examples)
@@ -59,3 +63,13 @@ def test_the_five_losses_equal_the_stored_ones(tmp_path):
     assert losses.keys() == STORED_LOSSES.keys()
     for name, stored in STORED_LOSSES.items():
         assert losses[name] == pytest.approx(stored, rel=1e-6, abs=1e-6), name
+
+
+@pytest.mark.parametrize("switch", ["one_vision_pass", "one_llm_pass", "caption_logits_only",
+                                    "masked_token_logits_only"])
+def test_each_slower_pass_the_benchmark_times_gives_the_same_losses(tmp_path, switch):
+    """benchmarks/bench_pretrain_step.py times each `PretrainingPasses` switch against the default: a comparison of
+    speed only if the losses are the same."""
+    losses = stored_case_losses(tmp_path, PretrainingPasses(**{switch: False}))
+    for name, stored in STORED_LOSSES.items():
+        assert losses[name] == pytest.approx(stored, rel=1e-5, abs=1e-6), name

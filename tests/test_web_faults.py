@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from modeling_vikdf import paper_generation_config
 from test_human_eval import GOOD, study  # noqa: F401  (the study fixture)
 from vikdf import app as chat
 from vikdf.human_eval import __main__ as cli
@@ -25,7 +26,9 @@ class RecordingResponder(chat.BatchedResponder):
 
     def __init__(self, **kwargs):
         self.answered, self.release = [], threading.Event()
-        super().__init__(SimpleNamespace(config=SimpleNamespace()), None, batch_wait_s=0, **kwargs)
+        # A stand-in for a VIKDF checkpoint: its config's dialogue method and the generation config it carries.
+        model = SimpleNamespace(config=SimpleNamespace(dialogue_with_knowledge=True), generation_config=paper_generation_config())
+        super().__init__(model, None, batch_wait_s=0, **kwargs)
 
     def answer(self, contexts):
         self.answered.extend(contexts)

@@ -4,8 +4,8 @@ context put into words (paper §5.4, Fig. 6) and the frozen LLM's response witho
     python -m vikdf.app --model runs/vikdf-reddit --port 8001
 
 Requests from concurrent visitors are queued and generated together in batches (left padded, so a batch gives the
-responses batch size 1 would) with the released generation settings that `eval_dialogue.py` uses by default
-(beam 3, no repeated 3-grams, 32 new tokens, no sampling). The frozen-LLM response is that of
+responses batch size 1 would) with the checkpoint's generation config, as `eval_dialogue.py` decodes by default
+(a VIKDF checkpoint carries the released settings). The frozen-LLM response is that of
 `eval_dialogue.py --baseline llm`: the same checkpoint and chat template without knowledge slots or CLIP inputs.
 
 The page is a plain HTML form (the conversation so far travels in hidden fields), served on 127.0.0.1 unless
@@ -39,7 +39,7 @@ from transformers.utils import logging
 
 from vikdf.arguments import PRECISIONS, resolve_dtype
 from vikdf.checks import check_model_source
-from vikdf.evaluation import RELEASED_GENERATION, generate_responses, load_checkpoint
+from vikdf.evaluation import checkpoint_generation, generate_responses, load_checkpoint
 from vikdf.knowledge import textualise_knowledge
 from vikdf.web import LOCAL_HOST, check_port, render, serve
 
@@ -108,10 +108,10 @@ class BatchedResponder:
         require_positive(max_waiting, "max_waiting")
         self.model, self.processor = model, processor
         # A LoRA-baseline checkpoint has no knowledge to show: it answers as eval_dialogue.py evaluates it.
-        self.with_knowledge = getattr(model.config, "dialogue_method", "vikdf") != "lora"
+        self.with_knowledge = model.config.dialogue_with_knowledge
         self.compare_llm = compare_llm and self.with_knowledge
         self.max_batch_size, self.batch_wait_s, self.max_waiting = max_batch_size, batch_wait_s, max_waiting
-        self.generation = {**RELEASED_GENERATION, **(generation or {})}
+        self.generation = checkpoint_generation(model, **(generation or {}))
         self.batch_sizes: list[int] = []
         self._batch_s = 1.0  # how long the last batch took, for Retry-After; a guess until one has run
         # Only live requests wait here: a withdrawn one leaves at once, so it neither holds a place nor is generated.

@@ -4,6 +4,7 @@ switch that picks bf16 on GPUs that have it and fp32 elsewhere (paper §4.2 trai
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 
 import torch
 from accelerate import PartialState
@@ -42,16 +43,27 @@ class VIKDFTrainingArguments(TrainingFlags, TrainingArguments):
                 "every_save or end (the final model, whole, is pushed either way)."
             )
         self.bf16 = self.bf16 or resolve_dtype(self.precision) == torch.bfloat16
-        if self.deepspeed and self.ddp_backend and "LOCAL_RANK" in os.environ and self.accelerator_config is None:
-            _start_deepspeed_processes(self.ddp_backend, self.ddp_timeout)
-            self.accelerator_config = {"use_configured_state": True}  # else TrainingArguments resets it
+        # Decided here, where it is still known whether the user gave an accelerator config; started in
+        # `_setup_devices`, so that parsing the arguments starts no process group of ours.
+        self._starts_deepspeed_state = bool(
+            self.deepspeed and self.ddp_backend and "LOCAL_RANK" in os.environ and self.accelerator_config is None
+        )
+        if self._starts_deepspeed_state:
+            self.accelerator_config = {"use_configured_state": True}  # else TrainingArguments resets that state
         super().__post_init__()
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        """TrainingArguments' device setup, in the shared state `_start_deepspeed_processes` starts where needed."""
+        if self._starts_deepspeed_state:
+            _start_deepspeed_processes(self.ddp_backend, self.ddp_timeout)
+        return super()._setup_devices
 
 
 def _start_deepspeed_processes(backend: str, timeout: int) -> None:
     """Join the `deepspeed` launcher's processes with `--ddp_backend`: on that path transformers hands accelerate no
     backend, and accelerate finds none on CPU (gloo), so each process would train alone. The shared state started
-    here is the one TrainingArguments then uses."""
+    here is the one TrainingArguments' device setup then uses (`use_configured_state`)."""
     set_here = "ACCELERATE_USE_DEEPSPEED" not in os.environ
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
     try:

@@ -105,16 +105,11 @@ def check_not_trainable_only(folder: str, flag: str) -> None:
 
 def check_weight_files(folder: str | os.PathLike) -> None:
     """Open the header of every `*.safetensors` file of `folder`: a truncated or damaged file is named."""
-    from safetensors import SafetensorError, safe_open
+    from modeling_vikdf import damaged_weight_file
 
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except SafetensorError as err:
-            raise OSError(
-                f"{file} is damaged or truncated ({err}); copy or save the checkpoint again."
-            ) from err
+    if damaged := damaged_weight_file(folder):
+        file, error = damaged
+        raise OSError(f"{file} is damaged or truncated ({error}); copy or save the checkpoint again.") from error
 
 
 def check_weight_shapes(folder: str | os.PathLike, config: VIKDFConfig) -> None:

@@ -3,15 +3,16 @@ README, "Conventions and where we differ from the release").
 
 The pieces `eval_dialogue.py` and the demo share:
 
-- :func:`generate_responses`: batched generation with left padding, the released settings by default (beam 3,
-  ``no_repeat_ngram_size=3``, 32 new tokens, no sampling). Padding is masked, so a batch gives the same
-  hypotheses as batch size 1 (tested in fp32; in bf16, kernels that change with the batch shape can flip
-  near-ties). Batches group contexts of similar length (less padding); outputs come back in input order.
-- :func:`response_nll` / :func:`perplexity`: NLL of the reference responses (response tokens and eos only, the
+- :func:`generate_responses`: batched generation with left padding and the checkpoint's generation config (for a
+  VIKDF checkpoint the released settings, `modeling_vikdf.paper_generation_config`). Padding is masked, so a batch
+  gives the same hypotheses as batch size 1 (tested in fp32; in bf16, kernels that change with the batch shape can
+  flip near-ties). Batches group contexts of similar length (less padding); outputs come back in input order.
+- :func:`response_nll` / :func:`perplexities`: NLL of the reference responses (response tokens and eos only, the
   processor's ``labels``). PPL, the Table-1 column, follows the release: exp of the mean over dialogues of
   each dialogue's mean token NLL; ``ppl_token`` = exp(total NLL / total tokens) is reported next to it.
 - :func:`evaluate_dialogues`: both, plus every other Table-1 metric through
-  :func:`vikdf.metrics.dialogue_metrics.compute_dialogue_metrics`.
+  :func:`vikdf.metrics.dialogue_metrics.compute_dialogue_metrics`, in one process or split over the processes of
+  ``accelerate launch`` (:func:`rank_share`).
 - :func:`write_evaluation`, :func:`metrics_markdown`, :func:`aggregate_metrics`: the files a run leaves behind and
   the mean ± std / one-sided one-sample t-test summary over seeded runs (paper §5.1, via :mod:`vikdf.stats`).
 
@@ -30,11 +31,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from modeling_vikdf import PAPER_GENERATION, VIKDFForConditionalGeneration
-from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
+from processing_vikdf import IGNORE_INDEX, Context, VIKDFProcessor
 import vikdf.auto  # noqa: F401  (the Auto classes know VIKDF checkpoints)
 from vikdf.checks import load_checkpoint_config
 from vikdf.data.files import read_json
@@ -62,14 +65,8 @@ METRIC_KEYS = tuple(key for key, _ in TABLE1_COLUMNS + EXTRA_COLUMNS)
 _TITLE_TO_KEY = {title.lower(): key for key, title in TABLE1_COLUMNS + EXTRA_COLUMNS}
 # Where lower is better; the significance test of every other metric asks whether it is higher (paper §5.1).
 LOWER_IS_BETTER = ("ppl", "ppl_token")
-# `perplexity(convention=...)` -> the metrics key of that figure.
-PPL_CONVENTIONS = {"dialogue": "ppl", "token": "ppl_token"}
-
-# Generation of the released code (`modeling_vikdf.PAPER_GENERATION`), passed explicitly so that every checkpoint
-# is evaluated alike.
-RELEASED_GENERATION: dict[str, Any] = dict(PAPER_GENERATION)
-
-Context = str | Sequence[str]
+# The PPL figures of :func:`perplexities`: the release's per-dialogue mean, then the token-level one.
+PPL_KEYS = ("ppl", "ppl_token")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,20 +94,8 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------------------------
-def dialogue_batch(
-    processor: VIKDFProcessor,
-    contexts: Sequence[Context],
-    responses: Sequence[str] | None = None,
-    with_knowledge: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Model inputs for `contexts` (left padded) or, with `responses`, for scoring them (right padded, `labels`).
-
-    With knowledge: the processor's dialogue layout with `<knowledge>` slots plus the CLIP inputs that `K` is
-    distilled from. Without: the same chat template only, for the frozen-LLM and LoRA baselines.
-    """
-    if with_knowledge:
-        return dict(processor(text=list(contexts), responses=None if responses is None else list(responses)))
-    return processor.dialogue_inputs(list(contexts), None if responses is None else list(responses), with_knowledge=False)
+# Model inputs for contexts, or with responses for scoring them; with or without knowledge (the baselines).
+dialogue_batch = VIKDFProcessor.dialogue_batch
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -147,11 +132,11 @@ def generate_responses(
 ) -> list[str]:
     """Responses to `contexts` (strings or lists of turns), in input order (paper §3.4.2).
 
-    Context → CLIP text tower → IQ-Former → `K` → LLM → response; `generate_kwargs` override
-    :data:`RELEASED_GENERATION`. `seed` seeds sampling (`do_sample=True`); sampled outputs depend on the batch
-    composition, deterministic beam search does not.
+    Context → CLIP text tower → IQ-Former → `K` → LLM → response; `generate_kwargs` override the checkpoint's
+    generation config. `seed` seeds sampling (`do_sample=True`); sampled outputs depend on the batch composition,
+    deterministic beam search does not.
     """
-    settings = {**RELEASED_GENERATION, **generate_kwargs}
+    settings = dict(generate_kwargs)
     tokenizer = processor.tokenizer
     settings.setdefault("pad_token_id", tokenizer.pad_token_id)
     settings.setdefault("eos_token_id", tokenizer.eos_token_id)
@@ -233,25 +218,6 @@ def perplexities(totals: Sequence[float], counts: Sequence[int]) -> dict[str, fl
     }
 
 
-def perplexity(
-    model,
-    processor: VIKDFProcessor,
-    contexts: Sequence[Context],
-    responses: Sequence[str],
-    *,
-    convention: str = "dialogue",
-    **kwargs,
-) -> float:
-    """PPL over the response tokens and eos of every reference (the release's convention).
-
-    ``convention="dialogue"`` (default) is the Table-1 column as released, exp of the mean over dialogues of
-    their mean token NLL; ``"token"`` is exp(Σ NLL / Σ tokens). See :func:`perplexities`.
-    """
-    if convention not in PPL_CONVENTIONS:
-        raise ValueError(f"convention={convention!r}; choose one of {sorted(PPL_CONVENTIONS)}.")
-    return perplexities(*response_nll(model, processor, contexts, responses, **kwargs))[PPL_CONVENTIONS[convention]]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Whole evaluation
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,8 +226,22 @@ def _field(record: Any, name: str) -> Any:
 
 
 def _context(record: Any) -> Context:
+    """A record's context as the predictions keep it: a string as it is, turns (or chat messages) as a list of turns."""
     context = _field(record, "context")
-    return context if isinstance(context, str) else list(context)
+    return context if isinstance(context, str) else VIKDFProcessor.context_turns(context)
+
+
+def checkpoint_generation(model, **overrides: Any) -> dict[str, Any]:
+    """The decoding settings `model.generate` runs with: its generation config's values of the released settings'
+    keys (beam width, blocked n-grams, length, sampling), `overrides` on top; what an evaluation records."""
+    return {**{key: getattr(model.generation_config, key) for key in PAPER_GENERATION}, **overrides}
+
+
+def rank_share(contexts: Sequence[Context], batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Indices of the dialogues rank `rank` evaluates: whole single-process batches b with b mod world_size = rank,
+    in the single-process order (so that the rank's own batching rebuilds exactly those batches)."""
+    batches = list(_batches(_length_order(contexts), batch_size))
+    return [index for b, batch in enumerate(batches) if b % world_size == rank for index in batch]
 
 
 def evaluate_dialogues(
@@ -269,6 +249,7 @@ def evaluate_dialogues(
     processor: VIKDFProcessor,
     dialogues: Sequence[Any],
     *,
+    state: PartialState | None = None,
     with_knowledge: bool = True,
     glove_path: str | os.PathLike | None = None,
     batch_size: int = 16,
@@ -276,15 +257,21 @@ def evaluate_dialogues(
     seed: int | None = None,
     progress: bool = True,
     **generate_kwargs,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Generate for every dialogue and score against its reference: the automatic evaluation of §4.4.
+
+    With the `state` of `accelerate launch --num_processes N`, the test set is cut into the batches one process
+    would run and batch b goes to rank b mod N (:func:`rank_share`), each rank on its own device. Every dialogue is
+    thus generated and scored in the very batch it would have been in alone, so hypotheses and per-dialogue NLLs are
+    bitwise those of one process (sampling aside: `do_sample` draws depend on which batches a process runs). Rank 0
+    gathers them in test-set order and scores them as one process would; the other ranks return None.
 
     Args:
         dialogues: objects or dicts with `context` (turns) and `response` (the reference), e.g. from
             `vikdf.data.dialogue.load_dialogues`.
         with_knowledge: False evaluates the LLM alone with the same chat template (baselines).
         glove_path: GloVe text file for Average / Extrema / Greedy; without it these are None.
-        generate_kwargs: override :data:`RELEASED_GENERATION`.
+        generate_kwargs: override the checkpoint's generation config.
 
     Returns:
         ``{"metrics": {ppl, bleu_1, ..., distinct_2, ppl_token} in :data:`METRIC_KEYS` order, "predictions":
@@ -292,18 +279,35 @@ def evaluate_dialogues(
     """
     if not dialogues:
         raise ValueError("No dialogues to evaluate.")
+    rank, world_size = (0, 1) if state is None else (state.process_index, state.num_processes)
+    progress = progress and rank == 0
     contexts = [_context(d) for d in dialogues]
     references = [_field(d, "response") for d in dialogues]
+    mine = rank_share(contexts, batch_size, rank, world_size)
+    if state is not None:
+        logger.info(f"Process {rank} of {world_size}: {len(mine)} of {len(dialogues)} dialogues.")
+    my_contexts = [contexts[i] for i in mine]
     hypotheses = generate_responses(
-        model, processor, contexts, with_knowledge=with_knowledge, batch_size=batch_size, seed=seed,
+        model, processor, my_contexts, with_knowledge=with_knowledge, batch_size=batch_size, seed=seed,
         progress=progress, **generate_kwargs,
     )
-    ppl = dict.fromkeys(PPL_CONVENTIONS.values())
+    nlls: list[tuple[float, int] | None] = [None] * len(mine)
     if compute_perplexity:
-        nll = response_nll(
-            model, processor, contexts, references, with_knowledge=with_knowledge, batch_size=batch_size, progress=progress
+        totals, counts = response_nll(
+            model, processor, my_contexts, [references[i] for i in mine], with_knowledge=with_knowledge,
+            batch_size=batch_size, progress=progress,
         )
-        ppl = perplexities(*nll)
+        nlls = list(zip(totals, counts, strict=True))
+    shares = list(zip(mine, hypotheses, nlls, strict=True))
+    if state is not None:
+        shares = gather_object(shares)
+        if not state.is_main_process:
+            return None
+    by_index = {index: (hypothesis, nll) for index, hypothesis, nll in shares}
+    hypotheses = [by_index[i][0] for i in range(len(dialogues))]
+    ppl = dict.fromkeys(PPL_KEYS)
+    if compute_perplexity:
+        ppl = perplexities(*zip(*(by_index[i][1] for i in range(len(dialogues)))))
     return score_responses(contexts, references, hypotheses, ppl, glove_path)
 
 
@@ -472,13 +476,13 @@ __all__ = [
     "EXTRA_COLUMNS",
     "METRIC_KEYS",
     "LOWER_IS_BETTER",
-    "RELEASED_GENERATION",
+    "checkpoint_generation",
     "load_checkpoint",
     "dialogue_batch",
     "generate_responses",
     "response_nll",
     "perplexities",
-    "perplexity",
+    "rank_share",
     "evaluate_dialogues",
     "score_responses",
     "metrics_markdown",

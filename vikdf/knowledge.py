@@ -3,8 +3,8 @@
 The dialogue context C alone goes through the CLIP text tower and the IQ-Former, which distil `K` (P(K|C), no
 image anywhere); the LLM then reads `K` in the IACI caption layout of eq. 6, `[bos] <k>×n {caption prompt}`, and
 writes what it "sees". The implementation lives in the remote-code file `pipeline_vikdf.py`, so that the Hub
-pipeline (`return_knowledge=True`) and `eval_dialogue.py --textualise` share one copy; here it runs with the released
-generation settings whatever the checkpoint's generation config holds.
+pipeline (`return_knowledge=True`) and `eval_dialogue.py --textualise` share one copy; it decodes with the checkpoint's
+generation config (the released settings in every checkpoint the project writes) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from pipeline_vikdf import caption_prompt_ids
 from pipeline_vikdf import textualise_knowledge as _textualise_knowledge
 from processing_vikdf import VIKDFProcessor
-from vikdf.evaluation import RELEASED_GENERATION, Context
+from vikdf.evaluation import Context
 
 
 def textualise_knowledge(
@@ -32,10 +32,9 @@ def textualise_knowledge(
         contexts: dialogue contexts, strings or lists of turns.
         prompt: the caption instruction; default the model's first caption prompt, the paper's
             "Write a short description for the image."
-        generate_kwargs: override the released generation settings (beam 3, no repeated 3-grams, 32 tokens).
+        generate_kwargs: override the checkpoint's generation config.
     """
-    settings = {**RELEASED_GENERATION, **generate_kwargs}
-    return _textualise_knowledge(model, processor, contexts, prompt=prompt, batch_size=batch_size, **settings)
+    return _textualise_knowledge(model, processor, contexts, prompt=prompt, batch_size=batch_size, **generate_kwargs)
 
 
 __all__ = ["caption_prompt_ids", "textualise_knowledge"]

@@ -26,8 +26,9 @@ from typing import NamedTuple
 
 import torch
 
-# The model owns I' of eq. 3, since its pre-training forward masks the images it is given.
-from modeling_vikdf import apply_pixel_mask
+# The model owns I' of eq. 3, since its pre-training forward masks the images it is given; named here too so that
+# the masks and the function that applies them are imported together.
+from modeling_vikdf import apply_pixel_mask  # noqa: F401
 from processing_vikdf import IGNORE_INDEX
 
 
@@ -97,34 +98,6 @@ def tamim_pixel_masks(
     if batch_size is None:
         return PixelMasks(scored[0], replaced[0])
     return PixelMasks(scored, replaced)
-
-
-def mask_images(
-    pixel_values: torch.Tensor,
-    *,
-    patch_size: int = 28,
-    subpatch_size: int = 14,
-    mask_ratio: float = 0.6,
-    keep_ratio: float = 0.2,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, PixelMasks]:
-    """Batched TAMIM masking of normalised images `(B, C, H, W)`: returns (masked images, `PixelMasks`).
-
-    Eq. 3's loss averages over `masks.scored`; expand it to `(B, C, H, W)` to select channels too.
-    """
-    batch, _, height, width = pixel_values.shape
-    masks = tamim_pixel_masks(
-        height,
-        width,
-        batch_size=batch,
-        patch_size=patch_size,
-        subpatch_size=subpatch_size,
-        mask_ratio=mask_ratio,
-        keep_ratio=keep_ratio,
-        generator=generator,
-        device=pixel_values.device,
-    )
-    return apply_pixel_mask(pixel_values, masks.replaced), masks
 
 
 # --------------------------------------------------------------------------------------------------- IAMTM

@@ -20,6 +20,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from configuration_vikdf import DIALOGUE_METHODS
+from modeling_vikdf import PAPER_GENERATION
 from vikdf.atomic import write_text_atomic
 from vikdf.evaluation import EXTRA_COLUMNS, TABLE1_COLUMNS, metrics_markdown
 from vikdf.quantization import checkpoint_quantization
@@ -44,7 +46,6 @@ PAPER_URL = "https://arxiv.org/search/?searchtype=title&query=" + "+".join(PAPER
 # Hub licence names of the base LLM families, matched in order against the lower-cased LLM name.
 LICENSES = (("llama-2", "llama2"), ("llama2", "llama2"), ("llama-3", "llama3"), ("qwen2", "apache-2.0"), ("mistral", "apache-2.0"))
 TASK = "text-generation"  # the pipeline tag, and the task `pipeline_vikdf.py` registers
-METHODS = ("vikdf", "lora")
 PLACEHOLDER_REPO = "path/to/this/checkpoint"  # in the snippets when the card does not know its hub id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -126,7 +127,7 @@ processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
 
 contexts = [["what a beautiful sky tonight.", "i always wonder what is up there."]]  # turns, oldest first
 {inputs}
-outputs = model.generate(**inputs, num_beams=3, no_repeat_ngram_size=3, max_new_tokens=32, do_sample=False)
+outputs = model.generate(**inputs)  # decodes as the checkpoint's generation_config.json says (the released settings)
 print(processor.decode_responses(outputs, inputs["input_ids"].shape[1]))
 ```"""
 
@@ -189,8 +190,8 @@ def build_model_card(
 ) -> ModelCard:
     """A VIKDF model card. `base_model` goes into the metadata only when it is a hub id; the licence defaults to
     the base LLM family's (`default_license`); `results` fill the metadata's model-index."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; choose one of {METHODS}.")
+    if method not in DIALOGUE_METHODS:
+        raise ValueError(f"method={method!r}; choose one of {DIALOGUE_METHODS}.")
     if base_model and not looks_like_hub_id(base_model):
         logger.info(f"Base model {base_model!r} is a local path; the card's `base_model` metadata is left empty.")
     data = ModelCardData(
@@ -217,7 +218,8 @@ Paper: [*{PAPER}*]({PAPER_URL}).
 ## How to generate
 
 The checkpoint's remote code registers a text-generation pipeline that runs the whole VIKDF path (context → CLIP
-text tower → IQ-Former → knowledge → LLM) with the paper's decoding (beam 3, no repeated 3-grams, 32 new tokens):
+text tower → IQ-Former → knowledge → LLM) with the paper's decoding (beam {PAPER_GENERATION["num_beams"]}, no repeated \
+{PAPER_GENERATION["no_repeat_ngram_size"]}-grams, {PAPER_GENERATION["max_new_tokens"]} new tokens):
 
 {_pipeline_usage(repo, method)}
 
@@ -289,12 +291,11 @@ def update_model_card_metrics(
         return write_text_atomic(path, str(card))
     if text:
         logger.warning(f"{path} has no VIKDF evaluation section; writing a new VIKDF card in its place.")
-    method = getattr(config, "dialogue_method", "vikdf") if config is not None else "vikdf"
     return write_model_card(
         directory,
         base_model=base_model_from_config(config) if config is not None else None,
         **(component_names_from_config(config) if config is not None else {}),
-        method=method if method in METHODS else "vikdf",
+        method=config.dialogue_method if config is not None else "vikdf",
         train_file=None,
         train_fraction=None,
         metrics_block=metrics_block({test_name: row}),

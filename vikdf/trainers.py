@@ -398,7 +398,9 @@ class VIKDFPretrainTrainer(_FrozenQuantisedLLMMixin, _AtomicSaveMixin, Trainable
 
     def _rank_loss_scale(self) -> int:
         """The factor `Trainer.compute_loss` applies to a loss normalised by counts summed over ranks: the number
-        of processes that see different data, since DDP and DeepSpeed average the ranks' gradients."""
+        of processes that see different data, since DDP and DeepSpeed average the ranks' gradients. `Trainer` has it
+        only inline, applied to the whole loss; here it must scale the count-normalised objectives and not TIM's
+        per-rank mean, so it is computed again."""
         if not self.args.average_tokens_across_devices:
             return 1
         return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu

@@ -8,12 +8,12 @@ seen without the collator keeping any state. Examples without a stream position 
 """
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import get_worker_info
 
 from configuration_vikdf import VIKDFConfig
@@ -34,12 +34,6 @@ def _seeded_global_rng(seed: int):
             yield
         finally:
             random.setstate(python_state)
-
-
-def pad_and_stack(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
-    """Right-pad 2-D tensors to the widest one and concatenate them along the batch."""
-    width = max(row.shape[1] for row in rows)
-    return torch.cat([F.pad(row, (0, width - row.shape[1]), value=value) for row in rows])
 
 
 @dataclass
@@ -124,7 +118,7 @@ class PretrainCollator:
                 )
             )
             llm[1]["labels"] = torch.full_like(llm[1]["input_ids"], IGNORE_INDEX)
-        pad_id = self.processor.tokenizer.pad_token_id
+        pad_values = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
         return {
             "pixel_values": pixel_values,
             "pixel_mask": torch.stack([masks.scored for masks in pixel_masks]),
@@ -132,9 +126,11 @@ class PretrainCollator:
             **clip,
             "clip_masked_input_ids": torch.cat([ids for ids, _ in masked_rows]),
             "clip_mlm_labels": torch.cat([labels for _, labels in masked_rows]),
-            "llm_input_ids": pad_and_stack([rows["input_ids"] for rows in llm], pad_id),
-            "llm_attention_mask": pad_and_stack([rows["attention_mask"] for rows in llm], 0),
-            "llm_labels": pad_and_stack([rows["labels"] for rows in llm], IGNORE_INDEX),
+            # The IACI rows, then the IAKR rows, right padded to the widest of both.
+            **{
+                f"llm_{name}": pad_sequence([row for rows in llm for row in rows[name]], batch_first=True, padding_value=value)
+                for name, value in pad_values.items()
+            },
         }
 
 
@@ -151,13 +147,11 @@ class DialogueCollator:
     def __call__(self, dialogues: list) -> dict[str, torch.Tensor]:
         contexts = [_field(d, "context") for d in dialogues]
         responses = [_field(d, "response") for d in dialogues]
-        if self.with_knowledge:
-            return dict(self.processor(text=contexts, responses=responses))
-        return self.processor.dialogue_inputs(contexts, responses, with_knowledge=False)
+        return self.processor.dialogue_batch(contexts, responses, self.with_knowledge)
 
 
 def _field(record, name: str):
     return record[name] if isinstance(record, dict) else getattr(record, name)
 
 
-__all__ = ["PretrainCollator", "DialogueCollator", "pad_and_stack"]
+__all__ = ["PretrainCollator", "DialogueCollator"]

@@ -328,6 +328,15 @@ class WebDatasetSource:
                     after = (number, next_offset, position) if next_offset is not None else (number + 1, 0, position)
                     yield after, self._to_record(shard, key, members)
 
+    def pairs_in_order(self, skips: SkipCounter) -> Iterator[Example]:
+        """Every usable pair of every shard, once, in the order given: no partition, no shuffle, no pass after the
+        first. Pairs that cannot be used are counted in `skips` and left out, as in the training stream."""
+        for shard in self.shards:
+            for key, members, _ in self._samples(shard, 0, skips):
+                pair = _make_pair(self._to_record(shard, key, members), skips)
+                if pair is not None:
+                    yield pair
+
     def _samples(
         self, shard: str, start: int, skips: SkipCounter | None
     ) -> Iterator[tuple[str, dict[str, bytes], int | None]]:
@@ -456,14 +465,14 @@ class HFPairSource:
         *,
         data_dir: str | None = None,
         split: str = "train",
-        streaming: bool = True,
         name: str | None = None,
         **load_kwargs: Any,
     ) -> HFPairSource:
-        """`datasets.load_dataset(path, data_dir=…, split=…, streaming=…)` wrapped as a pair source."""
+        """`datasets.load_dataset(path, data_dir=…, split=…, streaming=True)` wrapped as a pair source: streamed, so
+        that a large dataset is neither copied into the cache nor held in memory."""
         if data_dir is not None and not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data_dir for dataset {path!r} not found: {data_dir!r}")
-        dataset = datasets.load_dataset(path, data_dir=data_dir, split=split, streaming=streaming, **load_kwargs)
+        dataset = datasets.load_dataset(path, data_dir=data_dir, split=split, streaming=True, **load_kwargs)
         return cls(dataset, image_column, text_column, name or Path(data_dir or path).name)
 
     def records(
@@ -534,7 +543,6 @@ class PairSourceSpec:
     image_column: str = "image"
     text_column: str = "text"
     split: str = "train"
-    streaming: bool = True
     name: str | None = None
 
     @classmethod
@@ -588,7 +596,6 @@ class PairSourceSpec:
                 self.text_column,
                 data_dir=self.data_dir,
                 split=self.split,
-                streaming=self.streaming,
                 name=self.name,
             )
         raise ValueError(f"Unknown source kind {self.kind!r}; expected 'wds', 'coco' or 'hf'")
@@ -605,8 +612,7 @@ class MixedPairDataset(IterableDataset):
     deterministic function of the seed and the reader layout. `infinite=True` restarts exhausted sources (a new
     pass reshuffles them), the usual setting for step-based pre-training (paper §4.2: 100k steps);
     `infinite=False` reads every source once, drawing among those not yet exhausted. Each yielded example is
-    `{"image": PIL RGB, "caption", "source", "key", "stream_position": (reader, n)}`, or with `image_transform`
-    `{"pixel_values": tensor, …}` (the transform then runs in the DataLoader workers). `state_dict` and
+    `{"image": PIL RGB, "caption", "source", "key", "stream_position": (reader, n)}`. `state_dict` and
     `load_state_dict` make it resumable (see the module docstring).
     """
 
@@ -617,7 +623,6 @@ class MixedPairDataset(IterableDataset):
         seed: int = 0,
         *,
         infinite: bool = True,
-        image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
         shuffle_buffer: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -634,7 +639,7 @@ class MixedPairDataset(IterableDataset):
             raise ValueError(f"Give both rank and world_size (0 <= rank < world_size), got {rank=}, {world_size=}")
         self.sources = list(sources)
         self.probabilities = [p / sum(probabilities) for p in probabilities]
-        self.seed, self.infinite, self.image_transform = seed, infinite, image_transform
+        self.seed, self.infinite = seed, infinite
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.skips = skips if skips is not None else SkipCounter()
         self.epoch = 0
@@ -642,7 +647,8 @@ class MixedPairDataset(IterableDataset):
         self._resume_from: dict[str, Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for a new epoch (call before iterating, on every rank)."""
+        """Reshuffle for a new epoch (call before iterating, on every rank). The Trainer's data loader calls it at the
+        start of every epoch on any dataset that has it."""
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
@@ -686,8 +692,6 @@ class MixedPairDataset(IterableDataset):
             # The position seeds this example's crop and masks (PretrainCollator): resumable without any counter.
             example = {**example, "stream_position": (part.index, reader.yielded)}
             reader.yielded += 1
-            if self.image_transform is not None:
-                example = {"pixel_values": self.image_transform(example.pop("image")), **example}
             yield example
 
     def _start_reader(self, part: Partition) -> _ReaderState:
@@ -789,7 +793,6 @@ def build_pair_dataset(
     seed: int = 0,
     *,
     infinite: bool = True,
-    image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
     shuffle_buffer: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
@@ -815,7 +818,6 @@ def build_pair_dataset(
         parse_probabilities(probabilities),
         seed,
         infinite=infinite,
-        image_transform=image_transform,
         shuffle_buffer=shuffle_buffer,
         rank=rank,
         world_size=world_size,

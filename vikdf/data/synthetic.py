@@ -76,7 +76,7 @@ for the pre-training criterion and the knowledge probe;
 spaces (whole dialogues, so the LM sees a context followed by its response); ``vocab.txt``: every word and
 punctuation token of every text written, for training a tiny tokenizer; ``world.json``: the configuration and
 the ground-truth object table. All text is lowercase. ``iter_shard_pairs`` reads the shards back as
-(key, image, caption) for the stand-in CLIP pre-training.
+(key, image, caption) for the stand-in CLIP pre-training, with the pre-training reader (``vikdf.data.pairs``).
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ from pathlib import Path
 from typing import Collection, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageDraw
+
+from vikdf.data.dialogue import Dialogue
+from vikdf.data.pairs import SkipCounter, WebDatasetSource
 
 RGB = tuple[int, int, int]
 
@@ -360,15 +363,6 @@ class PairAttributes:
 
 
 @dataclass(frozen=True)
-class Dialogue:
-    """A text-only dialogue about one object kind; ``response`` names its usual colour."""
-
-    context: tuple[str, ...]
-    response: str
-    object: str
-
-
-@dataclass(frozen=True)
 class SyntheticWorldPaths:
     """What ``write_synthetic_world`` wrote, plus the facts the demo needs to use and score it."""
 
@@ -603,7 +597,8 @@ class SyntheticWorld:
         return self.render(attrs), self.write_caption(attrs, rng), attrs
 
     def sample_dialogue(self, rng: random.Random, kind: ObjectKind) -> Dialogue:
-        """A 1–3 turn context that names ``kind`` only, and a response that names its usual colour."""
+        """A text-only dialogue about ``kind``: a 1–3 turn context that names it only, and a response that names its
+        usual colour."""
         turn_pools, families = rng.choice(DIALOGUE_PATTERNS)
         fields = {
             "obj": kind.name,
@@ -613,7 +608,7 @@ class SyntheticWorld:
         }
         context = tuple(rng.choice(_TURN_POOLS[pool]).format(**fields) for pool in turn_pools)
         response = rng.choice(RESPONSES[rng.choice(families)]).format(**fields)
-        return Dialogue(context=context, response=response, object=kind.name)
+        return Dialogue(context=context, response=response)
 
     def dialogues(self, stream: str, count: int, kinds: Sequence[ObjectKind]) -> list[Dialogue]:
         """``count`` dialogues cycling through ``kinds``, so every kind is equally frequent."""
@@ -643,6 +638,7 @@ def _write_shard(
     """Write ``count`` pairs as one img2dataset-style shard; returns the captions."""
     if count > _MAX_PER_SHARD:
         raise ValueError(f"at most {_MAX_PER_SHARD} pairs per shard, got {count}; use more shards")
+    path.parent.mkdir(parents=True, exist_ok=True)
     captions = []
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for index in range(count):
@@ -668,15 +664,10 @@ def _write_shard(
 
 def iter_shard_pairs(shard_files: Sequence[str | Path]) -> Iterator[tuple[str, Image.Image, str]]:
     """(key, image, caption) from img2dataset-style shards, in order: the pair list for the stand-in CLIP."""
+    skips = SkipCounter()
     for shard in shard_files:
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for member in tar.getmembers():
-                key, _, ext = member.name.rpartition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for key, files in members.items():
-            image = Image.open(io.BytesIO(files["jpg"])).convert("RGB")
-            yield key, image, files["txt"].decode("utf-8")
+        for pair in WebDatasetSource(str(shard)).pairs_in_order(skips):
+            yield pair["key"], pair["image"], pair["caption"]
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -727,85 +718,110 @@ def write_synthetic_world(
     if num_eval_dialogues % len(world.image_only_objects):
         raise ValueError(f"num_eval_dialogues {num_eval_dialogues} is not a multiple of the "
                          f"{len(world.image_only_objects)} image-only kinds: the test set would not be balanced")
+    num_clip_pairs = num_pairs if num_clip_pairs is None else num_clip_pairs
     root = Path(out_dir)
-    train_dir, heldout_dir = root / "pairs" / "train", root / "pairs" / "heldout"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    heldout_dir.mkdir(parents=True, exist_ok=True)
-
-    pair_rng = world.rng("train-pairs")
-    train_files, train_captions = [], []
-    for shard in range(num_shards):
-        path = train_dir / f"{shard:05d}.tar"
-        count = (shard + 1) * num_pairs // num_shards - shard * num_pairs // num_shards
-        train_captions += _write_shard(world, pair_rng, path, shard, count)
-        train_files.append(path)
-    heldout_shard = heldout_dir / "00000.tar"
+    # Every step draws from streams of its own (`SyntheticWorld.rng`), so the steps' order changes no value written.
+    train_files, train_captions = _write_train_shards(world, root / "pairs" / "train", num_pairs, num_shards)
+    heldout_shard, clip_shard = root / "pairs" / "heldout" / "00000.tar", root / "pairs" / "clip" / "00000.tar"
     heldout_captions = _write_shard(world, world.rng("heldout-pairs"), heldout_shard, 0, num_heldout_pairs)
-    clip_shard = root / "pairs" / "clip" / "00000.tar"
-    clip_shard.parent.mkdir(parents=True, exist_ok=True)
-    clip_captions = _write_shard(world, world.rng("clip-pairs"), clip_shard, 0,
-                                 num_pairs if num_clip_pairs is None else num_clip_pairs, for_clip=True)
-
-    train = world.dialogues("train-dialogues", num_dialogues, world.dialogue_objects)
-    valid = world.dialogues("valid-dialogues", num_eval_dialogues, world.dialogue_objects)
-    test = world.dialogues("test-dialogues", num_eval_dialogues, world.image_only_objects)
-    # Held-out contexts about the image-only kinds, apart from the test set: what the demo's pre-training criterion
-    # and the knowledge probe measure `K_T` on, so that neither looks at a test dialogue.
-    probe = world.dialogues("probe-dialogues", num_eval_dialogues, world.image_only_objects)
-    reddit_train = root / "dialogue" / "reddit" / "train.json"
-    reddit_valid = root / "dialogue" / "reddit" / "valid.json"
-    image_chat_test = root / "dialogue" / "image_chat" / "test.json"
-    image_only_probe = root / "dialogue" / "probe" / "image_only.json"
-    _write_json(image_only_probe, [{"context": list(d.context), "response": d.response} for d in probe])
-    _write_json(reddit_train, [{"context": list(d.context), "response": d.response} for d in train])
-    _write_json(reddit_valid, [{"context": list(d.context), "response": d.response} for d in valid])
-    style_rng = world.rng("image-chat-styles")
-    _write_json(image_chat_test, [_image_chat_entry(world, d, i, style_rng) for i, d in enumerate(test)])
-
-    # Only training text: captions and whole training dialogues, never validation or test text.
-    lm_lines = train_captions + [" ".join([*d.context, d.response]) for d in train]
-    world.rng("lm-corpus").shuffle(lm_lines)
-    lm_corpus = root / "lm_corpus.txt"
-    lm_corpus.write_text("\n".join(lm_lines) + "\n", encoding="utf-8")
-
-    dialogue_turns = [turn for d in train + valid + test + probe for turn in (*d.context, d.response)]
-    all_texts = train_captions + heldout_captions + clip_captions + dialogue_turns
-    world_words = [k.name for k in world.kinds] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
-    vocabulary = tuple(sorted({word for text in all_texts + world_words for word in tokenize_words(text)}))
-    vocab_file = root / "vocab.txt"
-    vocab_file.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
-
+    clip_captions = _write_shard(world, world.rng("clip-pairs"), clip_shard, 0, num_clip_pairs, for_clip=True)
+    dialogues = _sample_dialogue_splits(world, num_dialogues, num_eval_dialogues)
+    dialogue_files = _write_dialogue_splits(world, root / "dialogue", dialogues)
+    lm_corpus = _write_lm_corpus(world, root / "lm_corpus.txt", train_captions, dialogues["train"])
+    texts = train_captions + heldout_captions + clip_captions
+    texts += [turn for split in dialogues.values() for d in split for turn in (*d.context, d.response)]
+    vocab_file, vocabulary = _write_vocabulary(world, root / "vocab.txt", texts)
+    counts = {
+        "train_pairs": num_pairs,
+        "heldout_pairs": num_heldout_pairs,
+        "clip_pairs": num_clip_pairs,
+        "train_dialogues": num_dialogues,
+        "valid_dialogues": num_eval_dialogues,
+        "test_dialogues": num_eval_dialogues,
+    }
     world_file = root / "world.json"
-    _write_json(
-        world_file,
-        {
-            "config": asdict(world),
-            "objects": [asdict(kind) for kind in world.kinds],
-            "colours": COLOURS,
-            "backgrounds": BACKGROUNDS,
-            "counts": {
-                "train_pairs": num_pairs,
-                "heldout_pairs": num_heldout_pairs,
-                "clip_pairs": num_pairs if num_clip_pairs is None else num_clip_pairs,
-                "train_dialogues": num_dialogues,
-                "valid_dialogues": num_eval_dialogues,
-                "test_dialogues": num_eval_dialogues,
-            },
-        },
-    )
+    _write_json(world_file, _world_record(world, counts))
     return SyntheticWorldPaths(
         root=root,
-        train_shards=str(train_dir / f"{{00000..{num_shards - 1:05d}}}.tar"),
+        train_shards=str(root / "pairs" / "train" / f"{{00000..{num_shards - 1:05d}}}.tar"),
         train_shard_files=tuple(train_files),
         heldout_shard=heldout_shard,
         clip_shard=clip_shard,
-        reddit_train=reddit_train,
-        reddit_valid=reddit_valid,
-        image_chat_test=image_chat_test,
-        image_only_probe=image_only_probe,
+        **dialogue_files,
         lm_corpus=lm_corpus,
         vocab_file=vocab_file,
         world_file=world_file,
         vocabulary=vocabulary,
         kinds=world.kinds,
     )
+
+
+def _write_train_shards(
+    world: SyntheticWorld, folder: Path, num_pairs: int, num_shards: int
+) -> tuple[list[Path], list[str]]:
+    """VIKDF's training pairs, spread as evenly as possible over ``num_shards`` shards: (shard files, captions)."""
+    rng = world.rng("train-pairs")  # one stream through all shards
+    files, captions = [], []
+    for shard in range(num_shards):
+        path = folder / f"{shard:05d}.tar"
+        count = (shard + 1) * num_pairs // num_shards - shard * num_pairs // num_shards
+        captions += _write_shard(world, rng, path, shard, count)
+        files.append(path)
+    return files, captions
+
+
+def _sample_dialogue_splits(
+    world: SyntheticWorld, num_dialogues: int, num_eval_dialogues: int
+) -> dict[str, list[Dialogue]]:
+    """The dialogues of every split: train and valid about dialogue kinds, test and probe about image-only kinds."""
+    return {
+        "train": world.dialogues("train-dialogues", num_dialogues, world.dialogue_objects),
+        "valid": world.dialogues("valid-dialogues", num_eval_dialogues, world.dialogue_objects),
+        "test": world.dialogues("test-dialogues", num_eval_dialogues, world.image_only_objects),
+        # Held-out contexts about the image-only kinds, apart from the test set: what the demo's pre-training
+        # criterion and the knowledge probe measure `K_T` on, so that neither looks at a test dialogue.
+        "probe": world.dialogues("probe-dialogues", num_eval_dialogues, world.image_only_objects),
+    }
+
+
+def _write_dialogue_splits(world: SyntheticWorld, folder: Path, dialogues: dict[str, list[Dialogue]]) -> dict[str, Path]:
+    """Train, valid and probe in Reddit JSON form, test in Image-Chat form; the files by `SyntheticWorldPaths` field."""
+    files = {
+        "reddit_train": (folder / "reddit" / "train.json", dialogues["train"]),
+        "reddit_valid": (folder / "reddit" / "valid.json", dialogues["valid"]),
+        "image_only_probe": (folder / "probe" / "image_only.json", dialogues["probe"]),
+    }
+    for path, split in files.values():
+        _write_json(path, [{"context": list(d.context), "response": d.response} for d in split])
+    image_chat_test = folder / "image_chat" / "test.json"
+    style_rng = world.rng("image-chat-styles")
+    _write_json(image_chat_test, [_image_chat_entry(world, d, i, style_rng) for i, d in enumerate(dialogues["test"])])
+    return {field: path for field, (path, _) in files.items()} | {"image_chat_test": image_chat_test}
+
+
+def _write_lm_corpus(world: SyntheticWorld, path: Path, train_captions: list[str], train: list[Dialogue]) -> Path:
+    """One text per line, shuffled: only training text (captions and whole training dialogues), never validation or
+    test text."""
+    lines = train_captions + [" ".join([*d.context, d.response]) for d in train]
+    world.rng("lm-corpus").shuffle(lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_vocabulary(world: SyntheticWorld, path: Path, texts: list[str]) -> tuple[Path, tuple[str, ...]]:
+    """Every word of `texts` and of the world's own word sets, sorted, one a line."""
+    world_words = [k.name for k in world.kinds] + list(COLOURS) + list(BACKGROUNDS) + list(SHAPES)
+    vocabulary = tuple(sorted({word for text in texts + world_words for word in tokenize_words(text)}))
+    path.write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    return path, vocabulary
+
+
+def _world_record(world: SyntheticWorld, counts: dict[str, int]) -> dict:
+    """``world.json``: the configuration, the ground-truth object table and how many items each split holds."""
+    return {
+        "config": asdict(world),
+        "objects": [asdict(kind) for kind in world.kinds],
+        "colours": COLOURS,
+        "backgrounds": BACKGROUNDS,
+        "counts": counts,
+    }
