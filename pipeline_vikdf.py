@@ -19,16 +19,6 @@ import torch
 from transformers import Pipeline
 
 
-def caption_prompt_ids(processor, prompt: str) -> list[int]:
-    """Token ids of `[bos] <k>×n {prompt}`: the IACI layout (eq. 6) up to where the caption begins."""
-    row = processor.caption_inputs([""], [prompt])
-    ids, labels = row["input_ids"][0], row["labels"][0]
-    prefix = ids[labels != ids]  # the prompt is unlabelled; the labels of an empty caption are its eos alone
-    if len(prefix) != len(ids) - 1 or int(ids[-1]) != processor.tokenizer.eos_token_id:
-        raise RuntimeError("VIKDFProcessor.caption_inputs no longer ends an empty caption with eos alone.")
-    return prefix.tolist()
-
-
 @torch.no_grad()
 def textualise_knowledge(
     model, processor, contexts: Sequence[Any], prompt: str | None = None, batch_size: int = 16, **generate_kwargs: Any
@@ -44,7 +34,7 @@ def textualise_knowledge(
         prompt = model.config.caption_prompts[0]
     generate_kwargs.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
     generate_kwargs.setdefault("eos_token_id", processor.tokenizer.eos_token_id)
-    prefix = torch.tensor([caption_prompt_ids(processor, prompt)], device=model.device)
+    prefix = torch.tensor([processor.caption_prompt_ids(prompt)], device=model.device)
     model.eval()
     texts: list[str] = []
     for start in range(0, len(contexts), batch_size):
@@ -121,4 +111,4 @@ class VIKDFDialoguePipeline(Pipeline):
         return answer
 
 
-__all__ = ["VIKDFDialoguePipeline", "caption_prompt_ids", "textualise_knowledge"]
+__all__ = ["VIKDFDialoguePipeline", "textualise_knowledge"]

@@ -204,6 +204,12 @@ class VIKDFProcessor(ProcessorMixin):
             labels.append([IGNORE_INDEX] * len(prefix) + caption_ids + [eos if score_eos else IGNORE_INDEX])
         return _batch(self.tokenizer, rows, padding_side, labels)
 
+    def caption_prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of `[bos] <k>×n {prompt}`: the IACI layout (eq. 6) up to where the caption begins, which
+        knowledge textualisation (§5.4) continues."""
+        prompt_ids, _ = self._prompt_and_caption_ids(prompt, "", None)
+        return self._bos() + self._slot_ids() + prompt_ids
+
     def reconstruction_inputs(
         self,
         captions: Sequence[str],

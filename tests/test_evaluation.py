@@ -20,7 +20,7 @@ from vikdf.evaluation import (
     write_evaluation,
 )
 from vikdf.metrics import dialogue_metrics as dm
-from vikdf.knowledge import caption_prompt_ids, textualise_knowledge
+from vikdf.knowledge import textualise_knowledge
 from vikdf.model_card import build_model_card, update_model_card_metrics
 
 CONTEXTS = [
@@ -93,7 +93,11 @@ def test_perplexities_by_hand():
 def test_textualise_knowledge_returns_one_text_per_context(build_tiny):
     model, processor = build_tiny("llama")
     prompt = model.config.caption_prompts[0]
-    ids = caption_prompt_ids(processor, prompt)
+    ids = processor.caption_prompt_ids(prompt)
+    # the IACI rows pre-training read (eq. 6) begin so: textualisation continues where their caption begins
+    caption_row = processor.caption_inputs(["a red zorp."], [prompt])
+    labelled = caption_row["labels"][0] != -100
+    assert caption_row["input_ids"][0][: int(labelled.nonzero()[0])].tolist() == ids
     assert ids[0] == processor.tokenizer.bos_token_id
     assert ids.count(processor.knowledge_token_id) == model.config.num_query_tokens
     assert processor.tokenizer.decode(ids, skip_special_tokens=True).strip().endswith(prompt)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline_vikdf import caption_prompt_ids
 from pipeline_vikdf import textualise_knowledge as _textualise_knowledge
 from processing_vikdf import VIKDFProcessor
 from vikdf.evaluation import Context
@@ -37,4 +36,4 @@ def textualise_knowledge(
     return _textualise_knowledge(model, processor, contexts, prompt=prompt, batch_size=batch_size, **generate_kwargs)
 
 
-__all__ = ["caption_prompt_ids", "textualise_knowledge"]
+__all__ = ["textualise_knowledge"]
