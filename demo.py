@@ -71,7 +71,7 @@ PRESETS = {
         clip_target=0.6, llm_max_steps=4000, llm_target=0.95, criterion_every=250, pretrain_steps=1500,
         pretrain_target=0.5, pretrain_every=100, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_batch=16, dialogue_epochs=8, dialogue_learning_rate=3e-3, projection_only_epochs=24,
-        projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=32, num_query_tokens=8, table3=False,
+        projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=None, num_query_tokens=8, table3=False,
         fig7_queries=(), rows="all", real_llm=False,
     ),
     "smoke": dict(
@@ -80,7 +80,7 @@ PRESETS = {
         clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
         pretrain_target=0.5, pretrain_every=10, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_batch=16, dialogue_epochs=1, dialogue_learning_rate=3e-3, projection_only_epochs=1,
-        projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=32, num_query_tokens=8, table3=True,
+        projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=None, num_query_tokens=8, table3=True,
         fig7_queries=(4, 16), rows="all", real_llm=False,
     ),
 }
@@ -94,7 +94,7 @@ PRESETS["real-llm"] = {**PRESETS["default"], "real_llm": True, "num_dialogues": 
                        "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_every": 50, "dialogue_batch": 8,
                        "dialogue_epochs": 2, "eval_batch": 12}
 # Its smoke version, run by the tests on the real SmolLM2: a few steps, a handful of dialogues, 8-token responses
-# (the other presets write the released 32).
+# (`eval_max_new_tokens`; None elsewhere: the checkpoint's generation config, the released 32).
 PRESETS["real-llm-smoke"] = {**PRESETS["smoke"], "real_llm": True, "rows": "main", "table3": False,
                              "fig7_queries": (), "num_dialogues": 24, "pretrain_steps": 2, "pretrain_batch": 8,
                              "eval_batch": 12, "eval_max_new_tokens": 8}
@@ -114,9 +114,12 @@ LOW = f", {LOW_RESOURCE_FRACTION:g} of the dialogues".replace("0.125", "⅛")
 DEMO_MARKER = "_demo_output"
 # Held while a demo writes its folder: a second demo given the same --output_dir would delete it under the first.
 DEMO_LOCK = "_demo.lock"
-# The top-level entries a demo run writes (its stages' folders, each row's checkpoint, the report): replacing an
-# earlier output deletes these and nothing else (a test checks that a run writes no other name).
-DEMO_ENTRIES = re.compile(r"(world|components|(no_)?pretrain.*|vikdf.*|lora|eval(_seen)?|loss_curves\.png|summary\.json)")
+# The top-level entries a demo run writes, by their exact names (its stages' folders, each row's checkpoint with the
+# Table 3 suffixes and Fig. 7's query counts, the report): replacing an earlier output deletes these and nothing
+# else, so a user's "vikdf_notes.txt" left there is refused, not deleted (a test checks that a run writes no other).
+_ROW_SUFFIX = "(" + "|".join(PRETRAINING_ABLATIONS) + r"|_n\d+)"
+DEMO_ENTRIES = re.compile(rf"world|components|no_pretrain(_init|_low)?|pretrain{_ROW_SUFFIX}?|vikdf(_low|{_ROW_SUFFIX})?"
+                          r"|lora|eval(_seen)?|loss_curves\.png|summary\.json")
 
 
 @dataclass
@@ -467,8 +470,9 @@ def evaluate(checkpoint: Path, test_file: Path, output_dir: Path, settings: dict
              extra: list[str] = ()) -> tuple[dict, list[dict]]:
     metrics = eval_dialogue.main([
         "--model_name_or_path", str(checkpoint), "--test_file", str(test_file), "--output_dir", str(output_dir),
-        "--batch_size", str(settings["eval_batch"]), "--max_new_tokens", str(settings["eval_max_new_tokens"]),
-        "--glove_path", str(glove), "--disable_tqdm", "true", *extra,
+        "--batch_size", str(settings["eval_batch"]), "--glove_path", str(glove), "--disable_tqdm", "true",
+        *([] if settings["eval_max_new_tokens"] is None else ["--max_new_tokens", str(settings["eval_max_new_tokens"])]),
+        *extra,
     ])
     predictions = [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
     return metrics, predictions
@@ -519,13 +523,13 @@ class DemoRun:
 
     def write_world(self) -> None:
         settings = self.settings
-        self.glove = glove_text(self.args.cache_dir)
         self.world = world = write_synthetic_world(
             self.out / "world", seed=self.args.seed, num_pairs=settings["num_pairs"],
             num_heldout_pairs=settings["num_heldout_pairs"], num_dialogues=settings["num_dialogues"],
             num_eval_dialogues=settings["num_eval_dialogues"], names_per_look=settings["names_per_look"],
             image_only_per_colour=settings["image_only_per_colour"],
         )
+        self.glove = glove_text(self.args.cache_dir)
         self.stage("world", f"1/6 synthetic world written: {len(world.kinds)} object kinds "
                             f"({len(world.image_only_objects)} image-only), {settings['num_pairs']} image–text pairs, "
                             f"dialogues in Reddit and Image-Chat form ({self.out / 'world'})")

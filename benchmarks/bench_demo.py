@@ -41,7 +41,7 @@ def report(summary: dict, preset: str, info: dict) -> str:
         verdict = "within" if total <= BUDGET_SECONDS[preset] else "OVER"
         lines += [f"Total **{total:.0f} s**, {verdict} the {BUDGET_SECONDS[preset]} s budget.", ""]
     else:
-        lines += [f"Total **{total:.0f} s** (budgets: {BUDGET_SECONDS} s).", ""]
+        lines += [f"Total **{total:.0f} s** (a budget is set for {' and '.join(BUDGET_SECONDS)} only).", ""]
     lines += ["The demo's Table-1 rows (Average, Extrema, Greedy: GloVe 6B 50d):", "", *demo.table_header(),
               *(demo.table_row(name, row) for name, row in summary["systems"].items()), ""]
     systems = [[name, f"{100 * m['knowledge_accuracy']:.1f}",

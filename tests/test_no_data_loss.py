@@ -236,10 +236,10 @@ def test_demo_refuses_a_folder_of_user_files_and_replaces_an_earlier_demo_output
     assert sorted(p.name for p in earlier.iterdir()) == sorted([demo.DEMO_MARKER, demo.DEMO_LOCK])
     # A file of the user's own dropped into an earlier demo output is refused, not deleted with it.
     (earlier / "vikdf").mkdir()
-    (earlier / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"did not write \(notes.txt\)"):
+    (earlier / "vikdf_notes.txt").write_text("mine")  # named like the demo's own `vikdf*` entries
+    with pytest.raises(ValueError, match=r"did not write \(vikdf_notes.txt\)"):
         demo.main(["--output_dir", str(earlier)])
-    assert (earlier / "notes.txt").read_text() == "mine" and (earlier / "vikdf").is_dir()
+    assert (earlier / "vikdf_notes.txt").read_text() == "mine" and (earlier / "vikdf").is_dir()
 
 
 def test_a_second_demo_into_a_folder_a_demo_is_writing_is_refused_and_deletes_nothing(tmp_path, monkeypatch):

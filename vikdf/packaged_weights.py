@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from transformers.utils import logging
 
-from vikdf.atomic import commit_folder, staging_folder
+from vikdf.atomic import staging_folder
 
 logger = logging.get_logger(__name__)
 
@@ -115,7 +116,13 @@ def smollm2_folder(cache_dir: str | os.PathLike) -> Path:
     staged = staging_folder(target.parent, f"{SMOLLM2_FOLDER}-{os.getpid()}")
     model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
-    return commit_folder(staged, target)
+    try:
+        os.rename(staged, target)  # one rename: readers see no folder or the complete one
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(staged)  # our own copy: another run finished converting first, and its folder may be in use
+    return target
 
 
 __all__ = ["check_packaged_weights", "default_cache_dir", "glove_text", "smollm2_folder"]
