@@ -99,7 +99,6 @@ def write_medium_components(root: Path) -> Path:
 def measure_one(root: Path, mode: str, steps: int) -> dict:
     """One precision, in this process: build, then `steps` timed dialogue fine-tuning steps after one warm-up."""
     from vikdf.components import build_vikdf_from_components
-    from vikdf.evaluation import dialogue_batch
     from vikdf.quantization import LLMQuantizationArguments
     from vikdf.testing import TINY_HEADS
 
@@ -116,7 +115,7 @@ def measure_one(root: Path, mode: str, steps: int) -> dict:
     linears = quantised_linears(model.language_model)
     prefixes = tuple(f"language_model.{name}." for name in linears)
     llm_layers = sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if name.startswith(prefixes))
-    batch = dialogue_batch(processor, contexts, ["yes, and it looks very happy today."] * 4)
+    batch = processor.dialogue_batch(contexts, ["yes, and it looks very happy today."] * 4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for step in range(steps + 1):

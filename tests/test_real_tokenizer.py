@@ -21,7 +21,7 @@ from test_tokenisation_seams import (  # noqa: F401  (collected here too, with t
     test_reconstruction_rows_are_the_plain_texts_tokens_then_the_slots,
 )
 from vikdf.components import build_vikdf_from_components
-from vikdf.evaluation import dialogue_batch, generate_responses
+from vikdf.evaluation import generate_responses
 from vikdf.testing import TINY_HEADS, tiny_clip_tokenizer
 
 USER = "what did you do this weekend?"
@@ -75,7 +75,7 @@ def test_response_ids_are_the_assistant_turn_of_the_templates_own_rendering(proc
 @pytest.mark.parametrize("with_knowledge", [True, False], ids=["with-knowledge", "plain-llm"])
 def test_batched_generation_equals_batch_size_one_on_smollm2(smollm2_vikdf, with_knowledge):
     model, processor = smollm2_vikdf
-    mask = dialogue_batch(processor, CONTEXTS, with_knowledge=with_knowledge)["attention_mask"]
+    mask = processor.dialogue_batch(CONTEXTS, with_knowledge=with_knowledge)["attention_mask"]
     # One left-padded batch of rows of different lengths, every row ending where generation begins.
     assert len(set(mask.sum(dim=1).tolist())) > 1 and bool(mask[:, -1].all())
     settings = dict(num_beams=3, max_new_tokens=8, progress=False, with_knowledge=with_knowledge)

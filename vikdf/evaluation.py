@@ -94,8 +94,6 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------------------------
-# Model inputs for contexts, or with responses for scoring them; with or without knowledge (the baselines).
-dialogue_batch = VIKDFProcessor.dialogue_batch
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -147,7 +145,7 @@ def generate_responses(
     responses: list[str | None] = [None] * len(contexts)
     with tqdm(total=len(contexts), desc="Generating", unit="dialogue", disable=not progress) as bar:
         for indices in _batches(_length_order(contexts), batch_size):
-            batch = _to_device(dialogue_batch(processor, [contexts[i] for i in indices], with_knowledge=with_knowledge), device)
+            batch = _to_device(processor.dialogue_batch([contexts[i] for i in indices], with_knowledge=with_knowledge), device)
             generated = model.generate(**batch, **settings)
             for index, text in zip(indices, processor.decode_responses(generated, batch["input_ids"].shape[1])):
                 responses[index] = text
@@ -180,8 +178,8 @@ def response_nll(
     order = _length_order(contexts)
     with tqdm(total=len(contexts), desc="Perplexity", unit="dialogue", disable=not progress) as bar:
         for indices in _batches(order, batch_size):
-            batch = dialogue_batch(
-                processor, [contexts[i] for i in indices], [responses[i] for i in indices], with_knowledge
+            batch = processor.dialogue_batch(
+                [contexts[i] for i in indices], [responses[i] for i in indices], with_knowledge
             )
             labels = batch.pop("labels").to(device)
             # Position t predicts token t+1; the LM head runs on the scored positions only, scored in fp32.
@@ -478,7 +476,6 @@ __all__ = [
     "LOWER_IS_BETTER",
     "checkpoint_generation",
     "load_checkpoint",
-    "dialogue_batch",
     "generate_responses",
     "response_nll",
     "perplexities",
