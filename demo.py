@@ -40,10 +40,10 @@ import eval_dialogue
 import train_dialogue
 import train_pretrain
 from configuration_vikdf import CAPTION_PROMPTS, RECONSTRUCTION_PROMPTS
-from vikdf.components import build_vikdf_from_components
+from vikdf.training.components import build_vikdf_from_components
 from vikdf.data.dialogue import load_dialogues
 from vikdf.data.pairs import build_image_transform
-from vikdf.data.synthetic import (
+from vikdf.demo.world import (
     COLOURS,
     iter_shard_pairs,
     knowledge_accuracy,
@@ -53,14 +53,14 @@ from vikdf.data.synthetic import (
     tokenize_words,
     write_synthetic_world,
 )
-from vikdf.evaluation import TABLE1_COLUMNS, load_checkpoint
-from vikdf.losses import tim_similarity
+from vikdf.evaluation.dialogues import TABLE1_COLUMNS, load_checkpoint
+from vikdf.training.losses import tim_similarity
 from vikdf.output_folder import folder_lock
-from vikdf.packaged_weights import SMOLLM2_FOLDER, check_packaged_weights, default_cache_dir, glove_text, smollm2_folder
-from vikdf.stats import nested_bootstrap_interval
-from vikdf.standin import Criterion, CriterionCallback, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
+from vikdf.demo.packaged_weights import SMOLLM2_FOLDER, check_packaged_weights, default_cache_dir, glove_text, smollm2_folder
+from vikdf.evaluation.stats import nested_bootstrap_interval
+from vikdf.demo.standin import Criterion, CriterionCallback, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components
-from vikdf.trainers import LOGGED_LOSSES
+from vikdf.training.trainers import LOGGED_LOSSES
 
 # Sizes and schedules per preset: "full" is the README's demo, "tables" adds the Table 3 ablations to it, "smoke" is
 # the tests' smaller setting. The stand-ins train until their criterion holds, up to a cap of steps.
@@ -453,7 +453,7 @@ def text_metric_intervals(predictions: list[dict], world, knowledge: tuple[float
     """Fig. 7's columns for one system, each (value, low, high) ×100 with its 95 % interval over the kinds the test
     contexts mention: knowledge accuracy (`knowledge`, already bootstrapped), corpus BLEU-1 and mean ROUGE-L."""
     # The metrics' stack (pycocoevalcap, NLTK, evaluate) loads here, not when the demo is imported.
-    from vikdf.metrics.dialogue_metrics import bleu_1_counts, bleu_1_from_counts, rouge_l_scores, select_word_tokenizer, tokenize
+    from vikdf.evaluation.dialogue_metrics import bleu_1_counts, bleu_1_from_counts, rouge_l_scores, select_word_tokenizer, tokenize
 
     split = select_word_tokenizer()[1]
     kinds = [mentioned_object(p["context"], world.object_names) for p in predictions]

@@ -20,13 +20,13 @@ LLM (paper §5.4, Fig. 6). Evaluating a local checkpoint folder
 
 Decoding follows the checkpoint's generation config (a VIKDF checkpoint carries the released settings); the
 decoding flags override it. Batches are left padded and give the same responses as batch size 1. The loop lives in
-`vikdf.evaluation`.
+`vikdf.evaluation.dialogues`.
 
     accelerate launch --num_processes 4 eval_dialogue.py ...   # the dialogues split over 4 processes / GPUs
 
 splits the test set by batches over the processes, each on its own device; rank 0 gathers the responses and
 per-dialogue NLLs, computes the metrics and alone writes the files and the model card, identical to one process
-(`vikdf.evaluation.evaluate_dialogues`).
+(`vikdf.evaluation.dialogues.evaluate_dialogues`).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class EvalArguments:
 
 def run_aggregate(args: EvalArguments) -> dict:
     """Mean ± std over runs and one-sample t-tests against the reference (paper §5.1) → aggregate.{json,md}."""
-    from vikdf.evaluation import aggregate_metrics, load_metrics_json, summary_markdown, tokenizer_of_run
+    from vikdf.evaluation.dialogues import aggregate_metrics, load_metrics_json, summary_markdown, tokenizer_of_run
 
     runs = [load_metrics_json(path) for path in args.aggregate]
     reference = load_metrics_json(args.reference_json) if args.reference_json else None
@@ -192,7 +192,7 @@ def check_arguments(args: EvalArguments) -> None:
 def load_test_dialogues(args: EvalArguments, quantization) -> list:
     """Everything that can be wrong with a path or a flag, found before the model loads; then the test dialogues."""
     from vikdf.checks import check_glove_file, check_input_file, check_max_new_tokens, load_checkpoint_config
-    from vikdf.quantization import check_quantization_request
+    from vikdf.training.quantization import check_quantization_request
 
     if args.model_name_or_path is None or args.test_file is None:
         raise ValueError("--model_name_or_path and --test_file are required (unless --aggregate).")
@@ -233,7 +233,7 @@ def evaluated_system(args: EvalArguments, config) -> tuple[bool, str]:
 
 def decoding_settings(args: EvalArguments, model) -> dict:
     """The decoding of the run: the checkpoint's generation config with the decoding flags given on top."""
-    from vikdf.evaluation import checkpoint_generation
+    from vikdf.evaluation.dialogues import checkpoint_generation
 
     flags = {"num_beams": args.num_beams, "no_repeat_ngram_size": args.no_repeat_ngram_size,
              "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample or None}
@@ -247,8 +247,8 @@ def decoding_settings(args: EvalArguments, model) -> dict:
 def write_textualised_knowledge(args: EvalArguments, model, processor, dialogues: list, generation: dict) -> None:
     """knowledge.jsonl: the knowledge of the first --textualise contexts put into words (paper §5.4), decoded
     deterministically with the run's beam width, n-gram block and length."""
-    from vikdf.knowledge import textualise_knowledge
-    from vikdf.knowledge_ablation import knowledge_ablation
+    from pipeline_vikdf import textualise_knowledge
+    from vikdf.evaluation.knowledge_ablation import knowledge_ablation
 
     chosen = dialogues[: args.textualise]
     decoding = {key: generation[key] for key in ("num_beams", "no_repeat_ngram_size", "max_new_tokens")}
@@ -264,7 +264,7 @@ def write_textualised_knowledge(args: EvalArguments, model, processor, dialogues
 
 def add_metrics_to_model_card(args: EvalArguments, model, result: dict) -> None:
     """Write the metrics row into a local checkpoint folder's model card; baseline and ablation runs leave it."""
-    from vikdf.model_card import update_model_card_metrics
+    from vikdf.evaluation.model_card import update_model_card_metrics
     from vikdf.output_folder import MODEL_CARD_LOCK, folder_lock
 
     if not (args.update_model_card and os.path.isdir(args.model_name_or_path)):
@@ -283,18 +283,24 @@ def add_metrics_to_model_card(args: EvalArguments, model, result: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     """Evaluate (or, with --aggregate, summarise runs); returns the metrics dict (or the summary) on rank 0 and
     None on the other processes of a multi-process run."""
-    from vikdf.quantization import LLMQuantizationArguments
+    from vikdf.training.quantization import LLMQuantizationArguments
 
     args, quantization = HfArgumentParser((EvalArguments, LLMQuantizationArguments)).parse_args_into_dataclasses(args=argv)
     check_arguments(args)
     import torch
     from accelerate import PartialState
 
-    from vikdf.arguments import resolve_dtype
     from vikdf.checks import fit_generation_length
-    from vikdf.evaluation import evaluate_dialogues, load_checkpoint, metrics_markdown, metrics_notes, write_evaluation
-    from vikdf.knowledge_ablation import knowledge_ablation
+    from vikdf.evaluation.dialogues import (
+        evaluate_dialogues,
+        load_checkpoint,
+        metrics_markdown,
+        metrics_notes,
+        write_evaluation,
+    )
+    from vikdf.evaluation.knowledge_ablation import knowledge_ablation
     from vikdf.output_folder import writer_lock
+    from vikdf.training.arguments import resolve_dtype
 
     # Without a GPU, cpu=True lets accelerate join the launched processes over gloo (it finds no backend otherwise).
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())

@@ -39,7 +39,7 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 # The pre-training objectives (§3.2–3.3) in the order of eq. 5 + eq. 9: the config switch of Table 3 that turns each
-# off (IACI always trains) and the top-level parts only it uses. `vikdf.trainers.OBJECTIVES` gives each its loss,
+# off (IACI always trains) and the top-level parts only it uses. `vikdf.training.trainers.OBJECTIVES` gives each its loss,
 # weight and item count; the trainable parts below are derived from this table.
 OBJECTIVE_PARTS = {
     "tim": ("use_tim", ("tim_text_projection", "tim_image_projection", "logit_scale")),
@@ -152,7 +152,7 @@ class PretrainingPasses:
 
 @dataclass
 class VIKDFPretrainingOutput(ModelOutput):
-    """What the pre-training objectives are computed from (`vikdf.trainers.OBJECTIVES`), every objective's inputs in
+    """What the pre-training objectives are computed from (`vikdf.training.trainers.OBJECTIVES`), every objective's inputs in
     one output as FLAVA's pre-training model returns them. One forward builds them all, so that DDP and DeepSpeed see
     every trained part used. An objective the config turns off leaves its fields None.
 
@@ -243,7 +243,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
 
     `forward` is the ordinary causal-LM forward with the knowledge `K_T` of `clip_input_ids` written into the
     `<knowledge>` placeholder positions of `input_ids`, so batching, padding, caching and `generate` stay ordinary.
-    The other public methods are the pieces the pre-training objectives are built from (see `vikdf.losses`).
+    The other public methods are the pieces the pre-training objectives are built from (see `vikdf.training.losses`).
     """
 
     main_input_name = "input_ids"

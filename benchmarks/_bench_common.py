@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vikdf import arguments  # noqa: E402
+from vikdf.training import arguments  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -1,5 +1,5 @@
 """Bytes of one pre-training checkpoint: the whole model (`--save_full_model`, every checkpoint before) against the
-trainable parameters only (the default now, `vikdf.trainable_checkpoints`), at tiny, medium and paper size.
+trainable parameters only (the default now, `vikdf.training.trainable_checkpoints`), at tiny, medium and paper size.
 
     python benchmarks/bench_checkpoint_size.py
 
@@ -29,10 +29,10 @@ from transformers import CLIPImageProcessor
 import train_pretrain
 from configuration_vikdf import VIKDFConfig
 from modeling_vikdf import VIKDFForConditionalGeneration
-from vikdf.components import build_vikdf_from_components
-from vikdf.data.synthetic import write_synthetic_world
+from vikdf.training.components import build_vikdf_from_components
+from vikdf.demo.world import write_synthetic_world
 from vikdf.testing import TINY_HEADS, write_tiny_components
-from vikdf.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
+from vikdf.training.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
 
 ADAMW_BYTES_PER_PARAMETER = 8  # exp_avg and exp_avg_sq, fp32
 

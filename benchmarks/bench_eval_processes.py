@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from _bench_common import ROOT, machine_info, machine_lines, markdown_table, write_results
 
-from vikdf.components import build_vikdf_from_components
-from vikdf.data.synthetic import write_synthetic_world
+from vikdf.training.components import build_vikdf_from_components
+from vikdf.demo.world import write_synthetic_world
 from vikdf.testing import TINY_HEADS, write_tiny_components
 
 

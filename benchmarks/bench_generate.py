@@ -7,8 +7,8 @@ code's setting) and batched (left padding, contexts of similar length together).
 
 tiny: tiny CLIP / BERT / Llama component folders are written to a temporary folder
 (`vikdf.testing.write_tiny_components`) and built into a VIKDF with its `VIKDFProcessor` through
-`vikdf.components.build_vikdf_from_components`, exactly as from hub ids; the timed call is
-`vikdf.evaluation.generate_responses` (what `eval_dialogue.py` runs: processor -> context through the CLIP text
+`vikdf.training.components.build_vikdf_from_components`, exactly as from hub ids; the timed call is
+`vikdf.evaluation.dialogues.generate_responses` (what `eval_dialogue.py` runs: processor -> context through the CLIP text
 tower and IQ-Former -> knowledge -> LLM beam search -> decoded responses) on synthetic 2-3 turn dialogues.
 paper: `VIKDFConfig()` shapes without the pre-training heads (an inference checkpoint), random weights, and
 synthetic token ids of the same layout the processor writes (Llama-2 chat prompt with 32 knowledge slots, contexts
@@ -64,7 +64,7 @@ def synthetic_dialogues(count: int, seed: int) -> list[list[str]]:
 
 class TinyPipeline:
     def __init__(self, args, device, dtype):
-        from vikdf.components import build_vikdf_from_components
+        from vikdf.training.components import build_vikdf_from_components
         from vikdf.testing import write_tiny_components
 
         self._tmp = tempfile.TemporaryDirectory(prefix="vikdf-bench-")
@@ -84,7 +84,7 @@ class TinyPipeline:
 
     def generate(self, prepared: list, batch_size: int, settings: dict) -> list[str]:
         """The dialogues through the evaluation code; the responses in input order."""
-        from vikdf.evaluation import generate_responses
+        from vikdf.evaluation.dialogues import generate_responses
 
         return generate_responses(self.model, self.processor, prepared, batch_size=batch_size, progress=False, **settings)
 
@@ -141,7 +141,7 @@ class PaperPipeline:
         return {"input_ids": ids, "attention_mask": mask, "clip_input_ids": clip, "clip_attention_mask": clip_mask}
 
     def prepare(self, batch_size: int, limit: int | None = None) -> list[tuple[list[int], dict]]:
-        """Longest contexts first in batches of similar length (as `vikdf.evaluation`), already on the device."""
+        """Longest contexts first in batches of similar length (as `vikdf.evaluation.dialogues`), already on the device."""
         examples = self.examples[:limit]
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["ids"]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -267,7 +267,7 @@ def main(argv=None):
     lines = [f"- dtype {common.dtype_name(dtype)}, beam {args.num_beams}, no_repeat_ngram_size "
              f"{args.no_repeat_ngram_size}, {'up to' if args.allow_early_stop else 'exactly'} {args.max_new_tokens} new "
              f"tokens; {n} dialogues per row, median of {rounds} interleaved round(s); timed: "
-             + ("`vikdf.evaluation.generate_responses`" if args.size == "tiny" else "`model.generate` on built inputs"),
+             + ("`vikdf.evaluation.dialogues.generate_responses`" if args.size == "tiny" else "`model.generate` on built inputs"),
              "", common.markdown_table(["batch size", "responses/s", "new tokens/s", f"seconds for {n}",
                                         "vs batch 1 (same code)", "vs the current code", "peak GiB",
                                         "same output as batch 1"], table)]

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vikdf.metrics import dialogue_metrics as dm  # noqa: E402
+from vikdf.evaluation import dialogue_metrics as dm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics_cpu.md"
 

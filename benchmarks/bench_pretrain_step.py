@@ -1,4 +1,4 @@
-"""Time the pre-training step `vikdf.trainers.VIKDFPretrainTrainer` runs, and BLIP-2's LM step beside it.
+"""Time the pre-training step `vikdf.training.trainers.VIKDFPretrainTrainer` runs, and BLIP-2's LM step beside it.
 
     python benchmarks/bench_pretrain_step.py                                    # tiny shapes, this machine
     python benchmarks/bench_pretrain_step.py --size paper --micro_batch_sizes 1 2 4 8 16 32 --projection --gpus 1
@@ -40,12 +40,12 @@ from transformers import BertConfig, Blip2Config, Blip2ForConditionalGeneration,
 
 from configuration_vikdf import LLAMA_2_7B, VIKDFConfig  # noqa: E402
 from modeling_vikdf import PretrainingPasses, VIKDFForConditionalGeneration  # noqa: E402
-from vikdf.arguments import PretrainTrainingArguments  # noqa: E402
-from vikdf.components import iq_former_config_from_bert  # noqa: E402
-from vikdf.losses import IGNORE_INDEX  # noqa: E402
-from vikdf.masking import mask_caption_tokens, tamim_pixel_masks  # noqa: E402
+from vikdf.training.arguments import PretrainTrainingArguments  # noqa: E402
+from vikdf.training.components import iq_former_config_from_bert  # noqa: E402
+from vikdf.training.losses import IGNORE_INDEX  # noqa: E402
+from vikdf.training.masking import mask_caption_tokens, tamim_pixel_masks  # noqa: E402
 from vikdf.testing import tiny_llm_config, tiny_vikdf_config  # noqa: E402
-from vikdf.trainers import VIKDFPretrainTrainer  # noqa: E402
+from vikdf.training.trainers import VIKDFPretrainTrainer  # noqa: E402
 
 PAPER_STEPS, PAPER_GLOBAL_BATCH = 100_000, 128
 # letter: (what, settings), the first setting the "before"; each setting is `switched`'s keywords.

@@ -4,7 +4,7 @@ step time of a medium model measured on this machine, side by side in one run.
     python benchmarks/bench_quantized_llm.py            # → results/quantized_llm_<device>.{md,json}
 
 Paper size (arithmetic, no weights): the parameter count of each part from the model built on the meta device, and
-bitsandbytes' storage rule for the quantised LLM layers (`vikdf.quantization`; only the decoder layers' linear
+bitsandbytes' storage rule for the quantised LLM layers (`vikdf.training.quantization`; only the decoder layers' linear
 weights are quantised): LLM.int8 keeps 1 byte per weight plus one fp32 scale per output row; 4-bit (nf4/fp4) keeps
 half a byte per weight plus one fp32 absmax per block of 64 weights. The rule is checked against the measured size
 of the medium model's quantised layers in the same run.
@@ -98,8 +98,8 @@ def write_medium_components(root: Path) -> Path:
 
 def measure_one(root: Path, mode: str, steps: int) -> dict:
     """One precision, in this process: build, then `steps` timed dialogue fine-tuning steps after one warm-up."""
-    from vikdf.components import build_vikdf_from_components
-    from vikdf.quantization import LLMQuantizationArguments
+    from vikdf.training.components import build_vikdf_from_components
+    from vikdf.training.quantization import LLMQuantizationArguments
     from vikdf.testing import TINY_HEADS
 
     quantization = LLMQuantizationArguments(llm_quantization=mode).bitsandbytes_config(torch.float32)

@@ -27,9 +27,9 @@ from transformers import TrainerCallback
 
 import train_pretrain
 from vikdf.data import pairs
-from vikdf.data.synthetic import write_synthetic_world
+from vikdf.demo.world import write_synthetic_world
 from vikdf.testing import TINY_HEADS, write_tiny_components
-from vikdf.trainers import VIKDFPretrainTrainer, stream_state_name
+from vikdf.training.trainers import VIKDFPretrainTrainer, stream_state_name
 
 
 class _SaveAt(TrainerCallback):

@@ -16,10 +16,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 torch.set_num_threads(1)
 
-from vikdf.components import build_vikdf_from_components  # noqa: E402
-from vikdf.data.synthetic import write_synthetic_world  # noqa: E402
-from vikdf.packaged_weights import smollm2_folder  # noqa: E402
+from vikdf.demo.packaged_weights import smollm2_folder  # noqa: E402
+from vikdf.demo.world import write_synthetic_world  # noqa: E402
 from vikdf.testing import TINY_HEADS, write_tiny_components  # noqa: E402
+from vikdf.training.components import build_vikdf_from_components  # noqa: E402
 
 TINY_OVERRIDES = {"num_query_tokens": 8, **TINY_HEADS}
 

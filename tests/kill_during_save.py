@@ -11,7 +11,7 @@ from transformers import Trainer
 
 import train_dialogue
 import train_pretrain
-from vikdf.trainable_checkpoints import TrainableCheckpointMixin
+from vikdf.training.trainable_checkpoints import TrainableCheckpointMixin
 
 KILLED = 17
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from vikdf.data.synthetic import iter_shard_pairs
+from vikdf.demo.world import iter_shard_pairs
 from vikdf.testing import TINY_HEADS
 
 # Top-level parts that only one objective trains (the ablation switches of Table 3 remove them from the loss).

@@ -1,12 +1,12 @@
-"""The chat page (`python -m vikdf.app`): batched generation behind it, what it shows, its refusals and defaults."""
+"""The chat page (`python -m vikdf.web.chat`): batched generation behind it, what it shows, its refusals and defaults."""
 
 import pytest
 from fastapi.testclient import TestClient
 from markupsafe import escape
 
-from vikdf import app as chat
+from vikdf.web import chat
 from modeling_vikdf import PAPER_GENERATION
-from vikdf.human_eval import __main__ as human_eval_cli
+from vikdf.web.human_eval import __main__ as human_eval_cli
 
 
 @pytest.fixture

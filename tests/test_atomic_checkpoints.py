@@ -12,13 +12,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import train_dialogue
 import train_pretrain
-import vikdf.trainers
+import vikdf.training.trainers
 from dialogue_helpers import dialogue_argv, write_dialogue_world
 from pretrain_helpers import pretrain_argv
 from vikdf.atomic import last_complete_checkpoint, write_text_atomic
-from vikdf.model_card import update_model_card_metrics
-from vikdf.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
-from vikdf.trainers import resolve_resume_checkpoint, stream_state_name
+from vikdf.evaluation.model_card import update_model_card_metrics
+from vikdf.training.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
+from vikdf.training.trainers import resolve_resume_checkpoint, stream_state_name
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -57,7 +57,7 @@ def test_a_run_killed_while_checkpointing_resumes_to_the_same_weights(world, uni
     assert not (output_dir / f"checkpoint-{KILL_STEP}").exists()
     assert get_last_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-3")
     assert last_complete_checkpoint(output_dir) == output_dir / "checkpoint-3"
-    # What it resumes from holds the trainable parameters, not the model (vikdf.trainable_checkpoints).
+    # What it resumes from holds the trainable parameters, not the model (vikdf.training.trainable_checkpoints).
     assert [p.name for p in (output_dir / "checkpoint-3").glob("*.safetensors")] == [TRAINABLE_WEIGHTS_NAME]
 
     resumed = train_dialogue.main(dialogue_argv(world, output_dir) + ["--resume_from_checkpoint", "last"])
@@ -97,7 +97,7 @@ def test_a_run_stopped_during_the_final_save_leaves_no_loadable_half_folder(worl
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # the final save is written to its staging folder, but never moved in
 
-    monkeypatch.setattr(vikdf.trainers, "commit_folder", stopped)
+    monkeypatch.setattr(vikdf.training.trainers, "commit_folder", stopped)
     with pytest.raises(KeyboardInterrupt):
         train_dialogue.main(dialogue_argv(world, output_dir))
     assert not (output_dir / "config.json").exists() and not (output_dir / "model.safetensors").exists()

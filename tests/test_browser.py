@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from conftest import skip_unless_ci
-from vikdf.app import ChatArguments, build_chat_app
-from vikdf.human_eval import build_report, create_annotation_app, create_study
-from vikdf.human_eval.study import CRITERION_KEYS
+from vikdf.web.chat import ChatArguments, build_chat_app
+from vikdf.web.human_eval import build_report, create_annotation_app, create_study
+from vikdf.web.human_eval.study import CRITERION_KEYS
 from web_helpers import (
     RESPONSES,
     assignments,

@@ -15,8 +15,8 @@ from modeling_vikdf import VIKDFForConditionalGeneration
 from pretrain_helpers import pretrain_argv
 from vikdf.checks import fit_generation_length
 from vikdf.data.dialogue import load_dialogues
-import vikdf.evaluation
-from vikdf.evaluation import load_checkpoint
+import vikdf.evaluation.dialogues
+from vikdf.evaluation.dialogues import load_checkpoint
 from vikdf.testing import tiny_vikdf_config
 
 QUICK = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
@@ -25,7 +25,7 @@ QUICK = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true
 @pytest.fixture(scope="module")
 def saved(tiny_components, tmp_path_factory):
     """A tiny pre-training checkpoint (8 queries, 512 LLM positions), a dialogue file and a GloVe file."""
-    from vikdf.components import build_vikdf_from_components
+    from vikdf.training.components import build_vikdf_from_components
 
     root = tmp_path_factory.mktemp("checks")
     paths = tiny_components("llama")
@@ -46,7 +46,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", refuse)  # both dialogue entry points load through it
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", refuse)  # both dialogue entry points load through it
     monkeypatch.setattr(train_pretrain, "build_model", refuse)
 
 

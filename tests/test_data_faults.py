@@ -12,8 +12,8 @@ from test_pairs_data import _image_bytes, _write_tar
 from vikdf.checks import load_checkpoint_config
 from vikdf.data.dialogue import Dialogue, load_dialogues
 from vikdf.data.pairs import build_pair_dataset
-from vikdf.evaluation import load_metrics_json
-from vikdf.human_eval.study import read_predictions
+from vikdf.evaluation.dialogues import load_metrics_json
+from vikdf.web.human_eval.study import read_predictions
 
 
 def test_shard_cut_at_a_block_boundary_is_counted_as_skipped_with_its_name(tmp_path, caplog):

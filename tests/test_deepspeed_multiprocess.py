@@ -5,7 +5,7 @@
     deepspeed --num_gpus 2 train_pretrain.py --deepspeed ds_configs/zero2.json ...
 
 The first is the reference (and writes TensorBoard events); the other two must train exactly as it does, and so must
-a run resumed from its trainable-only checkpoint-3 (`vikdf.trainable_checkpoints`), launched after it.
+a run resumed from its trainable-only checkpoint-3 (`vikdf.training.trainable_checkpoints`), launched after it.
 
 with DS_ACCELERATOR=cpu, fp32 and the gloo backend (`--ddp_backend gloo`: without it accelerate finds no backend
 on a CPU-only machine and reports one process although DeepSpeed started two). Data are real webdataset shards
@@ -31,10 +31,10 @@ from safetensors.torch import load_file
 from pretrain_helpers import free_port, pretrain_argv
 
 from vikdf.data.pairs import MixedPairDataset, SkipCounter, WebDatasetSource
-from vikdf.frozen_parts import FROZEN_PARTS_NAME
-from vikdf.stream_state import load_stream_state
-from vikdf.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
-from vikdf.trainers import OBJECTIVES, stream_state_name
+from vikdf.training.frozen_parts import FROZEN_PARTS_NAME
+from vikdf.data.stream_state import load_stream_state
+from vikdf.training.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME
+from vikdf.training.trainers import OBJECTIVES, stream_state_name
 
 pytest.importorskip("deepspeed")
 
@@ -155,7 +155,7 @@ def runs(launch_world) -> dict[str, Run]:
     - "single-node": one node, two processes, TensorBoard logging on (the reference);
     - "two-nodes": two `accelerate launch` processes as two nodes of one process each, meeting at 127.0.0.1;
     - "deepspeed-launcher": the README's other form, `deepspeed train_pretrain.py --deepspeed ds_configs/zero2.json`;
-    - "4bit-llm": the single-node launch with the frozen LLM in 4-bit (`vikdf.quantization`).
+    - "4bit-llm": the single-node launch with the frozen LLM in 4-bit (`vikdf.training.quantization`).
     """
     root, argv = launch_world
     outputs = {name: root / name for name in ("single-node", "two-nodes", "deepspeed-launcher", "4bit-llm")}
@@ -208,7 +208,7 @@ def test_two_process_zero2_run_trains_logs_skips_and_saves(deepspeed_run):
     final = checkpoints[-1]
     assert (final / "rng_state_0.pth").is_file() and (final / "rng_state_1.pth").is_file()
     assert (final / f"global_step{STEPS}").is_dir() and (final / "zero_to_fp32.py").is_file()
-    # It holds what trains (vikdf.trainable_checkpoints): DeepSpeed's module file leaves the frozen parts out too.
+    # It holds what trains (vikdf.training.trainable_checkpoints): DeepSpeed's module file leaves the frozen parts out too.
     assert (final / TRAINABLE_WEIGHTS_NAME).is_file() and (final / FROZEN_PARTS_NAME).is_file()
     assert not (final / "model.safetensors").exists()
     # DeepSpeed's module file is a pickle, so it is not loaded here: the tensor bytes its archive stores are those of

@@ -9,7 +9,7 @@ from transformers import HfArgumentParser
 
 import demo
 import train_dialogue
-from vikdf.arguments import DialogueTrainingArguments
+from vikdf.training.arguments import DialogueTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def verdict_lines(stem: Path, targets: list[dict]) -> list[str]:
 
 
 def quoted_run(readme: str, results_file: Path) -> dict:
-    """The systems of a `bench_demo.py` results file, after checking that the README quotes their table rows and
+    """The systems of a `demo_run.py` results file, after checking that the README quotes their table rows and
     intervals over kinds as the demo printed them."""
     summary = json.loads(results_file.read_text())["summary"]
     for name, row in summary["systems"].items():
@@ -126,13 +126,13 @@ def quoted_run(readme: str, results_file: Path) -> dict:
 
 def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
     """The README's demo tables are the benchmarks': the seed benchmark's mean ± sd table line for line and every
-    target verdict it reached, and the default run (`python demo.py`: llama, seed 0) as `bench_demo.py` printed it,
+    target verdict it reached, and the default run (`python demo.py`: llama, seed 0) as `demo_run.py` printed it,
     which measured what the seed benchmark's own llama seed-0 run did (that benchmark predates the GloVe columns)."""
     readme = (ROOT / "README.md").read_text()
-    results = json.loads((ROOT / "benchmarks" / "results" / "demo_seeds_full_cpu.json").read_text())
+    results = json.loads((ROOT / "experiments" / "results" / "demo_seeds_full_cpu.json").read_text())
     for line in results["readme_table"]:
         assert line in readme, line
-    default = quoted_run(readme, ROOT / "benchmarks" / "results" / "demo_default_cpu.json")
+    default = quoted_run(readme, ROOT / "experiments" / "results" / "demo_default_cpu.json")
     assert list(default) == [demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED]
     (seed_zero,) = [run for run in results["runs"] if run["llm_family"] == "llama" and run["seed"] == 0]
     for name, row in default.items():
@@ -142,15 +142,15 @@ def test_readme_quotes_the_multi_seed_benchmark_and_the_default_run():
             assert row[key] == (expected if expected is None else pytest.approx(expected, rel=1e-12)), (name, key)
     runs = {(run["llm_family"], run["seed"]) for run in results["runs"]}
     assert len(runs) >= 3 and f"over {len(runs)} runs" in readme
-    for line in verdict_lines(ROOT / "benchmarks" / "results" / "demo_seeds_full_cpu", results["targets"]):
+    for line in verdict_lines(ROOT / "experiments" / "results" / "demo_seeds_full_cpu", results["targets"]):
         assert line in readme, line
 
 
 def test_readme_quotes_the_projection_only_switch_benchmark():
-    """The switch's section (`bench_demo_seeds.py --freeze_iq_former --pretrain_steps 3000`) quotes that benchmark's
+    """The switch's section (`demo_seeds.py --freeze_iq_former --pretrain_steps 3000`) quotes that benchmark's
     table line for line, and its verdicts with their figures as the results file printed them."""
     readme = (ROOT / "README.md").read_text()
-    stem = ROOT / "benchmarks" / "results" / "demo_seeds_full_frozen-iq-former_3000steps_cpu"
+    stem = ROOT / "experiments" / "results" / "demo_seeds_full_frozen-iq-former_3000steps_cpu"
     results = json.loads(stem.with_suffix(".json").read_text())
     for line in results["readme_table"]:
         assert line in readme, line
@@ -159,10 +159,10 @@ def test_readme_quotes_the_projection_only_switch_benchmark():
 
 
 def test_readme_table3_rows_are_the_tables_benchmark_lines():
-    """The README's Table 3 rows and Fig. 7 table are lines of the benchmark's own tables (`bench_demo.py --preset
+    """The README's Table 3 rows and Fig. 7 table are lines of the benchmark's own tables (`demo_run.py --preset
     tables`), so they cannot drift from the file that holds the measurement."""
     readme = (ROOT / "README.md").read_text()
-    benchmark = (ROOT / "benchmarks" / "results" / "demo_tables_cpu.md").read_text().splitlines()
+    benchmark = (ROOT / "experiments" / "results" / "demo_tables_cpu.md").read_text().splitlines()
     names = [demo.VIKDF, *(f"VIKDF {suffix}" for suffix in demo.PRETRAINING_ABLATIONS), demo.NO_PRETRAIN,
              "VIKDF, zero knowledge"]
     for name in names:
@@ -185,7 +185,7 @@ def test_stand_in_clip_tells_the_names_apart_but_not_their_usual_colours(tmp_pat
 
     from configuration_vikdf import CAPTION_PROMPTS, RECONSTRUCTION_PROMPTS
     from vikdf.data.dialogue import load_dialogues
-    from vikdf.data.synthetic import COLOURS, iter_shard_pairs, mentioned_object, write_synthetic_world
+    from vikdf.demo.world import COLOURS, iter_shard_pairs, mentioned_object, write_synthetic_world
     from vikdf.testing import write_tiny_components
 
     full = demo.PRESETS["full"]
@@ -249,9 +249,9 @@ def test_real_llm_preset_refuses_a_stand_in_family(tmp_path):
 
 
 def test_readme_quotes_the_real_llm_run():
-    """The README's real-LLM section quotes `bench_demo.py --preset real-llm`'s rows, intervals and examples."""
+    """The README's real-LLM section quotes `demo_run.py --preset real-llm`'s rows, intervals and examples."""
     readme = (ROOT / "README.md").read_text()
-    stem = ROOT / "benchmarks" / "results" / "demo_real-llm_cpu"
+    stem = ROOT / "experiments" / "results" / "demo_real-llm_cpu"
     systems = quoted_run(readme, stem.with_suffix(".json"))
     assert list(systems) == [demo.FROZEN_LLM, demo.NO_PRETRAIN, demo.VIKDF, demo.SHUFFLED]
     outcomes = {name: [None if o is None else tuple(o) for o in row["knowledge_outcomes"]]

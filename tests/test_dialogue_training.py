@@ -12,10 +12,10 @@ from transformers import AutoModel, HfArgumentParser
 
 import eval_dialogue
 import train_dialogue
-from vikdf.arguments import DialogueTrainingArguments
-from vikdf.evaluation import METRIC_KEYS, load_checkpoint, perplexities, response_nll
-from vikdf.model_card import PLACEHOLDER_REPO
-from vikdf.quantization import LLMQuantizationArguments
+from vikdf.evaluation.dialogues import METRIC_KEYS, load_checkpoint, perplexities, response_nll
+from vikdf.evaluation.model_card import PLACEHOLDER_REPO
+from vikdf.training.arguments import DialogueTrainingArguments
+from vikdf.training.quantization import LLMQuantizationArguments
 
 TRAIN = [
     (["what did you do this weekend?"], "i went hiking in the mountains."),
@@ -79,7 +79,7 @@ def test_every_cli_field_has_help():
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
     # The training dataclass inherits TrainingArguments' documented fields; the ones it (re)declares need their own.
     for cls in DialogueTrainingArguments.__mro__:
-        if cls.__module__ in ("vikdf.arguments", "vikdf.defaults"):
+        if cls.__module__ in ("vikdf.training.arguments", "vikdf.defaults"):
             for name in vars(cls).get("__annotations__", {}):
                 assert cls.__dataclass_fields__[name].metadata.get("help"), f"{cls.__name__}.{name} has no help text"
 

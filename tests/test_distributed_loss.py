@@ -18,11 +18,11 @@ from pretrain_helpers import disable_dropout, free_port, load_pairs, slice_batch
 from conftest import TINY_OVERRIDES
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import VIKDFProcessor
-from vikdf.arguments import DialogueTrainingArguments, PretrainTrainingArguments
-from vikdf.components import build_vikdf_from_components
+from vikdf.training.arguments import DialogueTrainingArguments, PretrainTrainingArguments
+from vikdf.training.components import build_vikdf_from_components
 from vikdf.data.collators import DialogueCollator, PretrainCollator
 from vikdf.data.dialogue import Dialogue
-from vikdf.trainers import VIKDFDialogueTrainer, VIKDFPretrainTrainer
+from vikdf.training.trainers import VIKDFDialogueTrainer, VIKDFPretrainTrainer
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 4

@@ -15,7 +15,7 @@ import pytest
 
 import eval_dialogue
 from vikdf.data.dialogue import load_dialogues
-from vikdf.evaluation import load_checkpoint, perplexities, rank_share, response_nll
+from vikdf.evaluation.dialogues import load_checkpoint, perplexities, rank_share, response_nll
 
 REPO = Path(__file__).resolve().parents[1]
 # 7 dialogues, batch 2: 4 single-process batches (the last of 1), 2 per rank.

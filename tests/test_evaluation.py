@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import eval_dialogue
-from vikdf.evaluation import (
+from vikdf.evaluation.dialogues import (
     METRIC_KEYS,
     aggregate_metrics,
     evaluate_dialogues,
@@ -19,9 +19,9 @@ from vikdf.evaluation import (
     summary_markdown,
     write_evaluation,
 )
-from vikdf.metrics import dialogue_metrics as dm
-from vikdf.knowledge import textualise_knowledge
-from vikdf.model_card import build_model_card, update_model_card_metrics
+from vikdf.evaluation import dialogue_metrics as dm
+from pipeline_vikdf import textualise_knowledge
+from vikdf.evaluation.model_card import build_model_card, update_model_card_metrics
 
 CONTEXTS = [
     ["hello there", "what did you see at the park today?"],

@@ -13,7 +13,7 @@ from transformers.utils import logging
 import eval_dialogue
 import train_dialogue
 import train_pretrain
-import vikdf.evaluation
+import vikdf.evaluation.dialogues
 from pipeline_vikdf import VIKDFDialoguePipeline, textualise_knowledge
 from pretrain_helpers import pretrain_argv
 from vikdf.checks import fit_generation_length, load_checkpoint_config
@@ -39,7 +39,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", refuse)
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", refuse)
     monkeypatch.setattr(train_pretrain, "build_model", refuse)
 
 

@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import HfArgumentParser
 
-from vikdf.app import ChatArguments
-from vikdf.human_eval import __main__ as cli
-from vikdf.human_eval import build_report, create_annotation_app, create_study, fleiss
-from vikdf.human_eval.study import CRITERION_KEYS, connect, read_predictions
+from vikdf.web.chat import ChatArguments
+from vikdf.web.human_eval import __main__ as cli
+from vikdf.web.human_eval import build_report, create_annotation_app, create_study, fleiss
+from vikdf.web.human_eval.study import CRITERION_KEYS, connect, read_predictions
 from web_helpers import (
     assignments,
     CONTEXTS,
@@ -211,7 +211,7 @@ def test_answered_rating_survives_a_killed_server_and_the_server_binds_localhost
     db, tokens = study
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    server = subprocess.Popen([sys.executable, "-m", "vikdf.human_eval", "serve", "--db", str(db), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "vikdf.web.human_eval", "serve", "--db", str(db), "--port", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -290,12 +290,12 @@ def test_readme_human_evaluation_commands_parse():
     found = set()
     for line in commands:
         words = shlex.split(line, comments=True)
-        if "vikdf.human_eval" in words:
-            command, *rest = words[words.index("vikdf.human_eval") + 1 :]
+        if "vikdf.web.human_eval" in words:
+            command, *rest = words[words.index("vikdf.web.human_eval") + 1 :]
             HfArgumentParser(cli.COMMANDS[command]).parse_args_into_dataclasses(args=rest)
             found.add(command)
-        elif "vikdf.app" in words:
-            HfArgumentParser(ChatArguments).parse_args_into_dataclasses(args=words[words.index("vikdf.app") + 1 :])
+        elif "vikdf.web.chat" in words:
+            HfArgumentParser(ChatArguments).parse_args_into_dataclasses(args=words[words.index("vikdf.web.chat") + 1 :])
             found.add("app")
     assert found == {"create", "serve", "report", "app"}
     for image in ("docs/annotation_page.png", "docs/chat_page.png"):

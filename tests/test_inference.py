@@ -10,7 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import train_dialogue
 from modeling_vikdf import PAPER_GENERATION
 from pipeline_vikdf import textualise_knowledge
-from vikdf.evaluation import load_checkpoint
+from vikdf.evaluation.dialogues import load_checkpoint
 
 CONTEXT = ["what a beautiful sky tonight.", "i always wonder what is up there."]
 

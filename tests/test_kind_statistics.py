@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 import demo
-from vikdf.data.synthetic import knowledge_accuracy, knowledge_outcomes
-from vikdf.metrics.dialogue_metrics import bleu_1, bleu_1_counts, bleu_1_from_counts, rouge_l, rouge_l_scores
-from vikdf.stats import nested_bootstrap_interval
+from vikdf.demo.world import knowledge_accuracy, knowledge_outcomes
+from vikdf.evaluation.dialogue_metrics import bleu_1, bleu_1_counts, bleu_1_from_counts, rouge_l, rouge_l_scores
+from vikdf.evaluation.stats import nested_bootstrap_interval
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmarks import each other
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the scripts behind the demo figures
 
 
 def test_one_kind_right_and_the_rest_wrong_gives_a_wide_interval():
@@ -74,7 +74,7 @@ def _run(seed: int, right_kinds: dict[str, set[int]], kinds: int = 12, per_kind:
 
 
 def test_benchmark_targets_are_judged_on_intervals_over_runs_and_kinds():
-    bench = pytest.importorskip("bench_demo_seeds")
+    bench = pytest.importorskip("demo_seeds")
     # VIKDF right on 8 of 12 kinds in every run, the ablations on 2 (a different pair each run), shuffled on 2.
     runs = [_run(seed, {demo.VIKDF: set(range(8)), demo.NO_PRETRAIN: {seed, seed + 6}, demo.FROZEN_LLM: {0, 1},
                         demo.LORA: {2, 3}, demo.SHUFFLED: {seed, 11}}) for seed in range(6)]

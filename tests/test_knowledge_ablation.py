@@ -1,4 +1,4 @@
-"""The causal check of the knowledge (`--knowledge_ablation zero|shuffle`, `vikdf.knowledge_ablation`)."""
+"""The causal check of the knowledge (`--knowledge_ablation zero|shuffle`, `vikdf.evaluation.knowledge_ablation`)."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import eval_dialogue
-from vikdf.evaluation import generate_responses, response_nll
-from vikdf.knowledge_ablation import _derangement, knowledge_ablation
+from vikdf.evaluation.dialogues import generate_responses, response_nll
+from vikdf.evaluation.knowledge_ablation import _derangement, knowledge_ablation
 
 CONTEXTS = [["i saw a zorp at the park today."], ["hi! what have you been up to?", "my neighbour just got a fep."],
             ["a plonk was sitting on the bus seat next to me."], ["we spotted a trobe on our hike yesterday."]]

@@ -5,8 +5,8 @@ import torch
 from pretrain_helpers import disable_dropout, load_pairs
 
 from vikdf.data.collators import DialogueCollator, PretrainCollator
-from vikdf.losses import iaci_loss, iakr_loss, next_token_positions
-from vikdf.trainers import LOSS_ONLY_INPUTS, OBJECTIVE_TABLE
+from vikdf.training.losses import iaci_loss, iakr_loss, next_token_positions
+from vikdf.training.trainers import LOSS_ONLY_INPUTS, OBJECTIVE_TABLE
 
 DIALOGUES = [
     (["i saw a zorp at the park today."], "was it red?"),

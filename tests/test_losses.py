@@ -1,4 +1,4 @@
-"""The five VIKDF objectives (vikdf/losses.py) against small cases computed by hand with plain Python math."""
+"""The five VIKDF objectives (vikdf/training/losses.py) against small cases computed by hand with plain Python math."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vikdf.losses import IGNORE_INDEX, iaci_loss, iakr_loss, iamtm_loss, tamim_loss, tim_loss, tim_similarity
+from vikdf.training.losses import IGNORE_INDEX, iaci_loss, iakr_loss, iamtm_loss, tamim_loss, tim_loss, tim_similarity
 
 
 def _rows(tensor: torch.Tensor) -> list[list[float]]:

@@ -1,9 +1,9 @@
-"""TAMIM pixel masks and IAMTM caption-token masks (vikdf/masking.py; paper eq. 3–4, §4.2)."""
+"""TAMIM pixel masks and IAMTM caption-token masks (vikdf/training/masking.py; paper eq. 3–4, §4.2)."""
 
 import pytest
 import torch
 
-from vikdf.masking import (
+from vikdf.training.masking import (
     IGNORE_INDEX,
     apply_pixel_mask,
     mask_caption_tokens,

@@ -10,9 +10,9 @@ import pytest
 
 import eval_dialogue
 import vikdf.checks
-import vikdf.evaluation
-from vikdf.evaluation import metrics_markdown, score_responses, write_evaluation
-from vikdf.metrics import dialogue_metrics as dm
+import vikdf.evaluation.dialogues
+from vikdf.evaluation import dialogue_metrics as dm
+from vikdf.evaluation.dialogues import metrics_markdown, score_responses, write_evaluation
 from vikdf.testing import tiny_vikdf_config
 
 
@@ -83,7 +83,7 @@ def test_eval_dialogue_refuses_a_nan_glove_file_before_loading_the_model(tmp_pat
         raise AssertionError("the model was loaded before the GloVe file was checked")
 
     monkeypatch.setattr(vikdf.checks, "load_checkpoint_config", lambda path: tiny_vikdf_config())
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", refuse)
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", refuse)
     test_file = tmp_path / "test.json"
     test_file.write_text(json.dumps([{"context": ["hi"], "response": "yo"}]))
     glove = _glove(tmp_path, "the 0.1 0.2\ndog nan 0.5\n", name="nan.txt")

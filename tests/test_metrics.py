@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vikdf.metrics import dialogue_metrics as dm
-from vikdf.metrics.dialogue_metrics import compute_dialogue_metrics
-from vikdf.stats import aggregate_runs, format_markdown_table
+from vikdf.evaluation import dialogue_metrics as dm
+from vikdf.evaluation.dialogue_metrics import compute_dialogue_metrics
+from vikdf.evaluation.stats import aggregate_runs, format_markdown_table
 
 METRIC_FILE = Path(dm.__file__).resolve()
 

@@ -8,9 +8,9 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
 import train_dialogue
-from vikdf.arguments import DialogueTrainingArguments
-from vikdf.evaluation import EXTRA_COLUMNS, METRIC_KEYS, TABLE1_COLUMNS
-from vikdf.model_card import PAPER_URL, build_model_card, default_license, update_model_card_metrics
+from vikdf.evaluation.dialogues import EXTRA_COLUMNS, METRIC_KEYS, TABLE1_COLUMNS
+from vikdf.evaluation.model_card import PAPER_URL, build_model_card, default_license, update_model_card_metrics
+from vikdf.training.arguments import DialogueTrainingArguments
 
 QUICK = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
 

@@ -14,13 +14,13 @@ import demo
 import eval_dialogue
 import train_dialogue
 import train_pretrain
-import vikdf.evaluation
+import vikdf.evaluation.dialogues
 from pretrain_helpers import pretrain_argv
 from vikdf.atomic import is_complete_checkpoint
 from vikdf.data.pairs import PairRecord
 from vikdf.output_folder import folder_lock
-from vikdf.stream_state import load_stream_state, save_stream_state
-from vikdf.trainers import resolve_resume_checkpoint, stream_state_name
+from vikdf.data.stream_state import load_stream_state, save_stream_state
+from vikdf.training.trainers import resolve_resume_checkpoint, stream_state_name
 
 # 4 steps, checkpoints at steps 2 and 4; the save at step 4 first meets a full disk.
 MAX_STEPS, SAVE_STEPS = 4, 2
@@ -192,7 +192,7 @@ def dialogue_world(save_tiny_vikdf, tmp_path):
 def test_dialogue_output_dir_equal_to_the_starting_checkpoint_is_refused(dialogue_world, monkeypatch):
     checkpoint, train_file = dialogue_world
     before = _folder_bytes(checkpoint)
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", _refuse_model_load)
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", _refuse_model_load)
     with pytest.raises(ValueError, match="would overwrite the checkpoint this run starts from"):
         train_dialogue.main(["--model_name_or_path", str(checkpoint), "--train_file", str(train_file),
                              "--output_dir", str(checkpoint), "--report_to", "none", "--use_cpu", "true"])
@@ -203,7 +203,7 @@ def test_eval_output_dir_that_is_a_file_or_locked_is_refused_before_the_model_lo
     dialogue_world, tmp_path, monkeypatch
 ):
     checkpoint, test_file = dialogue_world
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", _refuse_model_load)
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", _refuse_model_load)
     argv = ["--model_name_or_path", str(checkpoint), "--test_file", str(test_file), "--device", "cpu"]
     existing = tmp_path / "results.txt"
     existing.write_text("mine")

@@ -1,4 +1,4 @@
-"""The objective table (`vikdf.trainers.OBJECTIVE_TABLE`), the model's parts of each objective
+"""The objective table (`vikdf.training.trainers.OBJECTIVE_TABLE`), the model's parts of each objective
 (`modeling_vikdf.OBJECTIVE_PARTS`), the trainable-part lists derived from them and the config's switches and
 weights agree: adding an objective in one place and not the others fails here."""
 
@@ -15,7 +15,7 @@ from modeling_vikdf import (
     enabled_objectives,
 )
 from vikdf.testing import tiny_vikdf_config
-from vikdf.trainers import LOGGED_LOSSES, OBJECTIVE_TABLE, OBJECTIVES
+from vikdf.training.trainers import LOGGED_LOSSES, OBJECTIVE_TABLE, OBJECTIVES
 
 
 def test_the_table_and_the_models_parts_name_the_same_objectives_in_order():

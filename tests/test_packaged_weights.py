@@ -1,4 +1,4 @@
-"""The real weights that ship inside packages (`vikdf.packaged_weights`): GloVe 6B 50d written as the text file the
+"""The real weights that ship inside packages (`vikdf.demo.packaged_weights`): GloVe 6B 50d written as the text file the
 metrics read, and the demo's refusal, before any work, when a package it reads is missing."""
 
 import importlib.util
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import demo
-from vikdf.metrics.dialogue_metrics import load_glove
-from vikdf.packaged_weights import GLOVE_INSTALL, SMOLLM2_INSTALL, glove_arrays, glove_text
+from vikdf.demo.packaged_weights import GLOVE_INSTALL, SMOLLM2_INSTALL, glove_arrays, glove_text
+from vikdf.evaluation.dialogue_metrics import load_glove
 
 
 def test_glove_text_holds_the_packages_vectors_digit_for_digit(demo_cache):

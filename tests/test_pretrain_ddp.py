@@ -17,8 +17,8 @@ from test_distributed_loss import GLOBAL_BATCH, STEPS, WORLD_SIZE, checkpoint, r
 
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import VIKDFProcessor
-from vikdf.arguments import PretrainTrainingArguments
-from vikdf.trainers import LOGGED_LOSSES, VIKDFPretrainTrainer
+from vikdf.training.arguments import PretrainTrainingArguments
+from vikdf.training.trainers import LOGGED_LOSSES, VIKDFPretrainTrainer
 
 LEARNING_RATE = 0.1
 

@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 import train_pretrain
-from vikdf.arguments import PretrainTrainingArguments
-from vikdf import trainers
+from vikdf.training.arguments import PretrainTrainingArguments
+from vikdf.training import trainers
 from vikdf.data import pairs
 from vikdf.data.collators import PretrainCollator
 from vikdf.data.pairs import build_image_transform, build_pair_dataset
-from vikdf.data.synthetic import iter_shard_pairs
-from vikdf.losses import tim_similarity
-from vikdf.trainers import OBJECTIVES, VIKDFPretrainTrainer, stream_state_name
+from vikdf.demo.world import iter_shard_pairs
+from vikdf.training.losses import tim_similarity
+from vikdf.training.trainers import OBJECTIVES, VIKDFPretrainTrainer, stream_state_name
 
 LOSS_KEYS = tuple(f"loss_{name}" for name in OBJECTIVES)
 

@@ -17,8 +17,8 @@ import train_pretrain
 from modeling_vikdf import NOT_QUANTISED, VIKDFForConditionalGeneration
 from tests.conftest import run_outside_the_checkout
 from tests.pretrain_helpers import pretrain_argv
-from vikdf.evaluation import load_checkpoint
-from vikdf.quantization import LLMQuantizationArguments, check_quantization_request, checkpoint_quantization
+from vikdf.evaluation.dialogues import load_checkpoint
+from vikdf.training.quantization import LLMQuantizationArguments, check_quantization_request, checkpoint_quantization
 
 bnb = pytest.importorskip("bitsandbytes")
 QUANTISED_LINEAR = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}

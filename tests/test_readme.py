@@ -11,8 +11,8 @@ import demo
 import eval_dialogue
 import train_dialogue
 import train_pretrain
-from vikdf.arguments import DialogueTrainingArguments, PretrainTrainingArguments
-from vikdf.packaged_weights import SMOLLM2_INSTALL
+from vikdf.demo.packaged_weights import SMOLLM2_INSTALL
+from vikdf.training.arguments import DialogueTrainingArguments, PretrainTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -20,8 +20,8 @@ from test_tokenisation_seams import (  # noqa: F401  (collected here too, with t
     test_dialogue_prompt_with_slots_is_the_plain_prompt_with_slots_inserted,
     test_reconstruction_rows_are_the_plain_texts_tokens_then_the_slots,
 )
-from vikdf.components import build_vikdf_from_components
-from vikdf.evaluation import generate_responses
+from vikdf.training.components import build_vikdf_from_components
+from vikdf.evaluation.dialogues import generate_responses
 from vikdf.testing import TINY_HEADS, tiny_clip_tokenizer
 
 USER = "what did you do this weekend?"

@@ -9,10 +9,10 @@ from configuration_vikdf import VIKDFConfig
 from modeling_vikdf import VIKDFForConditionalGeneration
 from processing_vikdf import IGNORE_INDEX
 from vikdf.data.collators import PretrainCollator
-from vikdf.losses import tamim_loss
-from vikdf.masking import apply_pixel_mask
 from vikdf.testing import tiny_vikdf_config
-from vikdf.trainers import LOSS_ONLY_INPUTS, OBJECTIVE_TABLE, count_items
+from vikdf.training.losses import tamim_loss
+from vikdf.training.masking import apply_pixel_mask
+from vikdf.training.trainers import LOSS_ONLY_INPUTS, OBJECTIVE_TABLE, count_items
 
 LONG_CAPTION = " ".join(["a dog playing in the park with a red ball"] * 40)
 

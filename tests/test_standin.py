@@ -1,7 +1,7 @@
-"""Stand-in pre-training of the tiny towers (vikdf/standin.py): each trains to a measured criterion, with a cap."""
+"""Stand-in pre-training of the tiny towers (vikdf/demo/standin.py): each trains to a measured criterion, with a cap."""
 
-from vikdf.data.synthetic import iter_shard_pairs, mentioned_object
-from vikdf.standin import Criterion, pretrain_clip, pretrain_llm
+from vikdf.demo.standin import Criterion, pretrain_clip, pretrain_llm
+from vikdf.demo.world import iter_shard_pairs, mentioned_object
 
 
 def test_clip_stops_on_its_criterion_and_reports_it(tiny_components, pair_world, tmp_path):
@@ -38,7 +38,7 @@ def test_criterion_callback_stops_a_trainer_run_on_its_criterion_and_never_cance
     import torch
     from transformers import TrainerControl, TrainerState
 
-    from vikdf.standin import CriterionCallback
+    from vikdf.demo.standin import CriterionCallback
 
     model = torch.nn.Linear(1, 1)
     for values, expected_stop, expected_history in (([0.2, 0.7], 4, [(2, 0.2), (4, 0.7)]),

@@ -13,8 +13,8 @@ import demo
 import eval_dialogue
 import train_dialogue
 import train_pretrain
-from vikdf.arguments import DialogueTrainingArguments, PretrainTrainingArguments
-from vikdf.quantization import LLMQuantizationArguments
+from vikdf.training.arguments import DialogueTrainingArguments, PretrainTrainingArguments
+from vikdf.training.quantization import LLMQuantizationArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where used. scipy itself is not listed: transformers imports scipy.optimize (for its object-detection

@@ -15,11 +15,11 @@ from pretrain_helpers import disable_dropout
 from conftest import TINY_OVERRIDES
 
 from modeling_vikdf import PretrainingPasses
-from vikdf.arguments import PretrainTrainingArguments
-from vikdf.components import build_vikdf_from_components
+from vikdf.training.arguments import PretrainTrainingArguments
+from vikdf.training.components import build_vikdf_from_components
 from vikdf.data.collators import PretrainCollator
 from vikdf.testing import write_tiny_components
-from vikdf.trainers import VIKDFPretrainTrainer
+from vikdf.training.trainers import VIKDFPretrainTrainer
 
 CASE_CAPTIONS = (
     "a red zorp sits on a blue box",

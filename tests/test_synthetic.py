@@ -1,4 +1,4 @@
-"""Tests of the synthetic image–text world and its dialogues (vikdf/data/synthetic.py)."""
+"""Tests of the synthetic image–text world and its dialogues (vikdf/demo/world.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from braceexpand import braceexpand
 from PIL import Image
 
-from vikdf.data.synthetic import (
+from vikdf.demo.world import (
     BACKGROUNDS,
     COLOUR_CAPTIONS,
     COLOURS,

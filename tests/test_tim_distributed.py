@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vikdf.losses import gather_across_ranks, tim_loss
+from vikdf.training.losses import gather_across_ranks, tim_loss
 
 WORLD_SIZE = 2
 PER_RANK = 3

@@ -1,4 +1,4 @@
-"""Checkpoints that hold what trains (`vikdf.trainable_checkpoints`): what a checkpoint holds and its size, exact
+"""Checkpoints that hold what trains (`vikdf.training.trainable_checkpoints`): what a checkpoint holds and its size, exact
 resumes from trainable-only and from whole-model checkpoints, the refusal of changed frozen weights or foreign
 trainable tensors, damaged files found, and whole-model folders loading with `AutoModel`.
 
@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 import train_dialogue
 import train_pretrain
-import vikdf.evaluation
+import vikdf.evaluation.dialogues
 from vikdf.atomic import last_complete_checkpoint
-from vikdf.frozen_parts import FROZEN_PARTS_NAME, fingerprint, frozen_components
 from vikdf.testing import write_tiny_components
-from vikdf.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME, trainable_parameters
-from vikdf.trainers import resolve_resume_checkpoint
+from vikdf.training.frozen_parts import FROZEN_PARTS_NAME, fingerprint, frozen_components
+from vikdf.training.trainable_checkpoints import TRAINABLE_WEIGHTS_NAME, trainable_parameters
+from vikdf.training.trainers import resolve_resume_checkpoint
 
 # What a checkpoint holds besides the trainable tensors and the optimizer state: config.json, frozen_parts.json,
 # trainer_state.json, rng_state.pth and scheduler.pt (about 25 KB here).
@@ -78,7 +78,7 @@ def test_a_checkpoint_holds_the_trainable_parameters_the_resume_state_and_the_fr
 
 
 def test_a_trainable_only_checkpoint_is_no_model_to_start_from(world, runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ModelLoaded()))
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ModelLoaded()))
     argv = dialogue_argv(world, tmp_path / "out")
     argv[argv.index("--model_name_or_path") + 1] = str(runs["resumed"] / "checkpoint-6")
     with pytest.raises(ValueError, match="is a training checkpoint holding the trainable parameters only"):
@@ -224,7 +224,7 @@ def test_hub_strategies_that_upload_checkpoint_folders_need_save_full_model(worl
     def refuse(*args, **kwargs):
         raise ModelLoaded
 
-    monkeypatch.setattr(vikdf.evaluation, "load_checkpoint", refuse)
+    monkeypatch.setattr(vikdf.evaluation.dialogues, "load_checkpoint", refuse)
     argv = dialogue_argv(world, tmp_path / "out", "--push_to_hub", "true", "--hub_strategy", strategy)
     refusal = f"--hub_strategy {strategy} uploads checkpoint folders .* add --save_full_model"
     with pytest.raises(ValueError, match=refusal):

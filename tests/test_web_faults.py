@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 
 from modeling_vikdf import paper_generation_config
 from test_human_eval import GOOD, study  # noqa: F401  (the study fixture)
-from vikdf import app as chat
-from vikdf.human_eval import __main__ as cli
-from vikdf.human_eval import build_report, create_annotation_app, create_study
-from vikdf.human_eval.report import CSV_COLUMNS, write_ratings_csv
+from vikdf.web import chat
+from vikdf.web.human_eval import __main__ as cli
+from vikdf.web.human_eval import build_report, create_annotation_app, create_study
+from vikdf.web.human_eval.report import CSV_COLUMNS, write_ratings_csv
 from web_helpers import SYSTEMS, assignments, running_server, write_predictions
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from vikdf.human_eval.study import connect
+from vikdf.web.human_eval.study import connect
 
 SYSTEMS = ("VIKDF", "Llama-2")
 CONTEXTS = (

@@ -1,6 +1,6 @@
 """Importing this registers VIKDF's model and processor with transformers' Auto classes (`configuration_vikdf`
 registers the config), so that `AutoModel.from_pretrained(folder)` of a VIKDF checkpoint uses the installed classes
-(no `trust_remote_code`). `vikdf.evaluation`, the library's checkpoint loader, imports it."""
+(no `trust_remote_code`). `vikdf.evaluation.dialogues`, the library's checkpoint loader, imports it."""
 
 from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
 

@@ -92,8 +92,8 @@ def load_checkpoint_config(path: str, flag: str = "--model_name_or_path") -> VIK
 
 
 def check_not_trainable_only(folder: str, flag: str) -> None:
-    """A `checkpoint-N` that holds the trainable parameters only (`vikdf.trainable_checkpoints`) is no model."""
-    from vikdf.frozen_parts import FROZEN_PARTS_NAME
+    """A `checkpoint-N` that holds the trainable parameters only (`vikdf.training.trainable_checkpoints`) is no model."""
+    from vikdf.training.frozen_parts import FROZEN_PARTS_NAME
 
     if (Path(folder) / FROZEN_PARTS_NAME).is_file():
         raise ValueError(
@@ -117,7 +117,7 @@ def check_weight_shapes(folder: str | os.PathLike, config: VIKDFConfig) -> None:
 
     A `config.json` that does not belong to its weights is named here with the tensor and both shapes; transformers
     would stop at the load and suggest `ignore_mismatched_sizes`, which re-initialises trained weights. The packed
-    weights of a quantised LLM's layers (`vikdf.quantization`) have shapes of their own and are not compared.
+    weights of a quantised LLM's layers (`vikdf.training.quantization`) have shapes of their own and are not compared.
     """
     import torch
     from safetensors import safe_open
@@ -180,7 +180,7 @@ def check_parts_config(
     with `fields` set, from their config files alone: a bad field costs no tower load."""
     from transformers import AutoConfig
 
-    from vikdf.components import vikdf_config_from_parts
+    from vikdf.training.components import vikdf_config_from_parts
 
     try:
         vikdf_config_from_parts(*(AutoConfig.from_pretrained(part) for part in (clip, bert, llm)), **fields)
@@ -285,7 +285,7 @@ def fit_generation_length(config: VIKDFConfig, processor, max_new_tokens: int) -
 
 def check_glove_file(path: str | None, flag: str = "--glove_path") -> None:
     """A GloVe text file: readable, its first line `word v1 ... vD`, every line as wide (a full scan, cached for
-    the metrics later, `vikdf.metrics.dialogue_metrics.load_glove`)."""
+    the metrics later, `vikdf.evaluation.dialogue_metrics.load_glove`)."""
     if path is None:
         return
     check_input_file(path, flag)
@@ -302,7 +302,7 @@ def check_glove_file(path: str | None, flag: str = "--glove_path") -> None:
             f"{flag} {path!r} is not a GloVe text file: its first line {first[:60]!r} is not 'word v1 ... vD' "
             "(e.g. glove.6B.300d.txt; word2vec files with a header line are not supported)."
         )
-    from vikdf.metrics.dialogue_metrics import load_glove
+    from vikdf.evaluation.dialogue_metrics import load_glove
 
     try:
         load_glove(path)

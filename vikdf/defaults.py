@@ -1,7 +1,7 @@
 """The paper's defaults that the entry points' flags carry, in a module that imports neither torch nor transformers'
 training stack, so that `--help` can show them in about a second (`vikdf.quick_help`).
 
-`vikdf.arguments` puts the schedules over `transformers.TrainingArguments`; `vikdf.components` builds from the
+`vikdf.training.arguments` puts the schedules over `transformers.TrainingArguments`; `vikdf.training.components` builds from the
 component ids.
 """
 
@@ -13,13 +13,13 @@ DEFAULT_BERT = "bert-base-uncased"
 DEFAULT_LLM = "meta-llama/Llama-2-7b-chat-hf"
 
 PRECISIONS = ("auto", "bf16", "fp32")
-# eval_dialogue.py --knowledge_ablation: K as distilled, zeros, or shuffled across the batch (vikdf.knowledge_ablation).
+# eval_dialogue.py --knowledge_ablation: K as distilled, zeros, or shuffled across the batch (vikdf.evaluation.knowledge_ablation).
 KNOWLEDGE_ABLATIONS = ("none", "zero", "shuffle")
 
 
 @dataclass
 class TrainingFlags:
-    """What the project adds to `TrainingArguments` (`vikdf.arguments`), here without torch so the quick help lists it."""
+    """What the project adds to `TrainingArguments` (`vikdf.training.arguments`), here without torch so the quick help lists it."""
 
     precision: str = field(
         default="auto",

@@ -4,7 +4,7 @@ Two entry points:
 
 - `tiny_vikdf_config(llm_family)`: a `VIKDFConfig` of the paper's shape at toy widths.
 - `write_tiny_components(directory, llm_family)`: tiny CLIP, BERT and LLM folders laid out like their hub
-  repositories (config, safetensors weights, tokenizer, image processor), so that `vikdf.components` loads them
+  repositories (config, safetensors weights, tokenizer, image processor), so that `vikdf.training.components` loads them
   through exactly the code path `openai/clip-vit-large-patch14`, `bert-base-uncased` and
   `meta-llama/Llama-2-7b-chat-hf` take.
 """
@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from configuration_vikdf import VIKDFConfig
-from vikdf.components import iq_former_config_from_bert
+from vikdf.training.components import iq_former_config_from_bert
 
 LLM_FAMILIES = ("llama", "qwen2", "mistral")
 

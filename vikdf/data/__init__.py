@@ -1,1 +1,1 @@
-"""Readers, collators and the synthetic world: image–text pairs for pre-training, dialogues for fine-tuning."""
+"""Readers and collators: image–text pairs for pre-training (with their stream position), dialogues for fine-tuning."""

@@ -19,7 +19,7 @@ from torch.utils.data import get_worker_info
 from configuration_vikdf import VIKDFConfig
 from processing_vikdf import IGNORE_INDEX, VIKDFProcessor
 from vikdf.data.pairs import build_image_transform
-from vikdf.masking import mask_caption_tokens, tamim_pixel_masks
+from vikdf.training.masking import mask_caption_tokens, tamim_pixel_masks
 
 
 @contextmanager
@@ -42,7 +42,7 @@ class PretrainCollator:
 
     Examples are `{"image": PIL image, "caption": str, ...}` (from `vikdf.data.pairs`) or already transformed
     `{"pixel_values": tensor, "caption": str, ...}`. The batch holds the clean image and TAMIM's two pixel masks
-    (`pixel_mask`: scored, `pixel_replaced_mask`: set to 0; see `vikdf.masking`), the clean and IAMTM-masked caption
+    (`pixel_mask`: scored, `pixel_replaced_mask`: set to 0; see `vikdf.training.masking`), the clean and IAMTM-masked caption
     for CLIP, and the LLM rows: IACI rows first, then (with BVIF) IAKR rows.
     """
 
