@@ -282,7 +282,8 @@ class VIKDFConfig(PreTrainedConfig):
         if model_type != cls.model_type:
             raise ValueError(
                 f"config.json has model_type={model_type!r}, not {cls.model_type!r}: this folder is not a VIKDF "
-                "checkpoint (build one with train_pretrain.py or vikdf.training.components.build_vikdf_from_components)."
+                "checkpoint (build one with train_pretrain.py or "
+                "vikdf.training.components.build_vikdf_from_components)."
             )
         missing = [name for name in cls.sub_configs_defaults if not config_dict.get(name)]
         if missing:

@@ -56,7 +56,13 @@ from vikdf.demo.world import (
 from vikdf.evaluation.dialogues import TABLE1_COLUMNS, load_checkpoint
 from vikdf.training.losses import tim_similarity
 from vikdf.output_folder import folder_lock
-from vikdf.demo.packaged_weights import SMOLLM2_FOLDER, check_packaged_weights, default_cache_dir, glove_text, smollm2_folder
+from vikdf.demo.packaged_weights import (
+    SMOLLM2_FOLDER,
+    check_packaged_weights,
+    default_cache_dir,
+    glove_text,
+    smollm2_folder,
+)
 from vikdf.evaluation.stats import nested_bootstrap_interval
 from vikdf.demo.standin import Criterion, CriterionCallback, StandInResult, chat_formatted, pretrain_clip, pretrain_llm
 from vikdf.testing import TINY_HEADS, write_tiny_components

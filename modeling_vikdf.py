@@ -38,9 +38,9 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
-# The pre-training objectives (§3.2–3.3) in the order of eq. 5 + eq. 9: the config switch of Table 3 that turns each
-# off (IACI always trains) and the top-level parts only it uses. `vikdf.training.trainers.OBJECTIVES` gives each its loss,
-# weight and item count; the trainable parts below are derived from this table.
+# The pre-training objectives (§3.2–3.3) in the order of eq. 5 + eq. 9: the config switch of Table 3 that turns each off
+# (IACI always trains) and the top-level parts only it uses. `vikdf.training.trainers.OBJECTIVE_TABLE` gives each its
+# loss, weight and item count; the trainable parts below are derived from this table.
 OBJECTIVE_PARTS = {
     "tim": ("use_tim", ("tim_text_projection", "tim_image_projection", "logit_scale")),
     "tamim": ("use_tamim", ("tamim_block", "tamim_decoder")),
@@ -152,9 +152,9 @@ class PretrainingPasses:
 
 @dataclass
 class VIKDFPretrainingOutput(ModelOutput):
-    """What the pre-training objectives are computed from (`vikdf.training.trainers.OBJECTIVES`), every objective's inputs in
-    one output as FLAVA's pre-training model returns them. One forward builds them all, so that DDP and DeepSpeed see
-    every trained part used. An objective the config turns off leaves its fields None.
+    """What the pre-training objectives are computed from (`vikdf.training.trainers.OBJECTIVE_TABLE`), every
+    objective's inputs in one output as FLAVA's pre-training model returns them. One forward builds them all, so that
+    DDP and DeepSpeed see every trained part used. An objective the config turns off leaves its fields None.
 
     text_knowledge: `K_T` (B, n, D), the LLM's soft prompt and IAKR's target (eq. 8).
     tim_text_embeddings, tim_image_embeddings, logit_scale: eq. 2's embeddings (`tim_embeddings`) and log(1/τ) (1,).

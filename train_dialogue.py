@@ -22,7 +22,8 @@ intermediate `checkpoint-*` folders hold the trainable tensors only (for LoRA th
 whole model, or the peft adapters folder for LoRA). LoRA runs need ZeRO-2 or no DeepSpeed.
 
 Every output folder is an inference checkpoint (pre-training heads dropped) with the processor, loadable with
-`AutoModel.from_pretrained(dir, trust_remote_code=True)`, and a Hub model card (README.md, `vikdf.evaluation.model_card`).
+`AutoModel.from_pretrained(dir, trust_remote_code=True)`, and a Hub model card (README.md,
+`vikdf.evaluation.model_card`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger("train_dialogue")
 
-METHODS = ("vikdf", "lora")
 FRACTIONS = (1.0, 0.25, 0.125, 0.0)
 
 # The release's fine-tuning (scripts/run_inference.sh and inference.py's defaults): AdamW lr 1e-4, weight decay 0,
@@ -78,7 +78,6 @@ class DialogueModelArguments:
         metadata={
             "help": "vikdf: train queries, IQ-Former and language_projection with knowledge (paper §3.4.1). "
             "lora: the Table-4 baseline, LoRA on the frozen LLM without knowledge (merged at the end).",
-            "choices": list(METHODS),
         },
     )
     freeze_iq_former: bool = field(
@@ -200,6 +199,7 @@ class DialogueTrainingResult:
 
 
 def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataArguments) -> None:
+    from configuration_vikdf import DIALOGUE_METHODS  # the config's field owns the methods; it imports torch
     from vikdf.checks import check_positive
 
     # A budget of 0 would cut every response to nothing: training would score no token and still save a checkpoint.
@@ -210,8 +210,8 @@ def check_arguments(model_args: DialogueModelArguments, data_args: DialogueDataA
         logger.warning(f"--train_fraction {data_args.train_fraction} is none of the paper's {FRACTIONS}.")
     if data_args.train_fraction > 0 and data_args.train_file is None:
         raise ValueError("--train_file is required unless --train_fraction 0 (no training).")
-    if model_args.method not in METHODS:
-        raise ValueError(f"--method {model_args.method!r}; choose one of {METHODS}.")
+    if model_args.method not in DIALOGUE_METHODS:
+        raise ValueError(f"--method {model_args.method!r}; choose one of {', '.join(DIALOGUE_METHODS)}.")
     if model_args.freeze_iq_former and model_args.method != "vikdf":
         raise ValueError("--freeze_iq_former keeps VIKDF's IQ-Former as it is: it goes with --method vikdf only.")
     check_positive(model_args.lora_r, "--lora_r")

@@ -4,9 +4,10 @@
         --train_sources "coco=coco:/data/coco/annotations/captions_train2017.json:/data/coco/train2017;cc_sbu=wds:/data/cc3m/{00000..00331}.tar::/data/sbu/{00000..00099}.tar" \
         --source_probabilities 0.2,0.8 --output_dir runs/pretrain
 
-Starts from pretrained parts (CLIP ViT-L/14, BERT-base, Llama-2-7B-chat by default) or from a VIKDF checkpoint;
-the final output folder loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`. Each `checkpoint-N` holds
-the trainable parameters and what resuming needs (`vikdf.training.trainable_checkpoints`; `--save_full_model`: the whole model).
+Starts from pretrained parts (CLIP ViT-L/14, BERT-base, Llama-2-7B-chat by default) or from a VIKDF checkpoint; the
+final output folder loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`. Each `checkpoint-N` holds the
+trainable parameters and what resuming needs (`vikdf.training.trainable_checkpoints`; `--save_full_model`: the whole
+model).
 """
 
 import sys

@@ -208,7 +208,8 @@ def test_two_process_zero2_run_trains_logs_skips_and_saves(deepspeed_run):
     final = checkpoints[-1]
     assert (final / "rng_state_0.pth").is_file() and (final / "rng_state_1.pth").is_file()
     assert (final / f"global_step{STEPS}").is_dir() and (final / "zero_to_fp32.py").is_file()
-    # It holds what trains (vikdf.training.trainable_checkpoints): DeepSpeed's module file leaves the frozen parts out too.
+    # It holds what trains (vikdf.training.trainable_checkpoints): DeepSpeed's module file leaves the frozen parts out
+    # too.
     assert (final / TRAINABLE_WEIGHTS_NAME).is_file() and (final / FROZEN_PARTS_NAME).is_file()
     assert not (final / "model.safetensors").exists()
     # DeepSpeed's module file is a pickle, so it is not loaded here: the tensor bytes its archive stores are those of

@@ -1,8 +1,8 @@
 """The paper's defaults that the entry points' flags carry, in a module that imports neither torch nor transformers'
 training stack, so that `--help` can show them in about a second (`vikdf.quick_help`).
 
-`vikdf.training.arguments` puts the schedules over `transformers.TrainingArguments`; `vikdf.training.components` builds from the
-component ids.
+`vikdf.training.arguments` puts the schedules over `transformers.TrainingArguments`; `vikdf.training.components` builds
+from the component ids.
 """
 
 from dataclasses import dataclass, field
@@ -13,7 +13,8 @@ DEFAULT_BERT = "bert-base-uncased"
 DEFAULT_LLM = "meta-llama/Llama-2-7b-chat-hf"
 
 PRECISIONS = ("auto", "bf16", "fp32")
-# eval_dialogue.py --knowledge_ablation: K as distilled, zeros, or shuffled across the batch (vikdf.evaluation.knowledge_ablation).
+# eval_dialogue.py --knowledge_ablation: K as distilled, zeros, or shuffled across the batch
+# (vikdf.evaluation.knowledge_ablation).
 KNOWLEDGE_ABLATIONS = ("none", "zero", "shuffle")
 
 

@@ -42,8 +42,8 @@ class PretrainCollator:
 
     Examples are `{"image": PIL image, "caption": str, ...}` (from `vikdf.data.pairs`) or already transformed
     `{"pixel_values": tensor, "caption": str, ...}`. The batch holds the clean image and TAMIM's two pixel masks
-    (`pixel_mask`: scored, `pixel_replaced_mask`: set to 0; see `vikdf.training.masking`), the clean and IAMTM-masked caption
-    for CLIP, and the LLM rows: IACI rows first, then (with BVIF) IAKR rows.
+    (`pixel_mask`: scored, `pixel_replaced_mask`: set to 0; see `vikdf.training.masking`), the clean and IAMTM-masked
+    caption for CLIP, and the LLM rows: IACI rows first, then (with BVIF) IAKR rows.
     """
 
     processor: VIKDFProcessor

@@ -318,7 +318,8 @@ def score_responses(
 ) -> dict[str, Any]:
     """The result of :func:`evaluate_dialogues` from its parts (`ppl`: :func:`perplexities`, or None values): the
     metrics and the predictions."""
-    from vikdf.evaluation.dialogue_metrics import compute_dialogue_metrics  # evaluate, NLTK, pycocoevalcap: when scoring
+    # evaluate, NLTK and pycocoevalcap are imported only when scoring.
+    from vikdf.evaluation.dialogue_metrics import compute_dialogue_metrics
 
     scores = compute_dialogue_metrics(hypotheses, references, glove_path=glove_path)
     metrics = {key: ppl[key] if key in ppl else scores.get(key) for key in METRIC_KEYS}

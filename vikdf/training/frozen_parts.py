@@ -1,7 +1,7 @@
 """The frozen parts of a VIKDF run: where each came from and a fingerprint of its weights (`frozen_parts.json`).
 
-A checkpoint written during training holds the trainable parameters only (`vikdf.training.trainable_checkpoints`); the CLIP
-towers and the LLM, frozen in both stages (paper §3.4.1), are rebuilt from their sources when a run resumes. The
+A checkpoint written during training holds the trainable parameters only (`vikdf.training.trainable_checkpoints`); the
+CLIP towers and the LLM, frozen in both stages (paper §3.4.1), are rebuilt from their sources when a run resumes. The
 record written with each checkpoint lets the resumed run prove that it rebuilt the same weights: for every frozen
 component (a top-level module of the VIKDF model, e.g. `text_encoder`, `vision_encoder`, `language_model`; `iq_former`
 when it is frozen) its source (a Hub id and the revision its config was loaded at, or a folder) and a fingerprint.

@@ -86,7 +86,8 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
 class TrainableCheckpointMixin:
     """`Trainer` checkpoints holding the trainable parameters and the frozen parts' record (module docstring).
 
-    `frozen_sources` maps each component to where the script built it from (`vikdf.training.frozen_parts.sources_from_*`).
+    `frozen_sources` maps each component to where the script built it from
+    (`vikdf.training.frozen_parts.sources_from_*`).
     """
 
     def __init__(self, *args, frozen_sources: dict | None = None, **kwargs):
