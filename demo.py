@@ -99,11 +99,13 @@ PRESETS["tables"] = {**PRESETS["full"], "table3": True, "fig7_queries": (4, 8, 1
 PRESETS["real-llm"] = {**PRESETS["default"], "real_llm": True, "num_dialogues": 480, "num_eval_dialogues": 60,
                        "pretrain_steps": 150, "pretrain_batch": 16, "pretrain_every": 50, "dialogue_batch": 8,
                        "dialogue_epochs": 2, "eval_batch": 12}
-# Its smoke version, run by the tests on the real SmolLM2: a few steps, a handful of dialogues, 8-token responses
+# Its smoke version, run by the tests on the real SmolLM2: a few steps, a handful of dialogues, one image-only kind
+# per colour so that six test dialogues are balanced (generation is most of its time), 8-token responses
 # (`eval_max_new_tokens`; None elsewhere: the checkpoint's generation config, the released 32).
 PRESETS["real-llm-smoke"] = {**PRESETS["smoke"], "real_llm": True, "rows": "main", "table3": False,
-                             "fig7_queries": (), "num_dialogues": 24, "pretrain_steps": 2, "pretrain_batch": 8,
-                             "eval_batch": 12, "eval_max_new_tokens": 8}
+                             "fig7_queries": (), "image_only_per_colour": 1, "num_dialogues": 24,
+                             "num_eval_dialogues": 6, "pretrain_steps": 2, "pretrain_batch": 8, "eval_batch": 6,
+                             "eval_max_new_tokens": 8}
 # Table 3's pre-training ablations: row suffix → the train_pretrain.py flag that switches the objective off.
 PRETRAINING_ABLATIONS = {
     "−TIM": "--use_tim", "−TAMIM": "--use_tamim", "−IAMTM": "--use_iamtm", "−BVIF": "--use_bvif",
