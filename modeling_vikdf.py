@@ -467,7 +467,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         hidden = self.iamtm_block(masked_text_states, image_knowledge)
         return self.iamtm_head(hidden if positions is None else hidden[positions])
 
-    def knowledge_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def knowledge_slot_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Boolean mask (B, S) of the `<knowledge>` placeholders, checked to number exactly n in every row."""
         is_slot = input_ids == self.config.knowledge_token_id
         counts = is_slot.sum(-1)
@@ -483,7 +483,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         """Column indices (B, n) of the `<knowledge>` placeholders in each row, in order.
 
         Not checked and sync-free (no `nonzero`, no count test on the host): a stable sort puts each row's slots
-        first. Rows are assumed valid; `knowledge_slots`, which every forward runs first, checks them.
+        first. Rows are assumed valid; `knowledge_slot_mask`, which every forward runs first, checks them.
         """
         is_slot = (input_ids == self.config.knowledge_token_id).to(torch.uint8)
         return is_slot.argsort(dim=1, descending=True, stable=True)[:, : self.config.num_query_tokens]
@@ -510,7 +510,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
                     "(the dialogue context for the CLIP text tower) or knowledge."
                 )
             return embeddings
-        slots = self.knowledge_slots(input_ids).unsqueeze(-1)
+        slots = self.knowledge_slot_mask(input_ids).unsqueeze(-1)
         projected = self.language_projection(knowledge.to(self.language_projection.weight.dtype))
         return embeddings.masked_scatter(slots, projected.to(embeddings.dtype))
 

@@ -100,7 +100,8 @@ class VIKDFProcessor(ProcessorMixin):
         return self.max_response_length if self.max_response_length is not None else self.max_length // 2
 
     @property
-    def knowledge_slots(self) -> str:
+    def knowledge_placeholders(self) -> str:
+        """The text of the n `<knowledge>` placeholders, written into a prompt where `K` goes."""
         return self.knowledge_token * self.num_query_tokens
 
     # ----------------------------------------------------------------------------------------------------------
@@ -239,12 +240,12 @@ class VIKDFProcessor(ProcessorMixin):
         prompt = self._dialogue_prompt_text(self.join_context(context), with_knowledge)
         if not with_knowledge:
             return self._ids(prompt)
-        start = prompt.index(self.knowledge_slots)
-        before, after = self._split_ids(prompt[:start], prompt[start + len(self.knowledge_slots) :])
+        start = prompt.index(self.knowledge_placeholders)
+        before, after = self._split_ids(prompt[:start], prompt[start + len(self.knowledge_placeholders) :])
         return before + self._slot_ids() + after
 
     def _dialogue_prompt_text(self, text: str, with_knowledge: bool) -> str:
-        messages = [{"role": "user", "content": (self.knowledge_slots if with_knowledge else "") + text}]
+        messages = [{"role": "user", "content": (self.knowledge_placeholders if with_knowledge else "") + text}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _template_around_context(self, with_knowledge: bool) -> tuple[str, str]:
