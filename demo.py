@@ -83,7 +83,7 @@ PRESETS = {
     "smoke": dict(
         names_per_look=2, image_only_per_colour=2,
         num_pairs=600, num_heldout_pairs=100, num_dialogues=120, num_eval_dialogues=12, clip_max_steps=50,
-        clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=30,
+        clip_target=0.6, llm_max_steps=60, llm_target=0.95, criterion_every=30, pretrain_steps=10,
         pretrain_target=0.5, pretrain_every=10, pretrain_learning_rate=1e-3,
         pretrain_batch=32, dialogue_batch=16, dialogue_epochs=1, dialogue_learning_rate=3e-3, projection_only_epochs=1,
         projection_only_learning_rate=1e-2, eval_batch=24, eval_max_new_tokens=None, num_query_tokens=8, table3=True,
