@@ -114,14 +114,16 @@ def smollm2_folder(cache_dir: str | os.PathLike) -> Path:
     model.tie_weights()
     model.generation_config = loaded.generation_config
     staged = staging_folder(target.parent, f"{SMOLLM2_FOLDER}-{os.getpid()}")
-    model.save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
     try:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
         os.rename(staged, target)  # one rename: readers see no folder or the complete one
     except OSError:
+        # `staged` is this process's own staging folder (its pid in the name), never a folder another run reads:
+        # removed when the save failed (a full disk) or another run finished converting first.
+        shutil.rmtree(staged, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
-        shutil.rmtree(staged)  # our own copy: another run finished converting first, and its folder may be in use
     return target
 
 
