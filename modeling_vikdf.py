@@ -33,8 +33,10 @@ from transformers.utils import logging
 
 try:
     from .configuration_vikdf import VIKDFConfig
+    from .processing_vikdf import IGNORE_INDEX
 except ImportError:
     from configuration_vikdf import VIKDFConfig
+    from processing_vikdf import IGNORE_INDEX
 
 logger = logging.get_logger(__name__)
 
@@ -121,7 +123,7 @@ def _next_token_loss(
 ) -> torch.Tensor:
     """transformers' causal-LM loss from the logits (M, V) of `positions` (B, S) only: position t predicts
     `labels[t + 1]`; a sum over `num_items_in_batch` when given (the Trainer's accumulation), else a mean."""
-    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:][positions]
+    targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:][positions]
     return fixed_cross_entropy(logits.float(), targets, num_items_in_batch)
 
 
@@ -129,7 +131,7 @@ def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
     """(B, S) True where the next token is labelled (not transformers' ignore index -100): the only positions whose
     logits a next-token loss reads."""
     positions = torch.zeros_like(labels, dtype=torch.bool)
-    positions[:, :-1] = labels[:, 1:] != -100
+    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return positions
 
 
@@ -614,7 +616,7 @@ class VIKDFForConditionalGeneration(VIKDFPreTrainedModel, GenerationMixin):
         if "tamim" in objectives:
             outputs["tamim_reconstruction"] = self.reconstruct_image(masked_image_states, text_knowledge)
         if "iamtm" in objectives:
-            masked = clip_mlm_labels != -100 if self.pretraining_passes.masked_token_logits_only else None
+            masked = clip_mlm_labels != IGNORE_INDEX if self.pretraining_passes.masked_token_logits_only else None
             outputs["iamtm_logits"] = self.predict_masked_tokens(masked_text_states, image_knowledge, masked)
 
         wants_iakr = "iakr" in objectives

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPModel, TrainerCallback
 from transformers.utils import logging
 
+from processing_vikdf import IGNORE_INDEX
+
 logger = logging.get_logger(__name__)
 
 
@@ -196,7 +198,7 @@ def pretrain_llm(
         width = max(len(row) for row in rows)
         input_ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in rows])
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        return model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss
+        return model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, IGNORE_INDEX)).loss
 
     return _fit(model, folder, step_loss, _batches(len(encoded), batch_size, seed), max_steps, learning_rate, seed,
                 "LLM", criterion)
